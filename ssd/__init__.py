@@ -1,0 +1,3 @@
+"""ssd: SSD object detectors for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""Checkpoint files: plain dicts, written atomically, always read with ``weights_only=True``.
+
+Layout (``version`` 1)::
+
+    {"format": "ssd", "version": 1, "source": "train" | "torchvision" | ...,
+     "model": state_dict, "config": {"model": {...}}, "classes": [foreground names]}
+
+The preprocessing the weights expect (channel order, scale, mean, std, resize) is part of
+``config["model"]["preprocess"]``, so converted foreign weights predict with their own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssd.config import ConfigError, ModelConfig, from_dict, to_dict
+from ssd.model import SSD, build_ssd
+
+FORMAT = "ssd"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, or in a layout this code does not read."""
+
+
+def make_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, classes: list[str], source: str) -> dict[str, Any]:
+    if len(classes) != model_cfg.num_classes - 1:
+        raise ValueError(f"{len(classes)} class names for a model with {model_cfg.num_classes - 1} foreground classes")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source,
+        "model": {k: v.detach().cpu() for k, v in state.items()},
+        "config": {"model": to_dict(model_cfg)},
+        "classes": list(classes),
+    }
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
+    A crash at any point leaves either the previous file or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with foreign objects, not a torch file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({first})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one of our checkpoints; a foreign layout gets a hint to ``ssd convert``."""
+    obj = load_file(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: not an ssd checkpoint (top-level keys {keys}); "
+            "convert foreign weights first: ssd convert --from {torchvision,amdegroot,lufficc,vgg16,vgg16_bn} SRC --out DST.pt"
+        )
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {obj['version']} is newer than this code reads ({VERSION})")
+    missing = [k for k in ("model", "config", "classes") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    return obj
+
+
+def checkpoint_model_config(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, ckpt["config"]["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: bad model config inside the checkpoint: {e}") from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """``load_state_dict`` that reports missing / unexpected / mis-shaped keys by name."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[SSD, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights. Returns ``(model, ckpt)``."""
+    ckpt = load_checkpoint(path)
+    model = build_ssd(checkpoint_model_config(ckpt, path))
+    load_state_strict(model, ckpt["model"], str(path))
+    return model, ckpt

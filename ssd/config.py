@@ -1,0 +1,285 @@
+"""Typed configuration: every default of the framework lives in this file.
+
+Configs are plain dataclasses. ``from_dict`` builds them from nested dicts (YAML),
+checking every key and type; errors name the dotted key and suggest the closest
+valid one. Only ``build_*`` functions read a config; modules take plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+BN_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras")
+CLIP_MODES = ("corners", "wh", "none")
+CHANNEL_ORDERS = ("rgb", "bgr")
+RESIZE_MODES = ("bilinear", "normalize_then_bilinear")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and what is valid."""
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+@dataclass
+class ExtraLayer:
+    """One extra feature block: 1x1 conv to ``mid`` channels, then a ``kernel`` conv to ``out``."""
+
+    mid: int
+    out: int
+    kernel: int = 3
+    stride: int = 2
+    padding: int = 1
+
+
+# SSD300 (paper Table/Fig. 2; ssd.pytorch `extras['300']`; torchvision `extra.1..4`): 19 -> 10 -> 5 -> 3 -> 1
+SSD300_EXTRAS = [
+    ExtraLayer(256, 512, 3, 2, 1),
+    ExtraLayer(128, 256, 3, 2, 1),
+    ExtraLayer(128, 256, 3, 1, 0),
+    ExtraLayer(128, 256, 3, 1, 0),
+]
+# SSD512 (ssd.pytorch / lufficc): 32 -> 16 -> 8 -> 4 -> 2 -> 1, the last one a 4x4 conv with padding 1
+SSD512_EXTRAS = [
+    ExtraLayer(256, 512, 3, 2, 1),
+    ExtraLayer(128, 256, 3, 2, 1),
+    ExtraLayer(128, 256, 3, 2, 1),
+    ExtraLayer(128, 256, 3, 2, 1),
+    ExtraLayer(128, 256, 4, 1, 1),
+]
+ARCH_EXTRAS = {"ssd300": SSD300_EXTRAS, "ssd512": SSD512_EXTRAS}
+
+# Prior sizes in pixels of the input (ssd.pytorch `voc` / lufficc configs).
+ARCH_PRIOR_SIZES = {
+    "ssd300": ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315]),
+    "ssd512": (
+        [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
+        [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.65],
+    ),
+}
+ARCH_STEPS = {"ssd300": [8, 16, 32, 64, 100, 300], "ssd512": [8, 16, 32, 64, 128, 256, 512]}
+ARCH_INPUT_SIZE = {"ssd300": 300, "ssd512": 512}
+
+
+@dataclass
+class PriorConfig:
+    """Default boxes (paper Sec. 2.2). Leave a field ``None`` to derive it.
+
+    Sizes: give either ``scales`` (fractions of the input side, one per level plus one,
+    torchvision style: level k uses s_k and sqrt(s_k * s_k+1)) or ``min_sizes``/``max_sizes``
+    in input pixels. With neither, the arch preset is used for ssd300/ssd512 at their native
+    input size, else the Caffe SSD rule (first level 0.1, then 0.2..0.9 linearly).
+    ``steps`` (pixels) default to the arch preset at native size, else input / feature size.
+    ``clip``: ``corners`` clamps all four (cx, cy, w, h) values to [0, 1] (ssd.pytorch, lufficc),
+    ``wh`` clamps only w and h (torchvision), ``none`` leaves priors unclipped.
+    """
+
+    scales: list[float] | None = None
+    min_sizes: list[float] | None = None
+    max_sizes: list[float] | None = None
+    aspect_ratios: list[list[float]] | None = None
+    steps: list[float] | None = None
+    clip: str = "corners"
+    variances: list[float] = field(default_factory=lambda: [0.1, 0.2])
+
+    def __post_init__(self) -> None:
+        _check_choice("model.priors.clip", self.clip, CLIP_MODES)
+        if len(self.variances) != 2 or min(self.variances) <= 0:
+            raise ConfigError(f"model.priors.variances must be two positive numbers, got {self.variances}")
+        if self.scales is not None and (self.min_sizes is not None or self.max_sizes is not None):
+            raise ConfigError("model.priors: give either scales or min_sizes/max_sizes, not both")
+        if (self.min_sizes is None) != (self.max_sizes is None):
+            raise ConfigError("model.priors: min_sizes and max_sizes must be given together")
+
+
+@dataclass
+class PreprocessConfig:
+    """How an RGB uint8 image becomes the network input: ``(pixel * pixel_scale - mean) / std``.
+
+    ``channel_order`` is the order the network expects (ssd.pytorch was trained on BGR).
+    ``resize``: ``bilinear`` resizes the uint8 image then normalises; ``normalize_then_bilinear``
+    normalises first and resizes the float tensor (torchvision's GeneralizedRCNNTransform).
+    """
+
+    channel_order: str = "rgb"
+    pixel_scale: float = 1.0 / 255.0
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet (torchvision VGG)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    resize: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.preprocess.channel_order", self.channel_order, CHANNEL_ORDERS)
+        _check_choice("model.preprocess.resize", self.resize, RESIZE_MODES)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("model.preprocess: mean and std need 3 values each, std > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The VGG16-SSD network.
+
+    ``num_classes`` counts the background (class 0): 21 for VOC, 81 for COCO (91 for torchvision's ids).
+    ``batch_norm`` lists the blocks of ``BN_BLOCKS`` that get BatchNorm (or ``all`` / ``none``).
+    ``bn_momentum`` is PyTorch's (weight of the new batch statistic): TensorFlow's
+    ``decay`` d corresponds to ``momentum = 1 - d`` (TF's 0.999 -> 0.001, 0.99 -> 0.01).
+    ``width`` multiplies every channel count (small, fast variants); ``input_size`` is the square side.
+    """
+
+    arch: str = "ssd300"
+    num_classes: int = 21
+    input_size: int | None = None  # None: 300 for ssd300, 512 for ssd512
+    width: float = 1.0
+    batch_norm: list[str] | str = "none"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    dropout: float = 0.5  # after fc6 and fc7; the paper (and its reproduction configs) use 0
+    l2norm_scale: float = 20.0
+    extras: list[ExtraLayer] | None = None  # None: the arch preset
+    priors: PriorConfig = field(default_factory=PriorConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, tuple(ARCH_EXTRAS))
+        if self.input_size is None:
+            self.input_size = ARCH_INPUT_SIZE[self.arch]
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes must count background plus >= 1 class, got {self.num_classes}")
+        if self.width <= 0:
+            raise ConfigError(f"model.width must be > 0, got {self.width}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ConfigError(f"model.bn_momentum must be in (0, 1] (momentum = 1 - TF decay), got {self.bn_momentum}")
+        self.batch_norm = normalize_bn_blocks(self.batch_norm)
+        if self.extras is None:
+            self.extras = [dataclasses.replace(e) for e in ARCH_EXTRAS[self.arch]]
+
+    @property
+    def native_size(self) -> bool:
+        """True when the input size is the arch's own (300 / 512), so its presets apply."""
+        return self.input_size == ARCH_INPUT_SIZE[self.arch]
+
+
+@dataclass
+class LossConfig:
+    """Matching and MultiBox loss (paper Sec. 2.2)."""
+
+    iou_threshold: float = 0.5
+    neg_pos_ratio: float = 3.0
+    box_weight: float = 1.0  # alpha in the paper's L = (L_conf + alpha L_loc) / N
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ConfigError(f"loss.iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if self.neg_pos_ratio < 0:
+            raise ConfigError(f"loss.neg_pos_ratio must be >= 0, got {self.neg_pos_ratio}")
+
+
+@dataclass
+class PostprocessConfig:
+    """Inference decoding (paper Sec. 3: score 0.01, NMS 0.45, 200 per image; torchvision top-k 400)."""
+
+    score_threshold: float = 0.01
+    nms_threshold: float = 0.45
+    topk_candidates: int = 400
+    detections_per_image: int = 200
+
+
+def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:
+    """``all`` / ``none`` / a list of block names -> a sorted list of valid block names."""
+    if value is None or value == "none":
+        return []
+    if value == "all":
+        return list(BN_BLOCKS)
+    if isinstance(value, str):
+        value = [value]
+    for name in value:
+        _check_choice("model.batch_norm", name, BN_BLOCKS + ("all", "none"))
+    return [b for b in BN_BLOCKS if b in value]
+
+
+# --- generic dict <-> dataclass ------------------------------------------------------------
+
+
+def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        hint = difflib.get_close_matches(str(value), valid, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: invalid value {value!r}{extra}; valid: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, validating keys and types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"unknown config key {dotted!r}{extra}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without default
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain nested dict of builtins (YAML- and ``torch.load(weights_only=True)``-safe)."""
+    return dataclasses.asdict(obj)
