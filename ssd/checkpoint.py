@@ -69,7 +69,7 @@ def load_file(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with foreign objects, not a torch file at all

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv (scripts/setup.sh) and run the whole test suite.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
