@@ -191,6 +191,91 @@ class PostprocessConfig:
     detections_per_image: int = 200
 
 
+# --- data --------------------------------------------------------------------------------
+
+DATA_FORMATS = ("voc", "coco")
+ON_ERROR = ("auto", "raise", "skip")
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset split.
+
+    VOC (``format: voc``): ``root`` is a VOCdevkit-style folder (``Annotations/``, ``JPEGImages/``,
+    ``ImageSets/Main/<split>.txt``); several roots with one split each concatenate (VOC07+12):
+    ``root: [VOC2007, VOC2012]``, ``split: [trainval, trainval]`` (one split applies to all roots).
+    COCO (``format: coco``): ``images`` folder and ``annotations`` instances JSON.
+    ``classes``: foreground class names in label order (None: the 20 VOC classes, or the COCO
+    file's categories sorted by id).
+    """
+
+    format: str = "voc"
+    root: list[str] | str | None = None
+    split: list[str] | str = "trainval"
+    images: str | None = None
+    annotations: str | None = None
+    classes: list[str] | None = None
+    keep_difficult: bool = False  # VOC difficult objects (always kept for evaluation)
+    keep_empty: bool = True  # images without (usable) objects
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, DATA_FORMATS)
+
+
+@dataclass
+class AugmentConfig:
+    """The SSD training augmentation (paper Sec. 2.2 "Data augmentation"; ssd.pytorch's recipe).
+
+    Photometric distortion (each op applied with probability ``photometric_p``, in random order of
+    contrast before or after the HSV ops), zoom-out onto a mean-filled canvas up to
+    ``expand_max_ratio`` x, min-IoU random crop, horizontal flip, then resize to the model input.
+    ``crop_min_ious``: one option is drawn per image; ``null`` keeps the whole image, a number
+    requires every kept box to overlap the crop by at least that IoU (enforced: ssd.pytorch never did).
+    """
+
+    photometric_p: float = 0.5
+    brightness_delta: float = 32.0  # pixel levels of 255
+    contrast_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    saturation_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    hue_delta: float = 18.0  # degrees
+    channel_swap_p: float = 0.5
+    expand_p: float = 0.5
+    expand_max_ratio: float = 4.0
+    crop_min_ious: list[float | None] = field(default_factory=lambda: [None, 0.1, 0.3, 0.5, 0.7, 0.9])
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    crop_max_trials: int = 50
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("contrast_range", "saturation_range", "crop_scale", "crop_aspect"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] <= 0:
+                raise ConfigError(f"data.augment.{name} must be [low, high] with 0 < low <= high, got {lo_hi}")
+        for name in ("photometric_p", "channel_swap_p", "expand_p", "flip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.augment.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.expand_max_ratio < 1.0:
+            raise ConfigError(f"data.augment.expand_max_ratio must be >= 1, got {self.expand_max_ratio}")
+        if not self.crop_min_ious:
+            raise ConfigError("data.augment.crop_min_ious needs at least one option (null keeps the whole image)")
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 4
+    # what a bad file does: "raise" stops with a clear error; "skip" drops the sample and counts it
+    # (summary at the end of each epoch); "auto" raises while a dataset is indexed and validated,
+    # skips while training reads images
+    on_error: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("data.on_error", self.on_error, ON_ERROR)
+
+
 def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:
     """``all`` / ``none`` / a list of block names -> a sorted list of valid block names."""
     if value is None or value == "none":
