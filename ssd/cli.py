@@ -8,9 +8,10 @@ import sys
 
 from ssd import __version__
 from ssd.checkpoint import CheckpointError, save_checkpoint
-from ssd.config import ConfigError
+from ssd.config import ConfigError, load_config
+from ssd.data.records import DatasetError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -27,6 +28,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from ssd.data.shapes import generate_shapes
+
+    summary = generate_shapes(args.out, args.train, args.val, size=args.size, seed=args.seed)
+    logging.info("wrote the shapes dataset to %s: %s", args.out, summary)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ssd.data.check import check_dataset, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    reports = check_dataset(cfg, args.split, decode_images=not args.no_images)
+    for report in reports:
+        print(format_report(report))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detectors: train, evaluate, predict, convert.")
     parser.add_argument("--version", action="version", version=f"ssd {__version__}")
@@ -38,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source weights file (.pth state_dict)")
     p.add_argument("--out", required=True, help="destination checkpoint (.pt)")
     p.set_defaults(func=cmd_convert)
+
+    data = sub.add_parser("data", help="dataset tools: generate the synthetic shapes set, validate a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("shapes", help="generate the synthetic shapes dataset (VOC tree + COCO JSON of the same images)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=2000, help="training images")
+    p.add_argument("--val", type=int, default=300, help="validation images")
+    p.add_argument("--size", type=int, default=300, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_shapes)
+    p = data_sub.add_parser("check", help="validate a dataset (files, boxes, classes) and the model's prior coverage; exit 1 on problems")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--split", nargs="+", choices=["train", "val"], default=["train", "val"])
+    p.add_argument("--no-images", action="store_true", help="skip decoding every image (faster; header checks only)")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 

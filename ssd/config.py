@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
+
+import yaml
 
 BN_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras")
 CLIP_MODES = ("corners", "wh", "none")
@@ -274,6 +278,57 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.on_error", self.on_error, ON_ERROR)
+
+
+# --- the whole config ----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config and apply dotted ``key=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(Config, data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``a.b.c=value`` -> ``data["a"]["b"]["c"] = yaml(value)``; unknown keys are caught by ``from_dict``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.002")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:

@@ -18,6 +18,12 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 @pytest.fixture(scope="session")
+def make_tiny_config():
+    """The :func:`tiny_config` factory (a fixture, so test modules need not import conftest)."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
 def tv_ssd300():
     """torchvision ssd300_vgg16 with 21 classes, random weights, in eval mode."""
     from torchvision.models.detection import ssd300_vgg16

@@ -19,7 +19,6 @@ from ssd.model.priors import (
 )
 from ssd.model.ssd import build_ssd, feature_sizes
 from ssd.ops.boxes import cxcywh_to_xyxy
-from tests.conftest import tiny_config
 
 TV_GRID = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
@@ -126,8 +125,8 @@ def test_torchvision_config_priors_equal_default_box_generator(tv_ssd300, tv_pri
     torch.testing.assert_close(build_ssd(torchvision_model_config(21)).priors, tv_priors, rtol=0, atol=0)
 
 
-def test_tiny_priors_follow_real_feature_sizes():
-    model = build_ssd(tiny_config())
+def test_tiny_priors_follow_real_feature_sizes(make_tiny_config):
+    model = build_ssd(make_tiny_config())
     sizes = feature_sizes(model.backbone, model.extras, 128)
     assert sizes == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
     ratios = default_aspect_ratios(5)

@@ -1,0 +1,116 @@
+"""What a dataset index holds per image, and how problems in the data are reported.
+
+Coordinates: ``boxes`` are ``xyxy`` float32 in continuous 0-based pixel-edge coordinates of the
+image (a box covering pixel columns 0..9 is x1 = 0, x2 = 10). VOC XML stores 1-based inclusive
+pixel indices, so ``(xmin, ymin, xmax, ymax)`` converts to ``(xmin - 1, ymin - 1, xmax, ymax)``:
+the width is ``xmax - xmin + 1`` as the VOC devkit counts it, and the box lands on the same pixels
+the annotator drew. COCO ``bbox`` ``[x, y, w, h]`` is already continuous: ``(x, y, x + w, y + h)``.
+``source_boxes`` keep the file's own numbers (VOC XML values) for evaluation in the file's frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A problem in a dataset file; the message names the file and what is wrong."""
+
+
+@dataclass
+class ImageRecord:
+    image_id: str  # VOC: the id from the split file; COCO: str(image id)
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray  # [N, 4] float32 xyxy, continuous pixels
+    labels: np.ndarray  # [N] int64, 1..C-1
+    difficult: np.ndarray  # [N] bool: VOC difficult / COCO iscrowd; excluded from training by default
+    source_boxes: np.ndarray | None = None  # [N, 4] float64 as written in the annotation file
+    coco_id: int | None = None
+
+    @staticmethod
+    def empty_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+
+
+@dataclass
+class Problems:
+    """Collects data problems under the ``raise`` / ``skip`` policy.
+
+    ``raise``: the first problem raises :class:`DatasetError`. ``skip``: problems are counted by
+    kind and kept (first few per kind) for a summary. ``fixed`` counts silent-looking repairs that
+    are always applied and always counted (degenerate boxes dropped, boxes clipped to the image).
+    """
+
+    policy: str = "raise"
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    fixed: Counter = field(default_factory=Counter)
+
+    def report(self, kind: str, where: str, message: str) -> None:
+        text = f"{where}: {message}"
+        if self.policy == "raise":
+            raise DatasetError(text)
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < 5:
+            self.examples[kind].append(text)
+
+    def fix(self, kind: str, where: str, n: int = 1) -> None:
+        self.fixed[kind] += n
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < 5:
+            self.examples[kind].append(where)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for kind, n in sorted(self.counts.items()):
+            lines.append(f"{n} x {kind}, e.g. {self.examples[kind][0]}")
+        for kind, n in sorted(self.fixed.items()):
+            lines.append(f"{n} x {kind} (repaired)")
+        return lines
+
+    def log_summary(self, what: str) -> None:
+        for line in self.summary():
+            log.warning("%s: %s", what, line)
+
+
+def sanitize_boxes(
+    boxes: np.ndarray, width: int, height: int, problems: Problems, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clip boxes to the image; return ``(clipped boxes, keep mask)``. The input is not modified.
+
+    Degenerate boxes (x2 <= x1 or y2 <= y1) and boxes entirely outside the image are dropped,
+    boxes crossing the border clipped; each repair is counted in ``problems.fixed`` with the file,
+    never silent. Non-finite coordinates are a reported problem (and dropped under ``skip``).
+    """
+    if len(boxes) == 0:
+        return boxes.copy(), np.zeros(0, bool)
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():
+        problems.report("non-finite box", where, f"{int((~finite).sum())} box(es) with non-finite coordinates")
+    safe = np.where(finite[:, None], boxes, 0)
+    clipped = safe.copy()
+    clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
+    clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+    valid = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
+    keep = valid & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    moved = keep & (np.abs(clipped - safe) > 1e-3).any(axis=1)
+    for kind, mask in (
+        ("degenerate box dropped (x2 <= x1 or y2 <= y1)", finite & ~valid),
+        ("box outside the image dropped", valid & ~keep),
+        ("box crossing the image border clipped", moved),
+    ):
+        if mask.any():
+            problems.fix(kind, where, int(mask.sum()))
+    return clipped, keep

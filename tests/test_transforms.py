@@ -1,0 +1,302 @@
+"""ssd.data.transforms: output invariants over many seeds, the enforced min-IoU crop, box/pixel
+consistency, zoom-out fill, flip, eval == resize, seeding, and batch normalisation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ssd.config import AugmentConfig, PreprocessConfig
+from ssd.data.transforms import (
+    MinIoURandomCrop,
+    ZoomOut,
+    box_iou_np,
+    build_transforms,
+    centres_inside,
+    mean_fill_rgb,
+    normalize_batch,
+    photometric_distort,
+    sample_min_iou_crop,
+    to_tensor,
+)
+
+CAFFE_BGR = PreprocessConfig(channel_order="bgr", pixel_scale=1.0, mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0])
+NO_COLOUR = {"photometric_p": 0.0, "channel_swap_p": 0.0}
+
+
+def random_sample(rng: np.random.Generator, max_boxes: int = 6):
+    """A random image (20..400 px sides) and 0..max_boxes boxes, some tiny, some poking out of the image."""
+    h, w = (int(v) for v in rng.integers(20, 400, 2))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    n = int(rng.integers(0, max_boxes + 1))
+    xy = rng.uniform(-10, [w, h], (n, 2))
+    tiny = rng.random((n, 1)) < 0.3
+    wh = np.where(tiny, rng.uniform(0.05, 2.0, (n, 2)), rng.uniform(2.0, [w, h], (n, 2)))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    return image, boxes, rng.integers(1, 21, n).astype(np.int64)
+
+
+def crop_case(rng: np.random.Generator):
+    """A 500x375-ish image size and 1..4 boxes of 5..70% of a side, ``(boxes_px [N, 4] float64, (h, w))``."""
+    h, w = int(rng.integers(200, 500)), int(rng.integers(200, 500))
+    n = int(rng.integers(1, 5))
+    wh = rng.uniform(0.05, 0.7, (n, 2)) * (w, h)
+    xy = rng.uniform(0, 1, (n, 2)) * ((w, h) - wh)
+    return np.concatenate([xy, xy + wh], 1), (h, w)
+
+
+# --- invariants ---------------------------------------------------------------------------------
+
+
+def test_train_outputs_are_valid_over_many_seeds():
+    t = build_transforms(AugmentConfig(), PreprocessConfig(), 64, train=True, seed=0)
+    rng = np.random.default_rng(0)
+    seen_empty = kept_any = 0
+    for _ in range(300):
+        image, boxes, labels = random_sample(rng)
+        copies = image.copy(), boxes.copy(), labels.copy()
+        out_image, out_boxes, out_labels = t(image, boxes, labels)
+        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.uint8
+        assert out_boxes.dtype == np.float32 and out_boxes.shape == (len(out_labels), 4)
+        assert out_labels.dtype == np.int64
+        assert ((out_boxes >= 0) & (out_boxes <= 1)).all()
+        assert ((out_boxes[:, 2:] - out_boxes[:, :2]) > 0).all(), "zero-area box survived"
+        assert not Counter(out_labels.tolist()) - Counter(labels.tolist()), "labels not a sub-multiset of the input"
+        for a, b in zip(copies, (image, boxes, labels)):
+            assert np.array_equal(a, b), "input modified"
+        seen_empty += len(labels) == 0
+        kept_any += len(out_labels) > 0
+    assert seen_empty > 10 and kept_any > 150  # the loop covered empty images and real outputs
+
+
+# --- min-IoU crop -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_iou", [0.5, 0.7, 0.9])
+def test_min_iou_crop_is_enforced_for_every_kept_box(min_iou):
+    crop_t = MinIoURandomCrop([min_iou])
+    rng = np.random.default_rng(1)
+    accepted = 0
+    for seed in range(300):
+        boxes_px, (h, w) = crop_case(rng)
+        crop_t.set_random_seed(seed)
+        bboxes = np.concatenate([boxes_px / (w, h, w, h), np.arange(len(boxes_px))[:, None]], 1)  # + label column
+        params = crop_t.get_params_dependent_on_data({"shape": (h, w, 3)}, {"bboxes": bboxes})
+        if params["crop"] is None:
+            continue
+        accepted += 1
+        crop = np.array([params["crop"]], dtype=np.float64)
+        kept = centres_inside(boxes_px, crop)[0]
+        assert kept.any()
+        assert (box_iou_np(crop, boxes_px[kept]) >= min_iou).all()
+        out = crop_t.apply_to_bboxes(bboxes, crop=params["crop"], shape=(h, w, 3))
+        assert out[:, 4].tolist() == np.flatnonzero(kept).tolist(), "kept boxes differ from the constraint's"
+    assert accepted > 30  # not vacuous
+
+
+@pytest.mark.parametrize("min_iou", [0.5, 0.7])
+def test_unconstrained_crops_often_violate_the_iou_bound(min_iou):
+    """ssd.pytorch's effective rule (a centre inside, IoU never checked) breaks the bound regularly."""
+    rng = np.random.default_rng(2)
+    violations = trials = 0
+    for seed in range(300):
+        boxes_px, hw = crop_case(rng)
+        crop = sample_min_iou_crop(boxes_px, hw, 0.0, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(seed))
+        if crop is None:
+            continue
+        crop = np.array([crop], dtype=np.float64)
+        kept = centres_inside(boxes_px, crop)[0]
+        trials += 1
+        violations += bool((box_iou_np(crop, boxes_px[kept]) < min_iou).any())
+    assert violations > 0.3 * trials
+
+
+def test_min_iou_over_all_boxes():
+    rng = np.random.default_rng(3)
+    accepted = 0
+    for seed in range(200):
+        boxes_px, hw = crop_case(rng)
+        crop = sample_min_iou_crop(boxes_px, hw, 0.3, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(seed), "all")
+        if crop is not None:
+            accepted += 1
+            assert (box_iou_np(np.array([crop], dtype=np.float64), boxes_px) >= 0.3).all()
+    assert accepted > 20
+
+
+def test_crop_windows_respect_scale_and_aspect():
+    rng = np.random.default_rng(4)
+    for seed in range(200):
+        crop = sample_min_iou_crop(np.zeros((0, 4)), (375, 500), 0.9, (0.3, 1.0), (0.5, 2.0), 50, rng)
+        x1, y1, x2, y2 = crop  # no boxes: any valid window passes
+        assert 0 <= x1 < x2 <= 500 and 0 <= y1 < y2 <= 375
+        assert x2 - x1 >= int(0.3 * 500) - 1 and y2 - y1 >= int(0.3 * 375) - 1
+        assert 0.5 - 0.02 <= (x2 - x1) / (y2 - y1) <= 2.0 + 0.02  # integer snapping
+
+
+def test_impossible_constraint_falls_back_to_the_whole_image():
+    aug = AugmentConfig(**NO_COLOUR, expand_p=0.0, crop_min_ious=[0.9], flip_p=0.0)
+    t = build_transforms(aug, PreprocessConfig(), 100, train=True, seed=0)
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    boxes = np.array([[200.0, 150.0, 204.0, 154.0]], dtype=np.float32)  # IoU with any crop >= 0.3 side is < 0.01
+    out_image, out_boxes, out_labels = t(image, boxes, np.array([5]))
+    assert np.array_equal(out_image, cv2.resize(image, (100, 100), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_allclose(out_boxes, boxes / (500, 375, 500, 375), atol=1e-6)
+    assert out_labels.tolist() == [5]
+
+
+# --- geometry follows the pixels ---------------------------------------------------------------
+
+
+def test_box_bounds_its_pixels_after_the_full_pipeline():
+    colour = np.array([250, 20, 200])
+    t = build_transforms(AugmentConfig(**NO_COLOUR), PreprocessConfig(), 300, train=True, seed=0)
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(150):
+        image = np.full((375, 500, 3), 40, dtype=np.uint8)
+        x1, y1 = int(rng.integers(0, 400)), int(rng.integers(0, 280))
+        x2, y2 = int(rng.integers(x1 + 20, 501)), int(rng.integers(y1 + 20, 376))
+        image[y1:y2, x1:x2] = colour
+        out_image, out_boxes, _ = t(image, np.array([[x1, y1, x2, y2]], np.float32), np.array([1]))
+        if not len(out_boxes) or ((out_boxes[0, 2:] - out_boxes[0, :2]) * 300 < 6).any():
+            continue  # dropped by the crop, or too small to measure
+        ys, xs = np.nonzero(np.abs(out_image.astype(int) - colour).sum(-1) < 60)
+        pixel_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        np.testing.assert_allclose(pixel_box, out_boxes[0] * 300, atol=2.0)
+        checked += 1
+    assert checked > 80
+
+
+def test_zoom_out_fills_with_the_mean_colour():
+    fill = mean_fill_rgb(PreprocessConfig())
+    assert fill == (124, 116, 104)  # ImageNet mean * 255, rounded
+    assert mean_fill_rgb(CAFFE_BGR) == (123, 117, 104)  # BGR network mean, as an RGB colour
+    zoom = ZoomOut(max_ratio=4.0, fill=fill, p=1.0)
+    image = np.full((30, 40, 3), (10, 200, 30), dtype=np.uint8)
+    bboxes = np.array([[0.25, 0.5, 0.75, 1.0, 3.0]])  # normalised xyxy + a label column
+    for seed in range(20):
+        zoom.set_random_seed(seed)
+        params = zoom.get_params_dependent_on_data({"shape": image.shape}, {})
+        top, left, out_h, out_w = params["paste"]
+        out = zoom.apply(image, **params)
+        assert out.shape == (out_h, out_w, 3)
+        assert np.array_equal(out[top : top + 30, left : left + 40], image)
+        mask = np.ones((out_h, out_w), bool)
+        mask[top : top + 30, left : left + 40] = False
+        assert (out[mask] == fill).all()
+        moved = zoom.apply_to_bboxes(bboxes, shape=image.shape, **params)
+        expected_px = np.array([10 + left, 15 + top, 30 + left, 30 + top])
+        np.testing.assert_allclose(moved[0, :4] * (out_w, out_h, out_w, out_h), expected_px, atol=1e-4)
+        assert moved[0, 4] == 3.0
+
+
+def test_flip_mirrors_image_and_boxes():
+    aug = AugmentConfig(**NO_COLOUR, expand_p=0.0, crop_min_ious=[None], flip_p=1.0)
+    t = build_transforms(aug, PreprocessConfig(), 80, train=True, seed=0)
+    image, boxes, labels = random_sample(np.random.default_rng(6), max_boxes=0)
+    boxes = np.array([[5.0, 6.0, 15.0, 19.0], [0.0, 0.0, 7.5, 3.0]], np.float32)
+    out_image, out_boxes, out_labels = t(image, boxes, np.array([1, 2]))
+    h, w = image.shape[:2]
+    assert np.array_equal(out_image, cv2.resize(image, (80, 80), interpolation=cv2.INTER_LINEAR)[:, ::-1])
+    expected = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1) / (w, h, w, h)
+    np.testing.assert_allclose(out_boxes, expected, atol=1e-6)
+    assert out_labels.tolist() == [1, 2]
+
+
+def test_eval_is_a_pure_resize():
+    t = build_transforms(AugmentConfig(), PreprocessConfig(), 96, train=False)
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        image, boxes, labels = random_sample(rng)
+        h, w = image.shape[:2]
+        boxes = np.clip(boxes, 0, (w, h, w, h))
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[valid], labels[valid]
+        out_image, out_boxes, out_labels = t(image, boxes, labels)
+        assert np.array_equal(out_image, cv2.resize(image, (96, 96), interpolation=cv2.INTER_LINEAR))
+        np.testing.assert_allclose(out_boxes, boxes / np.array([w, h, w, h], np.float32), atol=1e-6)
+        assert np.array_equal(out_labels, labels)
+
+
+# --- photometric --------------------------------------------------------------------------------
+
+
+def test_photometric_hand_values():
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
+    assert np.array_equal(photometric_distort(image, 0.0, 1.0, True, 1.0, 0.0), image)
+    expected = np.clip((image.astype(float) + 10) * 2, 0, 255).astype(np.uint8)
+    assert np.array_equal(photometric_distort(image, 10.0, 2.0, False, 1.0, 0.0), expected)
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 200
+    grey = photometric_distort(red, 0.0, 1.0, True, 0.0, 0.0)
+    assert np.ptp(grey[0, 0].astype(int)) <= 1  # saturation 0 -> R = G = B
+    green = photometric_distort(red, 0.0, 1.0, True, 1.0, 120.0)
+    assert green[0, 0].argmax() == 1 and green[0, 0, 1] >= 195  # hue +120 deg: red -> green
+
+
+def test_photometric_off_leaves_the_image_alone():
+    aug = AugmentConfig(**NO_COLOUR, expand_p=0.0, crop_min_ious=[None], flip_p=0.0)
+    t = build_transforms(aug, PreprocessConfig(), 50, train=True, seed=0)
+    image = np.random.default_rng(8).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    assert np.array_equal(t(image, np.zeros((0, 4)), np.zeros(0))[0], image)
+
+
+# --- randomness -----------------------------------------------------------------------------------
+
+
+def run_sequence(t, n: int = 8):
+    rng = np.random.default_rng(9)
+    return [t(*random_sample(rng)) for _ in range(n)]
+
+
+def test_seeding_reproduces_outputs():
+    t = build_transforms(AugmentConfig(), PreprocessConfig(), 64, train=True, seed=3)
+    first = run_sequence(t)
+    t.set_seed(3)
+    again = run_sequence(t)
+    other = run_sequence(build_transforms(AugmentConfig(), PreprocessConfig(), 64, train=True, seed=4))
+    for a, b in zip(first, again):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
+
+
+def test_transforms_draw_independently():
+    """One shared generator: Compose(seed=k) would give every transform the same first coin flip."""
+    t = build_transforms(AugmentConfig(), PreprocessConfig(), 32, train=True)
+    zoom, flip = (next(x for x in t.compose.transforms if type(x).__name__ == n) for n in ("ZoomOut", "HorizontalFlip"))
+    image, boxes, labels = np.zeros((40, 50, 3), np.uint8), np.array([[5.0, 5.0, 45.0, 35.0]]), np.array([1])
+    agree = 0
+    for seed in range(200):
+        t.set_seed(seed)
+        t(image, boxes, labels)
+        agree += bool(zoom.params) == bool(flip.params)
+    assert 60 < agree < 140  # ~100 expected for two independent p=0.5 coins
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+
+def test_to_tensor():
+    image = np.random.default_rng(10).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    tensor = to_tensor(image)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 5, 7) and tensor.is_contiguous()
+    assert np.array_equal(tensor.numpy(), image.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("preprocess", [PreprocessConfig(), CAFFE_BGR], ids=["rgb", "bgr"])
+def test_normalize_batch_matches_hand_computation(preprocess):
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    before = images.clone()
+    out = normalize_batch(images, preprocess)
+    expected = torch.empty(2, 3, 4, 5)
+    for c in range(3):
+        src = 2 - c if preprocess.channel_order == "bgr" else c
+        expected[:, c] = (images[:, src].double() * preprocess.pixel_scale - preprocess.mean[c]) / preprocess.std[c]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(images, before)
+    assert normalize_batch(images, preprocess, torch.float64).dtype == torch.float64
