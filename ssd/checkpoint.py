@@ -49,6 +49,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the mode open() would give
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -120,6 +123,8 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[SSD, dict[str, Any]]:
     """Build the model a checkpoint describes and load its weights. Returns ``(model, ckpt)``."""
     ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == "backbone":
+        raise CheckpointError(f"{path}: holds only a backbone ({ckpt['source']}); use it as model.init_backbone, not as a detector")
     model = build_ssd(checkpoint_model_config(ckpt, path))
     load_state_strict(model, ckpt["model"], str(path))
     return model, ckpt

@@ -138,11 +138,6 @@ def test_failed_first_save_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: save_checkpoint creates the file with tempfile.mkstemp, so it is always mode 0600 "
-    "(unreadable by group/others) whatever the umask; torch.save / open() give 0666 & ~umask",
-)
 def test_saved_file_mode_follows_umask(small_model, tmp_path):
     old = os.umask(0o022)
     try:
@@ -274,4 +269,12 @@ def test_bad_config_inside_checkpoint(small_model, tmp_path):
     ckpt["config"]["model"]["priors"]["clip"] = "cornerz"
     save_checkpoint(ckpt, path)
     with pytest.raises(CheckpointError, match=r"bad model config.*model\.priors\.clip.*'corners'"):
+        model_from_checkpoint(path)
+
+
+def test_backbone_checkpoint_is_not_a_detector(small_model, tmp_path):
+    path = tmp_path / "trunk.pt"
+    ckpt = make_checkpoint(small_model.state_dict(), small_config(), CLASSES, "vgg16") | {"kind": "backbone"}
+    save_checkpoint(ckpt, path)
+    with pytest.raises(CheckpointError, match="only a backbone"):
         model_from_checkpoint(path)

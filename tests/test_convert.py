@@ -60,7 +60,9 @@ def model_from_ckpt(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
-def torchvision_to_caffe_port(state: dict[str, Tensor], vgg: str, extras: str, l2norm: str, loc: str, conf: str) -> dict[str, Tensor]:
+def torchvision_to_caffe_port(
+    state: dict[str, Tensor], vgg: str, extras: str, l2norm: str, loc: str, conf: str
+) -> dict[str, Tensor]:
     """torchvision ssd300_vgg16 keys -> ssd.pytorch / lufficc keys (REFERENCE.md, inverted)."""
     trunk_tail = {"extra.0.1": 24, "extra.0.3": 26, "extra.0.5": 28, "extra.0.7.1": 31, "extra.0.7.3": 33}
     out = {}
@@ -98,7 +100,9 @@ LUFFICC_KEYS = dict(
 )
 
 
-def caffe_port_priors(image_size: int, grid: list[int], steps: list[float], min_sizes: list[float], max_sizes: list[float], ratios: list[list[int]]) -> Tensor:
+def caffe_port_priors(
+    image_size: int, grid: list[int], steps: list[float], min_sizes: list[float], max_sizes: list[float], ratios: list[list[int]]
+) -> Tensor:
     """The prior loop of ssd.pytorch's / lufficc's ``PriorBox`` written out plainly (cxcywh, clamped)."""
     rows = []
     for k, f in enumerate(grid):
@@ -216,10 +220,12 @@ def test_torchvision_checkpoint_config(tv, tv_ckpt):
     assert pp.channel_order == "rgb" and pp.resize == "normalize_then_bilinear"
     # the network input must be torchvision's: (x - image_mean) / image_std on [0, 1] RGB
     x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(5))
-    tv_norm = (x - torch.tensor(tv.transform.image_mean).view(1, 3, 1, 1)) / torch.tensor(tv.transform.image_std).view(1, 3, 1, 1)
+    tv_mean = torch.tensor(tv.transform.image_mean).view(1, 3, 1, 1)
+    tv_norm = (x - tv_mean) / torch.tensor(tv.transform.image_std).view(1, 3, 1, 1)
     torch.testing.assert_close(preprocess(x, pp), tv_norm, rtol=1e-5, atol=1e-4)
     # every tensor converted, none invented: 35,641,826 parameters (REFERENCE.md)
-    assert sum(v.numel() for v in tv_ckpt["model"].values()) == sum(v.numel() for v in tv.state_dict().values()) == 35_641_826
+    num_params = sum(v.numel() for v in tv_ckpt["model"].values())
+    assert num_params == sum(v.numel() for v in tv.state_dict().values()) == 35_641_826
 
 
 def test_torchvision_priors_equal_anchors(tv, tv_ckpt):
@@ -475,7 +481,8 @@ def test_vgg16_bn_folded_bias_matches_conv_bn(vgg16_bn):
     ours = ckpt["model"]
     assert ckpt["source"] == "vgg16_bn"
     assert checkpoint_model_config(ckpt).batch_norm == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    assert all(f"backbone.{n}.bn.{p}" in ours for n in OUR_TRUNK_CONVS for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    bn_params = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    assert all(f"backbone.{n}.bn.{p}" in ours for n in OUR_TRUNK_CONVS for p in bn_params)
     assert not any(f"backbone.{n}.conv.bias" in ours for n in OUR_TRUNK_CONVS)
     model = build_ssd(checkpoint_model_config(ckpt)).eval()
     result = model.load_state_dict(ours, strict=False)
