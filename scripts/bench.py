@@ -15,11 +15,17 @@ import sys
 import time
 from typing import Callable
 
+import cv2
+import numpy as np
 import torch
+from torchvision import tv_tensors
+from torchvision.io import decode_jpeg
 from torchvision.ops import box_iou
+from torchvision.transforms import v2
 
-from ssd.config import PostprocessConfig
+from ssd.config import AugmentConfig, PostprocessConfig, PreprocessConfig
 from ssd.convert.torchvision import torchvision_model_config
+from ssd.data.transforms import build_transforms, mean_fill_rgb
 from ssd.loss import MultiBoxLoss, pad_targets
 from ssd.model.priors import make_priors, resolve_prior_layout
 from ssd.ops.boxes import cxcywh_to_xyxy
@@ -116,7 +122,75 @@ def bench_postprocess(repeats: int) -> dict:
             "peer_s": timeit(peer, max(1, repeats // 3)), "target": 3.0}  # fmt: skip
 
 
-BENCHES = {"loss": bench_loss, "postprocess": bench_postprocess}
+def synthetic_jpegs(count: int = 32, seed: int = 0) -> list[tuple[bytes, np.ndarray, np.ndarray]]:
+    """``count`` 500x375 JPEGs (gradient, noise, filled boxes), 1..6 boxes each: (bytes, boxes_px, labels)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+    samples = []
+    for _ in range(count):
+        base = np.stack([xx * rng.uniform(0.2, 0.5), yy * rng.uniform(0.2, 0.6), (xx + yy) * 0.2], -1)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        n = int(rng.integers(1, 7))
+        xy = rng.uniform(0, [400, 300], (n, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(15, 250, (n, 2)), [500, 375])], 1).astype(np.float32)
+        for x1, y1, x2, y2 in boxes.astype(int):
+            cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+        ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok, "JPEG encoding failed"
+        samples.append((jpeg.tobytes(), boxes, rng.integers(1, 21, n)))
+    return samples
+
+
+def bench_augment(repeats: int) -> dict:
+    """JPEG decode + SSD train augmentation to 300x300 on one thread vs torchvision's transforms.v2 recipe.
+
+    Per image over 32 synthetic 500x375 JPEGs. Ours: cv2.imdecode + ``build_transforms(train=True)``.
+    Peer: decode_jpeg + RandomPhotometricDistort(p=1), RandomZoomOut(fill=mean), RandomIoUCrop,
+    RandomHorizontalFlip, Resize((300, 300)). Repeats alternate the two sides (the CPU may be shared).
+    """
+    samples = synthetic_jpegs()
+    ours_t = build_transforms(AugmentConfig(), PreprocessConfig(), 300, train=True, seed=0)
+    peer_t = v2.Compose([
+        v2.RandomPhotometricDistort(p=1), v2.RandomZoomOut(fill=list(mean_fill_rgb(PreprocessConfig()))),
+        v2.RandomIoUCrop(), v2.RandomHorizontalFlip(), v2.Resize((300, 300)),
+    ])  # fmt: skip
+    peer_in = [(torch.frombuffer(bytearray(b), dtype=torch.uint8), torch.from_numpy(bx)) for b, bx, _ in samples]
+    ours_in = [(np.frombuffer(b, np.uint8), bx, lab) for b, bx, lab in samples]
+
+    def ours():
+        for jpeg, boxes, labels in ours_in:
+            image = cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            out = ours_t(image, boxes, labels)
+        return out
+
+    def peer():
+        for jpeg, boxes in peer_in:
+            image = tv_tensors.Image(decode_jpeg(jpeg))
+            bbox = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+            out = peer_t(image, bbox)
+        return out
+
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        image, boxes, _ = ours()
+        assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and ((boxes >= 0) & (boxes <= 1)).all()
+        assert tuple(peer()[0].shape) == (3, 300, 300)
+        ours_s, peer_s = [], []
+        for _ in range(repeats):  # interleaved, so a busy neighbour slows both sides alike
+            for fn, times in ((ours, ours_s), (peer, peer_s)):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) / len(samples))
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
+    return {"name": "augment", "ours_s": statistics.median(ours_s), "peer": "torchvision 0.29 transforms.v2 SSD recipe",
+            "peer_s": statistics.median(peer_s), "target": 4.0}  # fmt: skip
+
+
+BENCHES = {"loss": bench_loss, "postprocess": bench_postprocess, "augment": bench_augment}
 
 
 def main(argv: list[str] | None = None) -> int:

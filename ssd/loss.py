@@ -42,8 +42,9 @@ def match(gt_boxes: Tensor, gt_labels: Tensor, priors_cxcywh: Tensor, iou_thresh
     iou.masked_fill_(~valid[..., None], -1.0)
     best_gt_iou, best_gt = iou.max(dim=1)  # [B, P]
     matched = torch.where(best_gt_iou >= iou_threshold, best_gt, -1)
-    best_prior = iou.argmax(dim=2)  # [B, G]
-    gt_index = torch.arange(g, device=gt_labels.device).expand(b, g).masked_fill(~valid, -1)
+    best_prior_iou, best_prior = iou.max(dim=2)  # [B, G]
+    # a box overlapping no prior at all (zero area, off the image) is not forced onto prior 0
+    gt_index = torch.arange(g, device=gt_labels.device).expand(b, g).masked_fill(~valid | (best_prior_iou <= 0), -1)
     forced = torch.full((b, p), -1, dtype=torch.int64, device=gt_labels.device)
     forced.scatter_reduce_(1, best_prior, gt_index, reduce="amax")
     return torch.where(forced >= 0, forced, matched)

@@ -261,3 +261,13 @@ def test_loss_does_not_mutate_inputs(tv_priors):
     match(gt_boxes, gt_labels, priors)
     assert all(torch.equal(outputs[k], copies[0][k]) for k in outputs)
     assert torch.equal(gt_boxes, copies[1]) and torch.equal(gt_labels, copies[2]) and torch.equal(priors, tv_priors)
+
+
+def test_zero_area_box_is_not_forced_onto_prior_zero(tv_priors):
+    # IoU 0 with every prior: argmax would be prior 0 (top-left corner) and one wild target would dominate
+    gt_boxes = torch.tensor([[[0.7, 0.6, 0.7, 0.9], [0.1, 0.1, 0.5, 0.5]]])
+    gt_labels = torch.tensor([[3, 5]])
+    idx = match(gt_boxes, gt_labels, tv_priors)
+    assert not (idx == 0).any()
+    assert (idx == 1).sum() >= 1
+    assert idx[0, 0] == -1
