@@ -66,6 +66,11 @@ def index_dataset(cfg: DatasetConfig, problems: Problems, key: str = "data") -> 
     return records, classes
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 class DetectionDataset(Dataset):
     """Images and boxes of indexed records, through ``transform``.
 
@@ -91,12 +96,17 @@ class DetectionDataset(Dataset):
         self.train = train
         self.keep_difficult = keep_difficult
         self.on_error = on_error
+        self.seed = 0  # set by build_dataloader
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        # EpochIndexSampler encodes epoch * n + index: augmentation is a function of (seed, epoch, index)
+        epoch, index = divmod(index, len(self.records))
         rec = self.records[index]
+        if self.train and hasattr(self.transform, "set_seed"):
+            self.transform.set_seed(sample_seed(self.seed, epoch, index))
         try:
             image = read_image(rec.path)
         except DatasetError as e:
