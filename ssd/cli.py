@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ssd import __version__
 from ssd.checkpoint import CheckpointError, save_checkpoint
@@ -46,10 +47,43 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ssd.engine.train import train
+
+    overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
+    cfg = load_config(args.config, overrides)
+    out = args.output_dir or str(Path("runs") / Path(args.config).stem)
+    summary = train(cfg, out, resume=args.resume)
+    logging.info("training %s at iteration %d; best mAP %.4f at iteration %d; outputs in %s",
+                 summary["stopped"], summary["iteration"], summary["best_map"], summary["best_iter"], out)  # fmt: skip
+    return 0 if summary["stopped"] in ("done", "time_limit") else 130
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ssd.demo import run_demo
+
+    metrics = run_demo(args.out, overrides=args.overrides)
+    print(f"demo: VOC07 mAP@0.5 {metrics['map']:.4f} in {metrics['seconds']:.0f} s; outputs in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detectors: train, evaluate, predict, convert.")
     parser.add_argument("--version", action="version", version=f"ssd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a detector from a YAML config (torchrun for several GPUs/machines)")
+    p.add_argument("config", help="YAML config, e.g. configs/ssd300_vgg16_voc0712.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=0.002")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    p.add_argument("--init", help="fine-tune from this checkpoint (same as model.init=PATH)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train a small SSD on the synthetic shapes dataset on the CPU and show its detections")
+    p.add_argument("--out", default="runs/demo", help="output folder (dataset, run, metrics.json, detections)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of configs/shapes_tiny.yaml")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert torchvision / ssd.pytorch / lufficc / ImageNet VGG weights to an ssd checkpoint")
     p.add_argument("--from", dest="source_format", required=True, choices=["torchvision", "amdegroot", "lufficc", "vgg16", "vgg16_bn"],

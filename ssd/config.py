@@ -147,6 +147,8 @@ class ModelConfig:
     extras: list[ExtraLayer] | None = None  # None: the arch preset
     priors: PriorConfig = field(default_factory=PriorConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    init: str | None = None  # checkpoint to fine-tune from: tensors whose name and shape match are loaded
+    init_backbone: str | None = None  # converted ImageNet VGG trunk (ssd convert --from vgg16 ...)
 
     def __post_init__(self) -> None:
         _check_choice("model.arch", self.arch, tuple(ARCH_EXTRAS))
@@ -280,6 +282,74 @@ class DataConfig:
         _check_choice("data.on_error", self.on_error, ON_ERROR)
 
 
+# --- training and evaluation ---------------------------------------------------------------
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("multistep", "cosine")
+AMP_MODES = ("fp16", "bf16", "none")
+BN_MODES = ("train", "frozen", "sync")
+
+
+@dataclass
+class TrainConfig:
+    """Iteration-based training. ``batch_size`` is the global batch, split evenly across processes,
+    so a recipe means the same thing on 1 or 8 GPUs. ``amp`` and ``channels_last`` apply on CUDA only
+    (fp32 on CPU). ``bn``: ``train`` (batch statistics), ``frozen`` (running statistics, affine
+    parameters fixed), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes BN
+    population statistics over that many training batches after training (and before every
+    evaluation with ``precise_bn_before_eval``)."""
+
+    max_iter: int = 120000
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    no_decay_bn_bias: bool = False
+    schedule: str = "multistep"
+    steps: list[int] = field(default_factory=lambda: [80000, 100000])
+    gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3.0
+    clip_grad_norm: float | None = None
+    amp: str = "fp16"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    checkpoint_period: int = 5000
+    eval_period: int = 10000
+    log_period: int = 20
+    bn: str = "train"
+    precise_bn_batches: int = 0
+    precise_bn_before_eval: bool = False
+    max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    time_limit: float | None = None  # seconds of training; stops early (the CPU demo's budget)
+
+    def __post_init__(self) -> None:
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_choice("train.amp", self.amp, AMP_MODES)
+        _check_choice("train.bn", self.bn, BN_MODES)
+        for name in ("max_iter", "batch_size", "checkpoint_period", "eval_period", "log_period", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    metric: str = "auto"  # voc07 | voc | coco | auto (voc07 for VOC data, coco for COCO data)
+    voc_pixel_convention: str = "inclusive"  # +1 on widths/heights as the VOC devkit (official numbers)
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.metric", self.metric, ("auto", "voc07", "voc", "coco"))
+        _check_choice("eval.voc_pixel_convention", self.voc_pixel_convention, ("inclusive", "continuous"))
+
+
 # --- the whole config ----------------------------------------------------------------------
 
 
@@ -289,6 +359,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -28,6 +28,7 @@ class EpochIndexSampler(Sampler[int]):
     def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
         self.epoch = 0
+        self.skip = 0  # samples of this rank to skip at the start of the next iteration (resume mid-epoch)
         self.per_rank = -(-n // world) if shuffle else len(range(rank, n, world))
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,7 +45,9 @@ class EpochIndexSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         base = self.epoch * self.n
-        return iter([base + i for i in order[self.rank :: self.world]])
+        mine = order[self.rank :: self.world][self.skip :]
+        self.skip = 0
+        return iter([base + i for i in mine])
 
 
 def dist_info() -> tuple[int, int]:

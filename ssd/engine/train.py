@@ -1,0 +1,431 @@
+"""The training loop: iteration-based, one or many processes (torchrun), resumable bit for bit.
+
+Reading order: :func:`train` builds everything from the config, then runs :func:`_train_loop`;
+the helpers above them are small and independent (optimizer, schedule, init, checkpoint state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from ssd.config import Config, TrainConfig, save_config, to_dict
+from ssd.data.dataset import build_dataset
+from ssd.data.loader import build_dataloader
+from ssd.data.transforms import build_transforms, normalize_batch
+from ssd.engine import bn as bn_tools
+from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed
+from ssd.engine.evaluate import evaluate_voc, gather_predictions, predict_loader
+from ssd.loss import build_loss
+from ssd.model import build_ssd
+from ssd.postprocess import build_postprocess
+
+log = logging.getLogger("ssd.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
+
+
+# --- small builders -------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, ctx: DistContext) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
+        return torch.device("cuda", ctx.local_rank) if name == "cuda" else torch.device(name)
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (paper) or AdamW; optionally no weight decay on BN and bias parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_norm_or_bias = p.ndim <= 1 and "l2norm" not in name  # BN weight/bias, conv biases
+        (no_decay if cfg.no_decay_bn_bias and is_norm_or_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``train.lr`` at iteration ``it``: linear warmup from ``warmup_factor``, then
+    step decay by ``gamma`` at each of ``steps`` or a cosine to 0 at ``max_iter``."""
+    if cfg.schedule == "multistep":
+        factor = cfg.gamma ** sum(it >= s for s in cfg.steps)
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.max_iter) / cfg.max_iter))
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype on CUDA; None (fp32) on CPU, where bf16 autocast was far slower here."""
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[str, list[str]]:
+    """Load every tensor of ``path`` whose name and shape match the model; report the rest.
+
+    Returns ``{"loaded": [...], "reinitialised": [...] (shape differs, e.g. a head with another
+    class count), "ignored": [...] (not in the model)}``; all three are logged.
+    """
+    obj = load_checkpoint(path)
+    state = obj["model"]
+    own = model.state_dict()
+    report = {"loaded": [], "reinitialised": [], "ignored": []}
+    update = {}
+    for key, value in state.items():
+        if backbone_only and not key.startswith("backbone."):
+            report["ignored"].append(key)
+        elif key not in own:
+            report["ignored"].append(key)
+        elif own[key].shape != value.shape:
+            report["reinitialised"].append(key)
+        else:
+            update[key] = value
+            report["loaded"].append(key)
+    if not update:
+        raise CheckpointError(f"{path}: no tensor matches this model by name and shape; is it the right architecture?")
+    model.load_state_dict(update, strict=False)
+    log.info("init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
+             path, len(report["loaded"]), len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-",
+             len(report["ignored"]), ", ".join(report["ignored"][:6]) or "-")  # fmt: skip
+    return report
+
+
+# --- checkpoint state -----------------------------------------------------------------------------
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict) -> dict:
+    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
+    ckpt.update(
+        full_config=to_dict(cfg),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=scaler.state_dict(),
+        iteration=iteration,
+        best=best,
+        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    )
+    return ckpt
+
+
+def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt or "iteration" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return int(ckpt["iteration"]), dict(ckpt.get("best", {}))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def trim_metrics(path: Path, iteration: int) -> None:
+    """On resume drop the lines logged after the checkpoint, so metrics.jsonl reads as one run."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= iteration]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves ``last.pt`` and returns at the next step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> dict:
+    """Train ``cfg`` into ``output_dir`` (config.yaml, last.pt, best.pt, metrics.jsonl).
+
+    Returns a summary ``{"iteration", "best_map", "best_iter", "stopped"}`` (on rank 0; the other
+    ranks get the same keys without metrics).
+    """
+    tcfg = cfg.train
+    device_type = "cuda" if (tcfg.device == "auto" and torch.cuda.is_available()) or tcfg.device.startswith("cuda") else "cpu"
+    ctx = init_distributed(device_type)
+    try:
+        return _train(cfg, Path(output_dir), resume, ctx)
+    finally:
+        cleanup()
+
+
+def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device, ctx)
+    if tcfg.batch_size % ctx.world_size:
+        raise ValueError(f"train.batch_size {tcfg.batch_size} must be divisible by the {ctx.world_size} processes")
+    seed_everything(tcfg.seed, tcfg.deterministic)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # data
+    train_tf = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=True)
+    train_set = build_dataset(cfg.data.train, train_tf, train=True, on_error=cfg.data.on_error, key="data.train")
+    val_set = build_dataset(cfg.data.val, build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=False),
+                            train=False, on_error=cfg.data.on_error, key="data.val")  # fmt: skip
+    if len(train_set.classes) != cfg.model.num_classes - 1:
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
+                         f"(+1 background = {len(train_set.classes) + 1})")  # fmt: skip
+    pin = device.type == "cuda"
+    loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, cfg.data.num_workers, tcfg.seed, pin)
+    val_loader = build_dataloader(val_set, cfg.eval.batch_size, False, cfg.data.num_workers, tcfg.seed, pin)
+    if len(loader) == 0:
+        raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}")
+
+    # model, loss, optimizer
+    model = build_ssd(cfg.model)
+    if cfg.model.init_backbone:
+        init_weights_from(model, cfg.model.init_backbone, backbone_only=True)
+    if cfg.model.init:
+        init_weights_from(model, cfg.model.init, backbone_only=False)
+    channels_last = tcfg.channels_last and device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if tcfg.bn == "sync" and ctx.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    bn_tools.set_train_mode(model, tcfg.bn)
+    criterion = build_loss(cfg.loss, cfg.model)
+    postprocessor = build_postprocess(cfg.postprocess, cfg.model)
+    optimizer = build_optimizer(tcfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg))
+    dtype = amp_dtype(tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    iteration, best = 0, {"map": -1.0, "iter": 0}
+    last_path = out / "last.pt"
+    if resume:
+        if not last_path.exists():
+            raise FileNotFoundError(f"{last_path}: nothing to resume (train without --resume to start)")
+        iteration, best = restore_state(last_path, model, optimizer, scheduler, scaler)
+        if ctx.is_main:
+            trim_metrics(out / "metrics.jsonl", iteration)
+        log.info("resumed from %s at iteration %d", last_path, iteration)
+
+    net = model
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tcfg.compile:
+        net = torch.compile(net)
+
+    def forward_images(m: nn.Module, batch: dict) -> dict:
+        images = normalize_batch(batch["images"].to(device, non_blocking=pin), cfg.model.preprocess)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return m(images)
+
+    def evaluate(it: int) -> dict | None:
+        if tcfg.precise_bn_before_eval and tcfg.precise_bn_batches > 0:
+            bn_tools.precise_bn(model, loader, forward_images, tcfg.precise_bn_batches)
+        bn_tools.warn_stale_bn(model, f"evaluation at iteration {it}")
+        preds = gather_predictions(predict_loader(model, val_loader, postprocessor, cfg.model.preprocess, device, dtype, channels_last))
+        bn_tools.set_train_mode(model, tcfg.bn)
+        if not ctx.is_main:
+            return None
+        metric = cfg.eval.metric if cfg.eval.metric in ("voc07", "voc") else "voc07"
+        res = evaluate_voc(val_set, preds, metric == "voc07", cfg.eval.voc_pixel_convention == "inclusive")
+        return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"]}
+
+    state = dict(iteration=iteration, best=best)
+    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    try:
+        stopped = _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images,
+                              evaluate, train_set.classes, out, metrics_file, state)  # fmt: skip
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped}
+
+
+def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images, evaluate,
+                classes, out: Path, metrics_file, state: dict) -> str:  # fmt: skip
+    tcfg = cfg.train
+    device = next(model.parameters()).device
+    it = state["iteration"]
+    per_epoch = len(loader)
+    bad_steps, skipped_images = 0, 0
+    window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+    t_start = time.perf_counter()
+    progress = _progress(tcfg.max_iter, it, ctx)
+
+    def save_last() -> None:
+        if ctx.is_main:
+            save_checkpoint(training_state(net, optimizer, scheduler, scaler, cfg, classes, it, state["best"]), out / "last.pt")
+        barrier()
+
+    def write_metrics(row: dict) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    def run_eval() -> None:
+        res = evaluate(it)
+        if res is None:
+            barrier()
+            return
+        write_metrics({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"]})
+        log.info("iter %d: %s mAP %.4f", it, res["metric"], res["map"])
+        if res["map"] > state["best"]["map"]:
+            state["best"] = {"map": res["map"], "iter": it}
+            save_checkpoint(make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train") | {"iteration": it, "map": res["map"]},
+                            out / "best.pt")  # fmt: skip
+        barrier()
+
+    with StopSignal() as stop:
+        while it < tcfg.max_iter:
+            epoch, offset = divmod(it, per_epoch)
+            loader.sampler.set_epoch(epoch)
+            loader.sampler.skip = offset * loader.batch_size  # resume mid-epoch on the same batches
+            for batch in loader:
+                skipped_images += len(batch["errors"])
+                outputs = forward_images(net, batch)
+                losses = criterion(outputs, batch["boxes"].to(device), batch["labels"].to(device), unwrap(model).priors)
+                loss = losses["loc"] + losses["conf"]
+                if not all_true(bool(torch.isfinite(loss)), device):
+                    bad_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s",
+                                it, float(losses["loc"]), float(losses["conf"]), batch["image_ids"])  # fmt: skip
+                    if bad_steps >= tcfg.max_bad_steps:
+                        raise TrainingError(
+                            f"the loss was non-finite for {bad_steps} consecutive iterations (last: {it}); stopping without "
+                            f"writing NaN weights. Lower train.lr, raise train.warmup_iters, or set train.clip_grad_norm. "
+                            f"{out / 'last.pt'} holds the last good state."
+                        )
+                    continue
+                bad_steps = 0
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if tcfg.clip_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                it += 1
+                state["iteration"] = it
+
+                window["loss"] += float(loss.detach())
+                window["loc"] += float(losses["loc"])
+                window["conf"] += float(losses["conf"])
+                window["n"] += 1
+                window["images"] += len(batch["image_ids"]) * ctx.world_size
+                if it % tcfg.log_period == 0 or it == tcfg.max_iter:
+                    dt = time.perf_counter() - window["t"]
+                    row = {"iter": it, "loss": window["loss"] / window["n"], "loc": window["loc"] / window["n"],
+                           "conf": window["conf"] / window["n"], "lr": optimizer.param_groups[0]["lr"],
+                           "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
+                    write_metrics(row)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
+                                             lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
+                    elif ctx.is_main:
+                        log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s", it, tcfg.max_iter,
+                                 row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"])  # fmt: skip
+                    window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+                if progress is not None:
+                    progress.update(1)
+
+                if it % tcfg.checkpoint_period == 0:
+                    save_last()
+                if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
+                    run_eval()
+                out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
+                if stop.received is not None or out_of_time or it >= tcfg.max_iter:
+                    break
+            if skipped_images:
+                log.warning("epoch %d: skipped %d unreadable image(s) (data.on_error)", epoch, skipped_images)
+                skipped_images = 0
+            if stop.received is not None:
+                save_last()
+                log.warning("received signal %d: saved %s at iteration %d", stop.received, out / "last.pt", it)
+                return "signal"
+            if tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit:
+                log.info("train.time_limit %.0f s reached at iteration %d", tcfg.time_limit, it)
+                break
+    if progress is not None:
+        progress.close()
+    if tcfg.precise_bn_batches > 0:
+        n = bn_tools.precise_bn(model, loader, forward_images, tcfg.precise_bn_batches)
+        log.info("precise BN: population statistics over %d batches", n)
+    save_last()
+    run_eval()
+    return "done" if it >= tcfg.max_iter else "time_limit"
+
+
+def _progress(total: int, start: int, ctx: DistContext):
+    if not ctx.is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+
