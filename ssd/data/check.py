@@ -110,7 +110,10 @@ def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True) ->
     smallest = min(resolve_prior_layout(cfg.model, len(model.head.loc))["min_scales"]) * cfg.model.input_size
     reports = []
     for split in splits:
-        report, records, _ = check_split(getattr(cfg.data, split), f"data.{split}", decode_images)
+        report, records, classes = check_split(getattr(cfg.data, split), f"data.{split}", decode_images)
+        if len(classes) + 1 != cfg.model.num_classes:
+            report.problems.report("class count", f"data.{split}",
+                                   f"{len(classes)} classes + background != model.num_classes {cfg.model.num_classes}")  # fmt: skip
         report.coverage = prior_coverage(records, model.priors, cfg.model.input_size, cfg.loss.iou_threshold)
         report.coverage["advice"] = coverage_advice(report.coverage, smallest, cfg.model.input_size)
         reports.append(report)

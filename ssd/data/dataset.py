@@ -33,9 +33,12 @@ def read_image(path: str) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.size == 0:
         raise DatasetError(f"{path}: empty file")
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:].tobytes():
-        raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if data[:2].tobytes() == b"\xff\xd8":
+        raw = data.tobytes()  # the end-of-image marker must follow the last start-of-scan (trailing data is fine)
+        if raw.rfind(b"\xff\xd9") < max(2, raw.rfind(b"\xff\xda")):
+            raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker after the image data)")
+    # stored pixel order, EXIF orientation ignored: the frame annotations (and PIL, torchvision) use
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DatasetError(f"{path}: not a decodable image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

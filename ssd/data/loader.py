@@ -41,7 +41,8 @@ class EpochIndexSampler(Sampler[int]):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
-            order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets per_rank items
+            pad = self.per_rank * self.world - self.n  # pad so every rank gets per_rank items (even if world > n)
+            order += (order * -(-pad // max(1, self.n)))[:pad]
         else:
             order = list(range(self.n))
         base = self.epoch * self.n
