@@ -48,12 +48,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ssd.engine.train import train
+    from ssd.engine.train import TrainingError, train
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     cfg = load_config(args.config, overrides)
     out = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    summary = train(cfg, out, resume=args.resume)
+    try:
+        summary = train(cfg, out, resume=args.resume)
+    except TrainingError as e:  # not a user-input error (exit 2), but one clear line all the same
+        print(f"ssd train: training stopped: {e}", file=sys.stderr)
+        return 1
     logging.info("training %s at iteration %d; best mAP %.4f at iteration %d; outputs in %s",
                  summary["stopped"], summary["iteration"], summary["best_map"], summary["best_iter"], out)  # fmt: skip
     return 0 if summary["stopped"] in ("done", "time_limit") else 130
@@ -110,9 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args`` that also takes ``key=value`` overrides after options: argparse stops filling
+    a ``nargs="*"`` positional at the first option, so ``ssd train CFG --output-dir D train.lr=0.1``
+    would otherwise fail with "unrecognized arguments"."""
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ RESIZE_MODES = ("bilinear", "normalize_then_bilinear")
 
 class ConfigError(ValueError):
     """A user-facing configuration error; the message names the key and what is valid."""
+
+
+# PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept it
+SCIENTIFIC_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # --- model -----------------------------------------------------------------------------
@@ -472,6 +477,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp)[:1]
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and SCIENTIFIC_NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -74,14 +74,14 @@ def precise_bn(model: nn.Module, batches: Iterable, forward: Callable[[nn.Module
 
 def stale_bn_layers(model: nn.Module) -> list[str]:
     """BN layers whose running statistics were never updated (still mean 0, var 1): in eval mode they
-    normalise with the wrong statistics, the classic "good in training, bad at test" failure."""
+    normalise with the wrong statistics, the classic "good in training, bad at test" failure.
+    ``num_batches_tracked`` is not consulted: converted or loaded weights carry real statistics
+    with a counter of 0."""
     stale = []
     for name, m in bn_layers(model):
         if m.running_mean is None:
             continue
-        untouched = bool(m.num_batches_tracked == 0) if m.num_batches_tracked is not None else False
-        at_init = bool((m.running_mean == 0).all() and (m.running_var == 1).all())
-        if untouched or at_init:
+        if bool((m.running_mean == 0).all() and (m.running_var == 1).all()):
             stale.append(name)
     return stale
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
-from ssd.config import Config, TrainConfig, save_config, to_dict
+from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint, save_checkpoint
+from ssd.config import Config, ConfigError, TrainConfig, save_config, to_dict
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
@@ -120,7 +120,7 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
         else:
             update[key] = value
             report["loaded"].append(key)
-    if not update:
+    if not any(v.is_floating_point() for v in update.values()):  # BN's num_batches_tracked counters always fit
         raise CheckpointError(f"{path}: no tensor matches this model by name and shape; is it the right architecture?")
     model.load_state_dict(update, strict=False)
     log.info("init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
@@ -150,7 +150,7 @@ def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int,
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "iteration" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
-    unwrap(model).load_state_dict(ckpt["model"])
+    load_state_strict(unwrap(model), ckpt["model"], f"{path} (resume; was the model config changed?)")
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -166,11 +166,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def trim_metrics(path: Path, iteration: int) -> None:
-    """On resume drop the lines logged after the checkpoint, so metrics.jsonl reads as one run."""
+    """On resume drop the lines logged after the checkpoint, so metrics.jsonl reads as one run
+    (and a line torn by a kill mid-write)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= iteration]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("iter", 0) <= iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class StopSignal:
@@ -223,6 +231,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     device = resolve_device(tcfg.device, ctx)
     if tcfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {tcfg.batch_size} must be divisible by the {ctx.world_size} processes")
+    if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
+        raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
     seed_everything(tcfg.seed, tcfg.deterministic)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +306,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"]}
 
     state = dict(iteration=iteration, best=best)
-    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
         stopped = _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images,
                               evaluate, train_set.classes, out, metrics_file, state)  # fmt: skip
@@ -354,7 +364,7 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                     bad_steps += 1
                     optimizer.zero_grad(set_to_none=True)
                     log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s",
-                                it, float(losses["loc"]), float(losses["conf"]), batch["image_ids"])  # fmt: skip
+                                it, float(losses["loc"].detach()), float(losses["conf"].detach()), batch["image_ids"])  # fmt: skip
                     if bad_steps >= tcfg.max_bad_steps:
                         raise TrainingError(
                             f"the loss was non-finite for {bad_steps} consecutive iterations (last: {it}); stopping without "
@@ -375,8 +385,8 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 state["iteration"] = it
 
                 window["loss"] += float(loss.detach())
-                window["loc"] += float(losses["loc"])
-                window["conf"] += float(losses["conf"])
+                window["loc"] += float(losses["loc"].detach())
+                window["conf"] += float(losses["conf"].detach())
                 window["n"] += 1
                 window["images"] += len(batch["image_ids"]) * ctx.world_size
                 if it % tcfg.log_period == 0 or it == tcfg.max_iter:
@@ -395,10 +405,10 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 if progress is not None:
                     progress.update(1)
 
-                if it % tcfg.checkpoint_period == 0:
-                    save_last()
                 if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
                     run_eval()
+                if it % tcfg.checkpoint_period == 0:  # after the evaluation: last.pt's "best" includes it
+                    save_last()
                 out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
                 if stop.received is not None or out_of_time or it >= tcfg.max_iter:
                     break
@@ -417,8 +427,8 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
     if tcfg.precise_bn_batches > 0:
         n = bn_tools.precise_bn(model, loader, forward_images, tcfg.precise_bn_batches)
         log.info("precise BN: population statistics over %d batches", n)
-    save_last()
     run_eval()
+    save_last()
     return "done" if it >= tcfg.max_iter else "time_limit"
 
 

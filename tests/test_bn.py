@@ -1,0 +1,253 @@
+"""BatchNorm in training (ssd.engine.bn): the train / frozen / sync modes, precise BN's population
+statistics checked against batch statistics recorded independently with hooks, and the warning
+about running statistics that were never updated."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import ssd.engine.train as engine
+from ssd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from ssd.cli import main
+from ssd.config import Config, from_dict
+from ssd.data.dataset import build_dataset
+from ssd.data.loader import build_dataloader
+from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.transforms import build_transforms, normalize_batch
+from ssd.engine import bn as bn_tools
+from ssd.engine.distributed import DistContext
+from ssd.model import build_ssd
+
+SIZE = 64
+NUM_BN = 19  # 13 VGG convs + fc6 + fc7 + 2 extras x 2 convs, all with BN
+
+
+def run_dict(root: Path, **train_options) -> dict:
+    """A width-1/8 SSD at 64 px with BN everywhere (maps 8, 4, 2, 1), 40 shapes images, batch 8."""
+    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
+    return {
+        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
+                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+        "train": {"max_iter": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.01, "warmup_iters": 0, "device": "cpu",
+                  "checkpoint_period": 100, "eval_period": 100, "log_period": 1, **train_options},
+        "eval": {"batch_size": 10},
+    }  # fmt: skip
+
+
+def config(root: Path, **train_options) -> Config:
+    return from_dict(Config, run_dict(root, **train_options))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, 40, 10, size=SIZE, seed=5)
+    return out
+
+
+def bn_model(shapes: Path) -> nn.Module:
+    """The run's model with running statistics moved off their initial values by two train-mode
+    batches, and non-trivial affine parameters."""
+    torch.manual_seed(0)
+    model = build_ssd(config(shapes).model)
+    with torch.no_grad():
+        for _, m in bn_tools.bn_layers(model):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, SIZE, SIZE))
+    return model
+
+
+# --- modes ------------------------------------------------------------------------------------------
+
+
+def test_frozen_mode_uses_running_statistics_and_freezes_the_affine_parameters(shapes):
+    model = bn_model(shapes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bn_tools.set_train_mode(model, "frozen")
+    layers = bn_tools.bn_layers(model)
+    assert len(layers) == NUM_BN and model.training
+    assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for _, m in layers)
+    bn_params = {id(p) for _, m in layers for p in m.parameters()}
+    assert all(p.requires_grad for p in model.parameters() if id(p) not in bn_params)  # convs still train
+
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out = model(x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # running stats untouched
+    model.eval()
+    torch.testing.assert_close(out["conf"], model(x)["conf"])  # == inference: BN normalises with running stats
+
+    optimizer = engine.build_optimizer(config(shapes).train, model)
+    assert not bn_params & {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_train_mode_uses_batch_statistics_and_updates_running_ones(shapes):
+    model = bn_model(shapes)
+    bn_tools.set_train_mode(model, "train")
+    name, first = bn_tools.bn_layers(model)[0]
+    assert all(m.training and m.weight.requires_grad for _, m in bn_tools.bn_layers(model))
+    before = first.running_mean.clone()
+    model(torch.randn(2, 3, SIZE, SIZE))
+    assert not torch.equal(first.running_mean, before)
+
+
+def test_frozen_run_keeps_the_initial_bn_and_trains_the_rest(shapes, tmp_path, caplog):
+    model = bn_model(shapes)
+    save_checkpoint(make_checkpoint(model.state_dict(), config(shapes).model, SHAPES_CLASSES, "train"), tmp_path / "init.pt")
+    cfg = config(shapes, bn="frozen")
+    cfg.model.init = str(tmp_path / "init.pt")
+    with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
+        engine.train(cfg, tmp_path / "run")
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    init = model.state_dict()
+    bn_keys = [k for k in init if ".bn." in k]
+    assert len(bn_keys) == 5 * NUM_BN
+    assert all(torch.equal(trained[k], init[k]) for k in bn_keys)  # affine and statistics as loaded
+    assert not torch.equal(trained["backbone.conv1.0.conv.weight"], init["backbone.conv1.0.conv.weight"])
+    assert not torch.equal(trained["head.conf.0.weight"], init["head.conf.0.weight"])
+    assert not [r for r in caplog.records if "initial running statistics" in r.getMessage()]
+
+
+def test_single_process_sync_mode_trains_with_plain_batchnorm(shapes, tmp_path, monkeypatch):
+    models = []
+    build = engine.build_ssd
+    monkeypatch.setattr(engine, "build_ssd", lambda cfg: models.append(build(cfg)) or models[-1])
+    summary = engine.train(config(shapes, bn="sync", max_iter=1), tmp_path / "run")
+    assert summary["stopped"] == "done"
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in models[0].modules()) == NUM_BN
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in models[0].modules())
+
+
+def test_sync_mode_on_cpu_under_ddp_is_a_clear_config_error(shapes, tmp_path, monkeypatch, capsys):
+    """PyTorch's SyncBatchNorm has no CPU kernel; say so before anything starts. (The check comes
+    before any collective, so a 2-rank context without a process group is enough here.)"""
+    monkeypatch.setattr(engine, "init_distributed", lambda device_type: DistContext(rank=0, world_size=2))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(shapes, bn="sync")))
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ssd train: error: train.bn=sync needs CUDA devices (this run is on cpu); use train.bn=train or frozen"
+    )
+
+
+# --- precise BN ------------------------------------------------------------------------------------
+
+
+def record_bn_inputs(model: nn.Module) -> tuple[dict[str, list], list]:
+    """Per BN layer, every batch's per-channel input mean and unbiased variance (float64), recorded
+    by forward pre-hooks independently of BatchNorm's own bookkeeping."""
+    stats = {name: [] for name, _ in bn_tools.bn_layers(model)}
+
+    def hook(name):
+        def record(module, inputs):
+            x = inputs[0].detach().double().transpose(0, 1).flatten(1)  # [C, B*H*W]
+            stats[name].append((x.mean(1), x.var(1, unbiased=True)))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in bn_tools.bn_layers(model)]
+    return stats, handles
+
+
+def test_precise_bn_gives_population_statistics_of_the_training_data(shapes):
+    cfg = config(shapes)
+    transform = build_transforms(cfg.data.augment, cfg.model.preprocess, SIZE, train=True)
+    dataset = build_dataset(cfg.data.train, transform, train=True)
+    loader = build_dataloader(dataset, 8, train=True, num_workers=0, seed=0)
+
+    def forward(m, batch):
+        return m(normalize_batch(batch["images"], cfg.model.preprocess))
+
+    model = bn_model(shapes)
+    model.train()
+    momenta = [m.momentum for _, m in bn_tools.bn_layers(model)]
+    stats, handles = record_bn_inputs(model)
+    used = bn_tools.precise_bn(model, loader, forward, num_batches=3)
+    for h in handles:
+        h.remove()
+
+    assert used == 3 and model.training  # and the train/eval state is restored
+    assert [m.momentum for _, m in bn_tools.bn_layers(model)] == momenta
+    for name, m in bn_tools.bn_layers(model):
+        assert len(stats[name]) == 3 and int(m.num_batches_tracked) == 3
+        means = torch.stack([mean for mean, _ in stats[name]]).mean(0)
+        variances = torch.stack([var for _, var in stats[name]]).mean(0)  # the BN paper's unbiased estimate
+        torch.testing.assert_close(m.running_mean.double(), means, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(m.running_var.double(), variances, rtol=1e-4, atol=1e-5, msg=name)
+
+    # In eval mode the first BN layer now normalises the training data to its affine target: over
+    # the same batches its output has per-channel mean = bias (batches of equal size) and
+    # variance ~ weight^2 (the batch means barely vary)
+    name, first = bn_tools.bn_layers(model)[0]
+    outputs = []
+    handle = first.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().double()))
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i == 3:
+                break
+            forward(model, batch)
+    handle.remove()
+    y = torch.cat(outputs).transpose(0, 1).flatten(1)  # [C, N]
+    torch.testing.assert_close(y.mean(1), first.bias.double(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(y.var(1) / first.weight.double() ** 2, torch.ones_like(y[:, 0]), rtol=0, atol=0.1)
+
+
+def test_engine_runs_precise_bn_after_training(shapes, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        engine.train(config(shapes, precise_bn_batches=3), tmp_path / "run")
+    assert "precise BN: population statistics over 3 batches" in caplog.messages
+    last = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    counters = {k: int(v) for k, v in last.items() if k.endswith("num_batches_tracked")}
+    assert len(counters) == NUM_BN and set(counters.values()) == {3}  # reset, then 3 batches (not 2 steps + 3)
+
+
+# --- the never-updated pitfall -------------------------------------------------------------------------
+
+
+def test_stale_bn_layers_are_those_at_their_initial_statistics(shapes):
+    torch.manual_seed(0)
+    model = build_ssd(config(shapes).model)
+    names = [name for name, _ in bn_tools.bn_layers(model)]
+    assert bn_tools.stale_bn_layers(model) == names and len(names) == NUM_BN
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, SIZE, SIZE))
+    assert bn_tools.stale_bn_layers(model) == []
+    # statistics loaded from converted weights carry no step count: still not stale
+    fresh = build_ssd(config(shapes).model)
+    state = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in model.state_dict().items()}
+    fresh.load_state_dict(state)
+    assert bn_tools.stale_bn_layers(fresh) == []
+
+
+def test_evaluation_warns_about_never_updated_statistics(shapes, tmp_path, caplog):
+    """``frozen`` from a fresh init: BN never learns its statistics; the evaluation says so."""
+    with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
+        engine.train(config(shapes, bn="frozen", max_iter=1), tmp_path / "run")
+    (message,) = [r.getMessage() for r in caplog.records if "initial running statistics" in r.getMessage()]
+    assert message.startswith(f"evaluation at iteration 1: {NUM_BN} BatchNorm layer(s) still have their initial "
+                              "running statistics (e.g. backbone.conv1.0.bn)")  # fmt: skip
+    assert "train.precise_bn_batches" in message

@@ -1,0 +1,191 @@
+"""ssd.config and the CLI's handling of bad user input: every mistake in a config file or an
+override names the dotted key, suggests the closest valid key or value, and ``ssd train``
+prints it as one line and exits 2 without a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssd.cli import build_parser, main, parse_args
+from ssd.config import Config, ConfigError, apply_override, from_dict, load_config, save_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- keys, types and values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=0.1", r"unknown config key 'train.lrr' \(did you mean train.lr\?\)"),
+        ("trian.lr=0.1", r"unknown config key 'trian' \(did you mean train\?\)"),
+        ("train.max_bad_step=3", r"'train.max_bad_step' \(did you mean train.max_bad_steps\?\)"),
+        ("model.priors.scale=[0.1]", r"'model.priors.scale' \(did you mean model.priors.scales\?\)"),
+        ("data.train.rot=x", r"'data.train.rot' \(did you mean data.train.root\?\)"),
+    ],
+)
+def test_unknown_key_names_the_dotted_key_and_suggests_the_closest(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, [override])
+    assert "valid keys here:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_iter=abc", r"^train.max_iter: expected an integer, got 'abc'$"),
+        ("train.max_iter=2.5", r"^train.max_iter: expected an integer, got 2.5$"),
+        ("train.lr=fast", r"^train.lr: expected a number, got 'fast'$"),
+        ("train.compile=3", r"^train.compile: expected true or false, got 3$"),
+        ("train.steps=5", r"^train.steps: expected a list, got 5$"),
+        ("train.steps=[10, x]", r"^train.steps\[1\]: expected an integer, got 'x'$"),
+        ("train=5", r"^train: expected a mapping, got int$"),
+    ],
+)
+def test_wrong_type_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bn=froze", r"train.bn: invalid value 'froze' \(did you mean 'frozen'\?\); valid: train, frozen, sync"),
+        ("train.optimizer=adam", r"train.optimizer: invalid value 'adam' \(did you mean 'adamw'\?\)"),
+        ("train.schedule=cosin", r"did you mean 'cosine'"),
+        ("train.lr=-1", r"train.lr must be > 0, got -1.0"),
+        ("train.max_bad_steps=0", r"train.max_bad_steps must be >= 1, got 0"),
+        ("train.checkpoint_period=0", r"train.checkpoint_period must be >= 1"),
+    ],
+)
+def test_bad_value_names_the_key_and_what_is_valid(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads `1e-3` as the string "1e-3"; `lr: 1e-3` must still mean 0.001
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"lr": "5e-4"}}), ["train.clip_grad_norm=1E+1"])
+    assert cfg.train.lr == 5e-4 and cfg.train.clip_grad_norm == 10.0
+    with pytest.raises(ConfigError, match="train.max_iter: expected an integer, got '1e5'"):
+        load_config(None, ["train.max_iter=1e5"])  # only float fields convert
+
+
+def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"lr": 0.5, "max_iter": 10}, "model": {"num_classes": 5}})
+    cfg = load_config(path, ["train.lr=0.002", "train.steps=[10, 20]", "train.clip_grad_norm=null", "model.init=/w/a.pt"])
+    assert cfg.train.lr == 0.002 and cfg.train.max_iter == 10 and cfg.model.num_classes == 5
+    assert cfg.train.steps == [10, 20] and cfg.train.clip_grad_norm is None and cfg.model.init == "/w/a.pt"
+
+
+def test_malformed_overrides(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"num_classes": 5}})
+    with pytest.raises(ConfigError, match=r"override 'train.lr': expected key=value, e.g. train.lr=0.002"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"override 'model.num_classes.x=1': model.num_classes is not a section"):
+        load_config(path, ["model.num_classes.x=1"])
+    data = {}
+    apply_override(data, "a.b.c=[1, 2]")
+    assert data == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(None, ["model.input_size=64", "model.extras=[{mid: 8, out: 16}]", "train.lr=0.01", "data.train.root=[a, b]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and to_dict(again) == to_dict(cfg)
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+# --- the CLI: one line, exit 2 --------------------------------------------------------------------
+
+
+def test_cli_missing_config_file_exits_2_with_one_line(tmp_path):
+    """The real process: no traceback, one line on stderr, exit status 2."""
+    env = {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "ssd", "train", str(tmp_path / "missing.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"ssd train: error: {tmp_path / 'missing.yaml'}: config file not found"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_cli_takes_overrides_before_and_after_options(capsys):
+    args = parse_args(build_parser(), ["train", "c.yaml", "a=1", "--output-dir", "d", "b=2", "--resume", "c=3"])
+    assert (args.config, args.output_dir, args.resume, args.overrides) == ("c.yaml", "d", True, ["a=1", "b=2", "c=3"])
+    with pytest.raises(SystemExit) as info:
+        parse_args(build_parser(), ["train", "c.yaml", "--output-dir", "d", "--bogus"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.fixture
+def minimal_config(tmp_path) -> Path:
+    return write_yaml(tmp_path / "c.yaml", {"model": {"num_classes": 5}, "train": {"device": "cpu"}})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=0.1"], "ssd train: error: unknown config key 'train.lrr' (did you mean train.lr?)"),
+        (["train.bn=sycn"], "ssd train: error: train.bn: invalid value 'sycn' (did you mean 'sync'?)"),
+        (["train.max_iter=many"], "ssd train: error: train.max_iter: expected an integer, got 'many'"),
+        (["train.lr=0"], "ssd train: error: train.lr must be > 0, got 0.0"),
+        (["data.train.root=NOWHERE"], "NOWHERE"),  # a missing dataset folder is named
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(minimal_config, tmp_path, capsys, monkeypatch, overrides, message):
+    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", str(minimal_config), "--output-dir", str(tmp_path / "run"), *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("ssd train: error: ") and message in err
+
+
+def test_cli_resume_without_a_checkpoint_exits_2(minimal_config, tmp_path, capsys, monkeypatch):
+    from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+
+    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+    generate_shapes(tmp_path / "shapes", 8, 2, size=64)
+    data = [f"data.{s}.root={tmp_path / 'shapes'}" for s in ("train", "val")]
+    data += [f"data.{s}.split={s}" for s in ("train", "val")] + [f"data.{s}.classes={SHAPES_CLASSES}" for s in ("train", "val")]
+    data += ["data.num_workers=0", "train.batch_size=4"]
+    run = ["train", str(minimal_config), "--output-dir", str(tmp_path / "run")]
+    assert main([*run, "--resume", *data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ssd train: error: {tmp_path / 'run' / 'last.pt'}: nothing to resume (train without --resume to start)"
+    assert main([*run, *data, "model.num_classes=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ssd train: error: model.num_classes is 3 but data.train has 4 classes (+1 background = 5)"
+    assert main([*run, *data, "train.batch_size=16"]) == 2
+    assert capsys.readouterr().err.strip() == "ssd train: error: data.train has 8 images, fewer than one batch of 16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cli_cuda_without_cuda_exits_2(minimal_config, tmp_path, capsys):
+    assert main(["train", str(minimal_config), "--output-dir", str(tmp_path / "run"), "train.device=cuda"]) == 2
+    assert "train.device='cuda' but CUDA is not available; use cpu or auto" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Two-process DDP training on CPU (gloo), launched the way torchrun does it: one process per rank
+with MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environment, which
+ssd.engine.distributed reads. Afterwards both ranks hold identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssd.checkpoint import load_checkpoint
+from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+
+SIZE = 64
+MAX_ITER = 4
+
+# Each rank trains through the real engine, then saves the weights it ended with (only rank 0
+# writes the run's own files).
+WORKER = """
+import os, sys, torch
+import ssd.engine.train as engine
+from ssd.config import load_config
+
+models = []
+build_ssd = engine.build_ssd
+engine.build_ssd = lambda cfg: models.append(build_ssd(cfg)) or models[-1]
+summary = engine.train(load_config(sys.argv[1]), sys.argv[2])
+torch.save(models[0].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+print("summary", summary["iteration"], summary["best_map"])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, args: list[str], tmp_path: Path) -> list[subprocess.CompletedProcess]:
+    """Start ``world`` ranks of ``python -c WORKER args`` and wait for all of them."""
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1", "SSD_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, *args], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
+        for rank in range(world)
+    ]
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """4 iterations of a global batch of 8 (4 per rank), precise BN over 2 batches, a final
+    evaluation with predictions gathered from both ranks."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    generate_shapes(tmp_path / "shapes", 40, 10, size=SIZE, seed=4)
+    dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
+    cfg = {
+        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
+                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "sgd", "lr": 0.01, "warmup_iters": 1,
+                  "device": "cpu", "checkpoint_period": 2, "eval_period": 100, "log_period": 1, "precise_bn_batches": 2},
+        "eval": {"batch_size": 4},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    results = launch(2, [str(tmp_path / "run.yaml"), str(tmp_path / "run")], tmp_path)
+    for rank, res in enumerate(results):
+        assert res.returncode == 0, f"rank {rank}:\n{res.stdout[-4000:]}"
+    # rank 1 knew it was not the main process: it evaluated its shard but got no metrics back
+    assert results[1].stdout.splitlines()[-1] == f"summary {MAX_ITER} -1.0"
+    assert float(results[0].stdout.splitlines()[-1].split()[-1]) >= 0.0
+    return tmp_path / "run"
+
+
+def test_ranks_end_with_identical_parameters(ddp_run):
+    rank0 = torch.load(ddp_run / "rank0.pt", weights_only=True)
+    rank1 = torch.load(ddp_run / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key, value in rank0.items():
+        if "running_" in key:  # precise BN averaged each rank's population statistics
+            torch.testing.assert_close(rank1[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        else:
+            assert torch.equal(rank1[key], value), key  # DDP averaged the gradients: bit-identical steps
+    saved = load_checkpoint(ddp_run / "last.pt")
+    assert saved["iteration"] == MAX_ITER
+    assert all(torch.equal(saved["model"][k], v) for k, v in rank0.items())
+    assert all(bool(v == 2) for k, v in rank0.items() if k.endswith("num_batches_tracked"))  # precise BN: 2 batches
+
+
+def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
+    rows = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss" in r]
+    assert [r["iter"] for r in losses] == list(range(1, MAX_ITER + 1))  # one row per iteration: rank 0's
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in losses)
+    (evaluation,) = [r for r in rows if "map" in r]
+    assert evaluation["iter"] == MAX_ITER and 0.0 <= evaluation["map"] <= 1.0
+    assert load_checkpoint(ddp_run / "best.pt")["iteration"] == MAX_ITER
+    assert sorted(p.name for p in ddp_run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]

@@ -1,0 +1,416 @@
+"""ssd.engine.train through real runs on the shapes dataset: outputs, learning, resume after
+SIGKILL / SIGTERM / SIGINT matching an uninterrupted run, corrupt checkpoints, non-finite losses,
+and fine-tuning onto another class count.
+
+Every run is a width-1/8 SSD at 64 px (feature maps 8, 4, 2, 1; 372 priors) on 40 training images,
+batch 8 (5 iterations per epoch), one CPU thread: about 0.1 s per iteration. In-process runs call
+:func:`ssd.engine.train.train`; the real ``ssd train`` process is used only where exit codes and
+signals matter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import ssd.engine.train as engine
+from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from ssd.cli import main
+from ssd.config import Config, from_dict, load_config
+from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.engine.train import TrainingError, init_weights_from, train
+from ssd.model import build_ssd
+
+SIZE = 64
+MAX_ITER = 12
+
+
+def run_dict(root: Path, **train_options) -> dict:
+    """A tiny run: 64 px input, so conv4_3 is 8x8, fc7 4x4 and two stride-2 extras give 2x2 and 1x1."""
+    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
+    return {
+        "model": {"num_classes": len(SHAPES_CLASSES) + 1, "input_size": SIZE, "width": 0.125, "batch_norm": "all",
+                  "dropout": 0.0, "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
+                  "warmup_iters": 2, "device": "cpu", "checkpoint_period": 3, "eval_period": 6, "log_period": 1,
+                  **train_options},
+        "eval": {"batch_size": 10},
+    }  # fmt: skip
+
+
+def config(root: Path, **train_options) -> Config:
+    return from_dict(Config, run_dict(root, **train_options))
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out) if "loss" in r]
+
+
+def last_logged_iter(out: Path) -> int:
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return max((r["iter"] for r in rows if "loss" in r), default=0)
+
+
+def assert_same_run(reference: Path, out: Path) -> None:
+    """Same loss trajectory (every iteration logged), same evaluations, same final weights."""
+    ref_rows, rows = loss_rows(reference), loss_rows(out)
+    assert [r["iter"] for r in rows] == [r["iter"] for r in ref_rows] == list(range(1, MAX_ITER + 1))
+    for ref, row in zip(ref_rows, rows):
+        for key in ("loss", "loc", "conf", "lr"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-12), (row["iter"], key)
+    ref_evals, evals = [r for r in read_metrics(reference) if "map" in r], [r for r in read_metrics(out) if "map" in r]
+    assert [r["iter"] for r in evals] == [r["iter"] for r in ref_evals] == [6, 12]
+    assert [r["map"] for r in evals] == pytest.approx([r["map"] for r in ref_evals], abs=1e-6)
+    ref_ckpt, ckpt = load_checkpoint(reference / "last.pt"), load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == MAX_ITER and ckpt["best"] == pytest.approx(ref_ckpt["best"])
+    for key, value in ref_ckpt["model"].items():
+        torch.testing.assert_close(ckpt["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    return {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_cli(args: list[str], tmp_path: Path, log_name: str) -> subprocess.Popen:
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen([sys.executable, "-m", "ssd", "train", *args], cwd=tmp_path, env=subprocess_env(tmp_path),
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_for_iteration(proc: subprocess.Popen, out: Path, iteration: int, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reached = last_logged_iter(out)
+        if reached >= iteration:
+            return reached
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no iteration {iteration} after {timeout} s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread everywhere (subprocesses get OMP_NUM_THREADS=1): the same arithmetic in
+    every run, and no thread oversubscription beside DataLoader workers on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """40 train + 10 val images at 64 px. Read only."""
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, 40, 10, size=SIZE, seed=3)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(shapes, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted in-process run of MAX_ITER iterations (evaluations at 6 and 12). Read only."""
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSD_CACHE_DIR", str(out / "cache"))
+        summary = train(config(shapes), out / "run")
+    return out / "run", summary
+
+
+def patch_loss(monkeypatch, edit) -> list:
+    """Wrap the engine's loss; ``edit(call, losses)`` may change the terms of the call-th loss
+    evaluation (1-based; skipped steps count too). Returns the list of models the engine built."""
+    real_build_loss, real_build_ssd, models, calls = engine.build_loss, engine.build_ssd, [], []
+
+    def build_ssd(model_cfg):
+        models.append(real_build_ssd(model_cfg))
+        return models[-1]
+
+    def build_loss(loss_cfg, model_cfg):
+        criterion = real_build_loss(loss_cfg, model_cfg)
+
+        def edited(*args):
+            calls.append(None)
+            losses = criterion(*args)
+            edit(len(calls), losses)
+            return losses
+
+        return edited
+
+    monkeypatch.setattr(engine, "build_ssd", build_ssd)
+    monkeypatch.setattr(engine, "build_loss", build_loss)
+    return models
+
+
+# --- a real run ---------------------------------------------------------------------------------
+
+
+def test_short_run_writes_its_outputs_and_learns(shapes, reference):
+    out, summary = reference
+    assert summary["stopped"] == "done" and summary["iteration"] == MAX_ITER
+    assert load_config(out / "config.yaml") == config(shapes)  # the resolved config, every default filled in
+
+    rows = loss_rows(out)
+    assert [r["iter"] for r in rows] == list(range(1, MAX_ITER + 1))
+    assert all(r["loss"] == pytest.approx(r["loc"] + r["conf"], rel=1e-6) for r in rows)
+    first, last = [r["loss"] for r in rows[:3]], [r["loss"] for r in rows[-3:]]
+    assert sum(last) < 0.75 * sum(first), (first, last)  # it learns: the loss falls by a quarter in 12 steps
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0 at max_iter
+
+    evals = [r for r in read_metrics(out) if "map" in r]
+    assert [r["iter"] for r in evals] == [6, 12] and set(evals[0]["per_class"]) == set(SHAPES_CLASSES)
+    best = max(evals, key=lambda r: r["map"])
+    assert (summary["best_map"], summary["best_iter"]) == (best["map"], best["iter"])
+
+    last = load_checkpoint(out / "last.pt")
+    assert last["iteration"] == MAX_ITER and last["classes"] == SHAPES_CLASSES
+    assert last["best"] == {"map": best["map"], "iter": best["iter"]}  # includes the evaluation at the same iteration
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    best_ckpt = load_checkpoint(out / "best.pt")
+    assert (best_ckpt["iteration"], best_ckpt["map"]) == (best["iter"], best["map"])
+    model, _ = model_from_checkpoint(out / "best.pt")  # a detector that predicts on its own
+    assert model.eval()(torch.zeros(1, 3, SIZE, SIZE))["conf"].shape == (1, 372, 5)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_new_run_in_a_used_folder_starts_a_new_metrics_file(shapes, reference, tmp_path):
+    out = Path(shutil.copytree(reference[0], tmp_path / "run"))
+    summary = train(config(shapes, max_iter=2, eval_period=100), out)
+    assert summary["iteration"] == 2
+    assert [(r["iter"], "map" in r) for r in read_metrics(out)] == [(1, False), (2, False), (2, True)]
+    assert load_checkpoint(out / "last.pt")["iteration"] == 2
+
+
+# --- interruption and resume ------------------------------------------------------------------------
+
+
+def test_sigkill_then_resume_matches_the_uninterrupted_run(shapes, reference, tmp_path, caplog):
+    """``ssd train`` killed mid-epoch with two DataLoader workers, then ``ssd train --resume`` (in
+    this process): the same losses, evaluations and weights as the single-process uninterrupted
+    run (augmentation is seeded per (seed, epoch, index), so the worker count does not matter)."""
+    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
+    out = tmp_path / "run"
+    args = [str(cfg_path), "--output-dir", str(out), "data.num_workers=2"]
+    proc = start_cli(args, tmp_path, "killed.log")
+    reached = wait_for_iteration(proc, out, 4)  # last.pt of iteration 3 exists
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    saved = load_checkpoint(out / "last.pt")["iteration"]
+    assert saved in (3, 6, 9) and saved <= reached < MAX_ITER
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 9, "loss": 1')  # a line torn by the kill is dropped on resume
+
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        assert main(["train", *args, "--resume"]) == 0
+    assert f"resumed from {out / 'last.pt'} at iteration {saved}" in caplog.messages
+    assert_same_run(reference[0], out)
+
+
+def test_sigterm_saves_last_pt_and_exits_then_resumes(shapes, reference, tmp_path):
+    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
+    out = tmp_path / "run"
+    proc = start_cli([str(cfg_path), "--output-dir", str(out)], tmp_path, "term.log")
+    wait_for_iteration(proc, out, 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    stopped_at = load_checkpoint(out / "last.pt")["iteration"]
+    assert 1 <= stopped_at < MAX_ITER and stopped_at == last_logged_iter(out)  # saved at the step it stopped on
+    assert f"received signal {int(signal.SIGTERM)}: saved" in (tmp_path / "term.log").read_text()
+
+    summary = train(config(shapes), out, resume=True)  # in-process this time
+    assert summary["iteration"] == MAX_ITER
+    assert_same_run(reference[0], out)
+
+
+def test_sigint_saves_last_pt_and_restores_the_handler(shapes, tmp_path, monkeypatch):
+    def interrupt(call, losses):
+        if call == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    patch_loss(monkeypatch, interrupt)
+    summary = train(config(shapes), tmp_path / "run")
+    assert summary["stopped"] == "signal" and summary["iteration"] == 3  # the step in flight completes
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_corrupt_or_foreign_last_pt_is_refused_and_left_alone(shapes, reference, tmp_path, capsys):
+    out = Path(shutil.copytree(reference[0], tmp_path / "run"))
+    metrics = (out / "metrics.jsonl").read_bytes()
+    good = (out / "last.pt").read_bytes()
+    for content in (good[: len(good) // 2], b"not a checkpoint"):
+        (out / "last.pt").write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"last.pt: cannot read as a PyTorch weights file"):
+            train(config(shapes), out, resume=True)
+        assert (out / "last.pt").read_bytes() == content and (out / "metrics.jsonl").read_bytes() == metrics
+
+        cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
+        assert main(["train", str(cfg_path), "--output-dir", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"ssd train: error: {out / 'last.pt'}: cannot read")
+    shutil.copy(out / "best.pt", out / "last.pt")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        train(config(shapes), out, resume=True)
+    (out / "last.pt").write_bytes(good)
+    cfg = config(shapes)
+    cfg.model.width = 0.25
+    with pytest.raises(CheckpointError, match=r"last.pt \(resume; was the model config changed\?\): weights do not fit"):
+        train(cfg, out, resume=True)
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_last_pt(shapes, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:  # the second last.pt, at iteration 4: die half-way through the write
+            f.write(b"PK\x03\x04 half a file")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        train(config(shapes, max_iter=6, checkpoint_period=2, eval_period=100), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+
+
+# --- non-finite losses ------------------------------------------------------------------------------
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, monkeypatch, caplog):
+    snapshots = []
+
+    def nan_at_3_and_4(call, losses):
+        snapshots.append(flat_parameters(models[0]))  # the weights this loss was computed with
+        if call in (3, 4):
+            losses["loc"] = losses["loc"] * float("nan")
+
+    models = patch_loss(monkeypatch, nan_at_3_and_4)
+    with caplog.at_level(logging.WARNING, logger="ssd.train"):
+        summary = train(config(shapes, max_iter=4, eval_period=100), tmp_path / "run")
+    assert summary["iteration"] == 4 and len(snapshots) == 6  # two extra batches for the two skipped steps
+    assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # no update
+    assert not torch.equal(snapshots[1], snapshots[2]) and not torch.equal(snapshots[4], snapshots[5])
+    assert torch.isfinite(flat_parameters(models[0])).all()
+
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 2
+    batches = []
+    for message in warnings:
+        assert re.match(r"iteration 2: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message)
+        batches.append(re.findall(r"'(train_\d{6})'", message))
+    assert [len(set(b)) for b in batches] == [8, 8] and batches[0] != batches[1]
+
+    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in loss_rows(tmp_path / "run"))
+    optimizer_state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["state"]
+    assert {int(s["step"]) for s in optimizer_state.values()} == {4}  # AdamW stepped 4 times, not 6
+
+
+def test_consecutive_non_finite_losses_stop_training_without_nan_weights(shapes, tmp_path, monkeypatch, capsys):
+    def inf_from_3(call, losses):
+        if call >= 3:
+            losses["conf"] = losses["conf"] + float("inf")
+
+    patch_loss(monkeypatch, inf_from_3)
+    cfg = run_dict(shapes, checkpoint_period=2, max_bad_steps=3)
+    with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive iterations \(last: 2\); stopping without"):
+        train(from_dict(Config, cfg), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["iteration"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2]
+
+    # the CLI: one clear line and exit status 1 (not a user-input error, not a traceback)
+    assert main(["train", str(write_config(tmp_path / "run.yaml", cfg)), "--output-dir", str(tmp_path / "cli")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssd train: training stopped: the loss was non-finite for 3 consecutive")
+
+
+# --- fine-tuning --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_class_checkpoint(shapes, tmp_path) -> Path:
+    """A checkpoint of the same network with 2 foreground classes, plus one tensor the model lacks."""
+    model_cfg = config(shapes).model
+    model_cfg.num_classes = 3
+    torch.manual_seed(1)
+    ckpt = make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, ["circle", "square"], "train")
+    ckpt["model"]["aux.weight"] = torch.ones(3)
+    save_checkpoint(ckpt, tmp_path / "three.pt")
+    return tmp_path / "three.pt"
+
+
+def test_init_loads_matching_tensors_and_keeps_fresh_heads(shapes, three_class_checkpoint):
+    source = load_checkpoint(three_class_checkpoint)["model"]
+    torch.manual_seed(2)
+    model = build_ssd(config(shapes).model)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_weights_from(model, str(three_class_checkpoint), backbone_only=False)
+
+    conf_keys = sorted(k for k in fresh if k.startswith("head.conf."))
+    assert sorted(report["reinitialised"]) == conf_keys and len(conf_keys) == 8  # 4 levels x (weight, bias)
+    assert report["ignored"] == ["aux.weight"]
+    assert sorted(report["loaded"]) == sorted(k for k in fresh if k not in conf_keys)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], source[k]) for k in report["loaded"])
+    assert all(torch.equal(state[k], fresh[k]) for k in conf_keys)
+
+    model = build_ssd(config(shapes).model)
+    report = init_weights_from(model, str(three_class_checkpoint), backbone_only=True)
+    assert report["loaded"] and all(k.startswith("backbone.") for k in report["loaded"])
+    assert "head.loc.0.weight" in report["ignored"]
+
+    model_cfg = config(shapes).model  # another width and 2 priors per cell: only BN's step counters fit
+    model_cfg.width, model_cfg.priors.aspect_ratios = 0.25, [[]] * 4
+    with pytest.raises(CheckpointError, match="no tensor matches this model by name and shape"):
+        init_weights_from(build_ssd(model_cfg), str(three_class_checkpoint), backbone_only=False)
+
+
+def test_cli_init_fine_tunes_onto_another_class_count(shapes, three_class_checkpoint, tmp_path, caplog):
+    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes, max_iter=1))
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        code = main(["train", str(cfg_path), "--output-dir", str(tmp_path / "run"), "--init", str(three_class_checkpoint)])
+    assert code == 0
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init from")]
+    assert message.startswith(f"init from {three_class_checkpoint}: loaded 123 tensors, re-initialised 8 (shape differs: "
+                              "head.conf.0.weight, head.conf.0.bias")  # fmt: skip
+    assert message.endswith("ignored 1 (aux.weight)")
+    assert load_config(tmp_path / "run" / "config.yaml").model.init == str(three_class_checkpoint)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["model"]["head.conf.0.bias"].shape == (4 * 5,)
