@@ -71,6 +71,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ssd.engine.evaluate import run_eval_command
+
+    return run_eval_command(args)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ssd.inference import run_predict_command
+
+    return run_predict_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ssd.export import run_export_command
+
+    return run_export_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ssd.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def cmd_bn_report(args: argparse.Namespace) -> int:
+    from ssd.engine.bn import run_bn_report_command
+
+    return run_bn_report_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detectors: train, evaluate, predict, convert.")
     parser.add_argument("--version", action="version", version=f"ssd {__version__}")
@@ -96,6 +126,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination checkpoint (.pt)")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint or a detections file on data.val (VOC07 / VOC / COCO metrics)")
+    p.add_argument("config", help="YAML config whose data.val is evaluated")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.val.root=/data/VOC")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="checkpoint to run on data.val")
+    src.add_argument("--detections", help="existing detections in COCO results format (JSON list) instead of running a model")
+    p.add_argument("--metric", choices=["voc07", "voc", "coco"], help="default: eval.metric, else voc07 for VOC data and coco for COCO data")
+    p.add_argument("--json", help="write the metrics (map, per_class, and COCO's 12 numbers) to this JSON file")
+    p.add_argument("--plots", metavar="DIR", help="write a precision/recall curve per class as PNG (needs matplotlib)")
+    p.add_argument("--out-dir", help="write detections.json (COCO results) and VOC devkit comp4_det_<split>_<class>.txt files here")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, help="default: eval.batch_size")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images, folders and videos; draw them and write JSON")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) and video files")
+    p.add_argument("--weights", required=True, help="checkpoint (trained here or converted with ssd convert)")
+    p.add_argument("--out", help="write annotated images / videos here")
+    p.add_argument("--json", help="write the detections (original-image pixels) to this JSON file")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="drop detections below this score (default 0.3)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers instead of folding them into the convs")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (network + box decoding; NMS optional)")
+    p.add_argument("--weights", required=True, help="checkpoint to export")
+    p.add_argument("--out", required=True, help="destination .onnx file")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    p.add_argument("--nms", action="store_true", help="include per-class NMS in the graph (see docs/inference.md)")
+    p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers instead of folding them into the convs")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="side-by-side speed against the peer implementations (same as scripts/bench.py)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of scripts/bench.py: --only ROW..., --json OUT, --repeats N")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bn-report", help="BatchNorm diagnostics: running vs batch statistics, train/eval gap, stale layers")
+    p.add_argument("--weights", required=True, help="checkpoint of a model with BatchNorm")
+    p.add_argument("--config", required=True, help="YAML config whose data.train provides the batches")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--batches", type=int, default=4, help="training batches to measure (default 4)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bn_report)
+
     data = sub.add_parser("data", help="dataset tools: generate the synthetic shapes set, validate a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("shapes", help="generate the synthetic shapes dataset (VOC tree + COCO JSON of the same images)")
@@ -119,6 +195,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     a ``nargs="*"`` positional at the first option, so ``ssd train CFG --output-dir D train.lr=0.1``
     would otherwise fail with "unrecognized arguments"."""
     args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "bench_args"):  # everything after ``ssd bench`` belongs to the bench's own parser
+        args.bench_args = rest + list(args.bench_args)
+        return args
     stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -331,6 +331,8 @@ class TrainConfig:
     precise_bn_before_eval: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     time_limit: float | None = None  # seconds of training; stops early (the CPU demo's budget)
+    tensorboard: bool = True  # OUTPUT_DIR/tensorboard: scalars + drawn validation images, if tensorboard is installed
+    tensorboard_images: int = 4  # validation images drawn at every evaluation
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)

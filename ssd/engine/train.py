@@ -22,7 +22,7 @@ from torch import nn
 
 from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint, save_checkpoint
 from ssd.config import Config, ConfigError, TrainConfig, save_config, to_dict
-from ssd.data.dataset import build_dataset
+from ssd.data.dataset import build_dataset, read_image
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
@@ -31,6 +31,7 @@ from ssd.engine.evaluate import evaluate_voc, gather_predictions, predict_loader
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
+from ssd.visualize import draw_detections
 
 log = logging.getLogger("ssd.train")
 
@@ -202,6 +203,50 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class TensorBoard:
+    """Scalars and a few validation images with drawn detections in ``OUTPUT_DIR/tensorboard`` (rank 0),
+    when the optional ``tensorboard`` package is installed; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, log_dir: Path) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed (pip install 'ssd[tensorboard]'): metrics go to metrics.jsonl only")
+            return
+        self.writer = SummaryWriter(str(log_dir))
+
+    def train_row(self, row: dict) -> None:
+        if self.writer:
+            for key in ("loss", "loc", "conf", "lr", "images_per_s"):
+                self.writer.add_scalar(f"train/{key}", row[key], row["iter"])
+
+    def eval_row(self, it: int, res: dict) -> None:
+        if not self.writer:
+            return
+        self.writer.add_scalar(f"val/{res['metric']}_map", res["map"], it)
+        for name, ap in res["per_class"].items():
+            self.writer.add_scalar(f"val_ap/{name}", ap, it)
+        for image_id, drawn in res.get("samples", []):
+            self.writer.add_image(f"val_images/{image_id}", drawn, it, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def draw_samples(dataset, predictions: dict, count: int) -> list[tuple[str, np.ndarray]]:
+    """The first ``count`` validation images with their detections drawn (for TensorBoard)."""
+    samples = []
+    for rec in dataset.records[:count]:
+        d = predictions[rec.image_id]
+        samples.append((rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes)))
+    return samples
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -286,6 +331,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if tcfg.compile:
         net = torch.compile(net)
 
+    tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
+
     def forward_images(m: nn.Module, batch: dict) -> dict:
         images = normalize_batch(batch["images"].to(device, non_blocking=pin), cfg.model.preprocess)
         if channels_last:
@@ -303,21 +350,23 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
             return None
         metric = cfg.eval.metric if cfg.eval.metric in ("voc07", "voc") else "voc07"
         res = evaluate_voc(val_set, preds, metric == "voc07", cfg.eval.voc_pixel_convention == "inclusive")
-        return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"]}
+        samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
+        return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
     state = dict(iteration=iteration, best=best)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
         stopped = _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images,
-                              evaluate, train_set.classes, out, metrics_file, state)  # fmt: skip
+                              evaluate, train_set.classes, out, metrics_file, tensorboard, state)  # fmt: skip
     finally:
+        tensorboard.close()
         if metrics_file:
             metrics_file.close()
     return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped}
 
 
 def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images, evaluate,
-                classes, out: Path, metrics_file, state: dict) -> str:  # fmt: skip
+                classes, out: Path, metrics_file, tensorboard: TensorBoard, state: dict) -> str:  # fmt: skip
     tcfg = cfg.train
     device = next(model.parameters()).device
     it = state["iteration"]
@@ -343,6 +392,7 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
             barrier()
             return
         write_metrics({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"]})
+        tensorboard.eval_row(it, res)
         log.info("iter %d: %s mAP %.4f", it, res["metric"], res["map"])
         if res["map"] > state["best"]["map"]:
             state["best"] = {"map": res["map"], "iter": it}
@@ -395,6 +445,7 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                            "conf": window["conf"] / window["n"], "lr": optimizer.param_groups[0]["lr"],
                            "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
                     write_metrics(row)
+                    tensorboard.train_row(row)
                     if progress is not None:
                         progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
                                              lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
@@ -405,10 +456,12 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 if progress is not None:
                     progress.update(1)
 
+                t_pause = time.perf_counter()
                 if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
                     run_eval()
                 if it % tcfg.checkpoint_period == 0:  # after the evaluation: last.pt's "best" includes it
                     save_last()
+                window["t"] += time.perf_counter() - t_pause  # images/s counts training time only
                 out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
                 if stop.received is not None or out_of_time or it >= tcfg.max_iter:
                     break
