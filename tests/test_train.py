@@ -203,6 +203,28 @@ def test_short_run_writes_its_outputs_and_learns(shapes, reference):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_tensorboard_gets_the_logged_scalars_and_drawn_validation_images(reference):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = reference
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    rows, evals = loss_rows(out), [r for r in read_metrics(out) if "map" in r]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["iter"] for r in rows]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [(e.step, e.value) for e in events.Scalars("val/voc07_map")] == [
+        (r["iter"], pytest.approx(r["map"], rel=1e-6)) for r in evals
+    ]
+    assert {f"val_ap/{name}" for name in SHAPES_CLASSES} <= set(events.Tags()["scalars"])
+    image_tags = events.Tags()["images"]
+    assert len(image_tags) == 4  # train.tensorboard_images of the 10 validation images
+    for tag in image_tags:
+        drawn = events.Images(tag)
+        assert [e.step for e in drawn] == [6, 12] and (drawn[0].width, drawn[0].height) == (SIZE, SIZE)
+
+
 def test_a_new_run_in_a_used_folder_starts_a_new_metrics_file(shapes, reference, tmp_path):
     out = Path(shutil.copytree(reference[0], tmp_path / "run"))
     summary = train(config(shapes, max_iter=2, eval_period=100), out)

@@ -27,7 +27,7 @@ from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed
-from ssd.engine.evaluate import evaluate_voc, gather_predictions, predict_loader
+from ssd.engine.evaluate import evaluate_predictions, gather_predictions, predict_loader
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
@@ -348,8 +348,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         bn_tools.set_train_mode(model, tcfg.bn)
         if not ctx.is_main:
             return None
-        metric = cfg.eval.metric if cfg.eval.metric in ("voc07", "voc") else "voc07"
-        res = evaluate_voc(val_set, preds, metric == "voc07", cfg.eval.voc_pixel_convention == "inclusive")
+        # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
+        res = evaluate_predictions(val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations)
         samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
