@@ -331,6 +331,7 @@ class TrainConfig:
     precise_bn_before_eval: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     time_limit: float | None = None  # seconds of training; stops early (the CPU demo's budget)
+    schedule_by_time: bool = False  # the schedule follows the larger of iterations and time_limit spent (not bit-exact)
     tensorboard: bool = True  # OUTPUT_DIR/tensorboard: scalars + drawn validation images, if tensorboard is installed
     tensorboard_images: int = 4  # validation images drawn at every evaluation
 
@@ -344,6 +345,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule_by_time and not self.time_limit:
+            raise ConfigError("train.schedule_by_time needs train.time_limit (seconds)")
 
 
 @dataclass

@@ -11,6 +11,7 @@ signals matter.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -323,7 +324,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_last_pt(shapes, tmp_path, 
 
     monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        train(config(shapes, max_iter=6, checkpoint_period=2, eval_period=100), tmp_path / "run")
+        train(config(shapes, max_iter=6, checkpoint_period=2, eval_period=100, tensorboard=False), tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
 
@@ -436,3 +437,26 @@ def test_cli_init_fine_tunes_onto_another_class_count(shapes, three_class_checkp
     assert message.endswith("ignored 1 (aux.weight)")
     assert load_config(tmp_path / "run" / "config.yaml").model.init == str(three_class_checkpoint)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["model"]["head.conf.0.bias"].shape == (4 * 5,)
+
+
+# --- schedule ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_cosine_multistep_and_time_following():
+    from ssd.config import ConfigError, TrainConfig
+
+    cos = TrainConfig(max_iter=100, schedule="cosine", warmup_iters=10, warmup_factor=0.1)
+    assert [engine.lr_factor(i, cos) for i in (0, 5)] == pytest.approx([0.1, 0.55 * (0.5 + 0.5 * math.cos(math.pi * 0.05))])
+    assert [engine.lr_factor(i, cos) for i in (50, 100, 120)] == pytest.approx([0.5, 0.0, 0.0], abs=1e-12)
+    assert engine.lr_factor(50, cos, time_fraction=0.9) == pytest.approx(0.5)  # time ignored unless schedule_by_time
+
+    by_time = TrainConfig(max_iter=100, schedule="cosine", warmup_iters=0, time_limit=60, schedule_by_time=True)
+    assert engine.lr_factor(10, by_time, time_fraction=0.5) == pytest.approx(0.5)  # time ahead of iterations
+    assert engine.lr_factor(75, by_time, time_fraction=0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert engine.lr_factor(10, by_time, time_fraction=1.3) == pytest.approx(0.0, abs=1e-12)
+
+    steps = TrainConfig(max_iter=100, schedule="multistep", steps=[50, 80], gamma=0.1, warmup_iters=0, time_limit=60,
+                        schedule_by_time=True)  # fmt: skip
+    assert [engine.lr_factor(10, steps, f) for f in (0.1, 0.6, 0.85)] == pytest.approx([1.0, 0.1, 0.01])
+    with pytest.raises(ConfigError, match="train.schedule_by_time needs train.time_limit"):
+        TrainConfig(schedule_by_time=True)

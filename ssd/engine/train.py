@@ -80,13 +80,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(it: int, cfg: TrainConfig) -> float:
+def lr_factor(it: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     """Multiplier of ``train.lr`` at iteration ``it``: linear warmup from ``warmup_factor``, then
-    step decay by ``gamma`` at each of ``steps`` or a cosine to 0 at ``max_iter``."""
+    step decay by ``gamma`` at each of ``steps`` or a cosine to 0 at ``max_iter``. With
+    ``schedule_by_time`` the schedule runs at the larger of ``it`` and ``time_fraction`` (of
+    ``time_limit``) times ``max_iter``, so a slow machine still anneals before the time limit."""
+    at = max(it, time_fraction * cfg.max_iter) if cfg.schedule_by_time else it
     if cfg.schedule == "multistep":
-        factor = cfg.gamma ** sum(it >= s for s in cfg.steps)
+        factor = cfg.gamma ** sum(at >= s for s in cfg.steps)
     else:
-        factor = 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.max_iter) / cfg.max_iter))
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(at, cfg.max_iter) / cfg.max_iter))
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
@@ -276,6 +279,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     device = resolve_device(tcfg.device, ctx)
     if tcfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {tcfg.batch_size} must be divisible by the {ctx.world_size} processes")
+    if tcfg.schedule_by_time and ctx.enabled:  # each rank's clock differs: their learning rates would too
+        raise ConfigError("train.schedule_by_time works in single-process runs only; unset it under torchrun")
     if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
         raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
     seed_everything(tcfg.seed, tcfg.deterministic)
@@ -311,7 +316,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     criterion = build_loss(cfg.loss, cfg.model)
     postprocessor = build_postprocess(cfg.postprocess, cfg.model)
     optimizer = build_optimizer(tcfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg))
+    clock = {"fraction": 0.0}  # of train.time_limit spent training (train.schedule_by_time)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg, clock["fraction"]))
     dtype = amp_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -353,7 +359,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
-    state = dict(iteration=iteration, best=best)
+    state = dict(iteration=iteration, best=best, clock=clock)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
         stopped = _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images,
@@ -371,7 +377,7 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
     device = next(model.parameters()).device
     it = state["iteration"]
     per_epoch = len(loader)
-    bad_steps, skipped_images = 0, 0
+    bad_steps, skipped_images, stop_reason = 0, 0, None
     window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
     t_start = time.perf_counter()
     progress = _progress(tcfg.max_iter, it, ctx)
@@ -430,6 +436,8 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
+                if tcfg.schedule_by_time:
+                    state["clock"]["fraction"] = (time.perf_counter() - t_start) / tcfg.time_limit
                 scheduler.step()
                 it += 1
                 state["iteration"] = it
@@ -463,16 +471,19 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                     save_last()
                 window["t"] += time.perf_counter() - t_pause  # images/s counts training time only
                 out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
-                if stop.received is not None or out_of_time or it >= tcfg.max_iter:
+                if not all_true(stop.received is None and not out_of_time, device):  # every rank stops together
+                    stop_reason = "time_limit" if all_true(stop.received is None, device) else "signal"
+                    break
+                if it >= tcfg.max_iter:
                     break
             if skipped_images:
                 log.warning("epoch %d: skipped %d unreadable image(s) (data.on_error)", epoch, skipped_images)
                 skipped_images = 0
-            if stop.received is not None:
+            if stop_reason == "signal":
                 save_last()
-                log.warning("received signal %d: saved %s at iteration %d", stop.received, out / "last.pt", it)
+                log.warning("received signal %s: saved %s at iteration %d", stop.received, out / "last.pt", it)
                 return "signal"
-            if tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit:
+            if stop_reason == "time_limit":
                 log.info("train.time_limit %.0f s reached at iteration %d", tcfg.time_limit, it)
                 break
     if progress is not None:
