@@ -1,17 +1,56 @@
-"""Inference over a dataset (sharded across ranks, gathered on rank 0) and its VOC mAP."""
+"""Evaluation: inference over a dataset (sharded across ranks, gathered on rank 0), VOC and COCO
+metrics in the annotation file's own frame, detection files in and out, and ``ssd eval``.
+
+Reading order: :func:`predict_loader` / :func:`gather_predictions` make predictions (original-image
+continuous pixels, keyed by image id); :class:`EvalSet` moves them into the frame and ids of the
+annotation file and evaluates them; :func:`evaluate_predictions` is the one entry point of the
+training loop and ``ssd eval``; :func:`run_eval_command` is ``ssd eval``.
+
+The annotation file's frame, the one detection files use (``detections.json``, ``--detections``):
+- VOC-format data: boxes in the XML's 1-based inclusive numbers. A prediction ``(x1, y1, x2, y2)``
+  in continuous pixels is ``xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2`` (the inverse of the
+  loader's conversion; py-faster-rcnn writes its detections the same way); its COCO-results
+  ``bbox`` is ``[xmin, ymin, xmax - xmin, ymax - ymin]``, ``image_id`` the split file's id string
+  and ``category_id`` the 1-based index in ``classes``.
+- COCO-format data: the file's own ``[x, y, w, h]``, image ids and category ids.
+Every metric and every written file derives from the same float64 ``[x, y, w, h]`` arrays, so a
+written ``detections.json`` read back with ``--detections`` gives bit-identical metrics.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ssd.config import PreprocessConfig
-from ssd.data.dataset import DetectionDataset
-from ssd.data.transforms import normalize_batch
-from ssd.engine.distributed import gather_objects
+from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
+from ssd.config import DatasetConfig, PreprocessConfig, load_config
+from ssd.data.coco import label_to_category_id, load_coco
+from ssd.data.dataset import DetectionDataset, build_dataset
+from ssd.data.loader import build_dataloader
+from ssd.data.transforms import build_transforms, normalize_batch
+from ssd.engine.distributed import cleanup, gather_objects, init_distributed
+from ssd.metrics.coco import COCO_STATS, coco_eval, coco_from_dict
 from ssd.metrics.voc import voc_map
-from ssd.postprocess import PostProcessor
+from ssd.postprocess import PostProcessor, build_postprocess
+
+log = logging.getLogger("ssd.eval")
+
+METRICS = ("voc07", "voc", "coco")
+PIXEL_CONVENTIONS = ("inclusive", "continuous")
+RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+# --- predictions ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -24,12 +63,17 @@ def predict_loader(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """``{image_id: {"boxes" [N, 4] xyxy original-image pixels, "scores", "labels"}}`` of this rank's shard."""
+    """``{image_id: {"boxes" [N, 4] xyxy original-image pixels, "scores", "labels"}}`` of this rank's shard.
+
+    Images the loader could not read (``data.on_error: skip``) get no entry and are counted in a
+    warning: the evaluation treats them as images without detections.
+    """
     was_training = model.training
     model.eval()
     priors = model.priors if hasattr(model, "priors") else model.module.priors
-    results = {}
+    results, unreadable = {}, []
     for batch in loader:
+        unreadable += batch["errors"]
         if not batch["image_ids"]:
             continue
         images = normalize_batch(batch["images"].to(device, non_blocking=True), preprocess)
@@ -40,12 +84,16 @@ def predict_loader(
         dets = postprocessor(out, priors, tuple(images.shape[-2:]), batch["orig_sizes"])
         for image_id, d in zip(batch["image_ids"], dets):
             results[image_id] = {k: v.cpu().numpy() for k, v in d.items()}
+    if unreadable:
+        log.warning("%d evaluation image(s) could not be read and count as images without detections, e.g. %s",
+                    len(unreadable), unreadable[0])  # fmt: skip
     model.train(was_training)
     return results
 
 
 def gather_predictions(local: dict) -> dict | None:
-    """Merge every rank's predictions on rank 0 (None on the other ranks)."""
+    """Merge every rank's predictions on rank 0 (None on the other ranks). Keyed by image id, so an
+    image seen by two ranks (a padding sampler) still counts once."""
     parts = gather_objects(local)
     if parts is None:
         return None
@@ -55,32 +103,417 @@ def gather_predictions(local: dict) -> dict | None:
     return merged
 
 
-def voc_ground_truth(dataset: DetectionDataset, source_frame: bool) -> list[dict[str, np.ndarray]]:
-    """Per-record ground truth (all objects, difficult flagged); in the annotation file's numbers
-    when ``source_frame`` (VOC XML: 1-based inclusive) else continuous pixels."""
-    out = []
-    for rec in dataset.records:
-        boxes = rec.source_boxes if source_frame and rec.source_boxes is not None else rec.boxes
-        out.append({"boxes": np.asarray(boxes, np.float64), "labels": rec.labels, "difficult": rec.difficult})
+# --- the evaluation set in its annotation file's frame ----------------------------------------------
+
+
+def resolve_metric(metric: str | None, coco_format: bool) -> str:
+    """``auto`` / None -> ``coco`` for COCO-format data, ``voc07`` for VOC-format data."""
+    if metric in (None, "auto"):
+        return "coco" if coco_format else "voc07"
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of auto, {', '.join(METRICS)}")
+    return metric
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float)  # JSON numbers; bool is not one
+
+
+def _xyxy(boxes_xywh: np.ndarray) -> np.ndarray:
+    """``[x, y, w, h]`` of a detection file -> ``[x, y, x + w, y + h]``, the one place this sum is made."""
+    return np.concatenate([boxes_xywh[:, :2], boxes_xywh[:, :2] + boxes_xywh[:, 2:]], 1)
+
+
+class EvalSet:
+    """The ground truth of ``dataset`` with the ids and box frame of its annotation file.
+
+    Detections here are lists aligned with ``dataset.records``: ``{"boxes": float64 [N, 4] xywh in
+    the file's frame, "scores": float64 [N], "labels": int64 [N] (1-based)}``.
+    ``annotations`` is the COCO instances file of COCO-format data (``data.val.annotations``).
+    """
+
+    def __init__(self, dataset: DetectionDataset, annotations: str | os.PathLike | None = None) -> None:
+        self.dataset = dataset
+        self.classes = list(dataset.classes)
+        records = dataset.records
+        self.coco_format = bool(records) and records[0].coco_id is not None
+        seen = {}
+        for rec in records:
+            if rec.image_id in seen:
+                raise ValueError(f"image id {rec.image_id!r} appears twice in the evaluation set ({seen[rec.image_id]} and "
+                                 f"{rec.path}); detections are matched to images by id, so ids must be unique")  # fmt: skip
+            seen[rec.image_id] = rec.path
+        if self.coco_format:
+            if annotations is None:
+                raise ValueError("evaluating COCO-format data needs its annotation file (data.val.annotations)")
+            self.coco_gt = load_coco(annotations)
+            self.result_image_ids = [rec.coco_id for rec in records]
+            self.category_of_label = label_to_category_id(self.coco_gt, self.classes)
+        else:
+            self.coco_gt = None  # built on first use: COCO metrics on VOC-format data
+            self.result_image_ids = [rec.image_id for rec in records]
+            self.category_of_label = {i + 1: i + 1 for i in range(len(self.classes))}
+        self.record_of_image_id = {image_id: i for i, image_id in enumerate(self.result_image_ids)}
+        self.label_of_category = {cat: label for label, cat in self.category_of_label.items()}
+
+    # frames -------------------------------------------------------------------------------------
+
+    def from_predictions(self, predictions: dict[str, dict]) -> list[dict[str, np.ndarray]]:
+        """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame."""
+        shift = np.zeros(2) if self.coco_format else np.ones(2)  # VOC: xmin = x1 + 1, xmax = x2
+        out = []
+        for rec in self.dataset.records:
+            d = predictions.get(rec.image_id)
+            if d is None:
+                out.append(self._empty())
+                continue
+            xyxy = np.asarray(d["boxes"], np.float64).reshape(-1, 4)
+            xy = xyxy[:, :2] + shift
+            boxes = np.concatenate([xy, xyxy[:, 2:] - xy], 1)
+            out.append({"boxes": boxes, "scores": np.asarray(d["scores"], np.float64).reshape(-1),
+                        "labels": np.asarray(d["labels"], np.int64).reshape(-1)})  # fmt: skip
+        return out
+
+    @staticmethod
+    def _empty() -> dict[str, np.ndarray]:
+        return {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+
+    def ground_truth(self) -> list[dict[str, np.ndarray]]:
+        """Per record: xyxy boxes as written in the annotation file (all objects, difficult flagged)."""
+        return [
+            {"boxes": np.asarray(rec.boxes if rec.source_boxes is None else rec.source_boxes, np.float64).reshape(-1, 4),
+             "labels": rec.labels, "difficult": rec.difficult}
+            for rec in self.dataset.records
+        ]  # fmt: skip
+
+    # metrics ------------------------------------------------------------------------------------
+
+    def evaluate(self, detections: list[dict], metric: str | None = "auto", voc_pixel_convention: str = "inclusive") -> dict:
+        """``{"metric", "map", "per_class": {name: AP}, "num_gt": {name: n}, "curves": {name: [(label,
+        recall, precision), ...]}}`` plus, for COCO, the 12 numbers of ``COCO_STATS`` by name."""
+        metric = resolve_metric(metric, self.coco_format)
+        if voc_pixel_convention not in PIXEL_CONVENTIONS:
+            raise ValueError(f"voc_pixel_convention {voc_pixel_convention!r} is not one of {', '.join(PIXEL_CONVENTIONS)}")
+        if len(detections) != len(self.dataset.records):
+            raise ValueError(f"{len(detections)} detection lists for {len(self.dataset.records)} images")
+        if metric == "coco":
+            return self._evaluate_coco(detections)
+        dets = [{"boxes": _xyxy(d["boxes"]), "scores": d["scores"], "labels": d["labels"]} for d in detections]
+        res = voc_map(dets, self.ground_truth(), len(self.classes) + 1, metric == "voc07", 0.5, voc_pixel_convention == "inclusive")
+        return {
+            "metric": metric,
+            "map": res["map"],
+            "per_class": {self.classes[c - 1]: ap for c, ap in res["ap"].items()},
+            "num_gt": {self.classes[c - 1]: n for c, n in res["npos"].items()},
+            "curves": {self.classes[c - 1]: [("IoU > 0.5", *res["curves"][c])] for c in res["ap"]},
+            "ap": res["ap"],
+        }
+
+    def _evaluate_coco(self, detections: list[dict]) -> dict:
+        if self.coco_gt is None:
+            self.coco_gt = self._coco_from_records()
+        res = coco_eval(self.coco_gt, self.results(detections), list(self.record_of_image_id) if self.coco_format else
+                        list(range(1, len(self.dataset.records) + 1)))  # fmt: skip
+        out = {"metric": "coco", "map": res["stats"]["AP"], "per_class": {}, "num_gt": {}, "curves": {}}
+        thresholds = [round(float(t), 2) for t in res["iou_thresholds"]]
+        for label, name in enumerate(self.classes, 1):
+            cat = self.category_of_label.get(label)
+            out["per_class"][name] = res["per_class"].get(cat, float("nan"))
+            out["num_gt"][name] = res["num_gt"].get(cat, 0)
+            if cat in res["curves"]:
+                recall, precision = res["curves"][cat]
+                mean = np.nanmean(precision, 0) if not np.isnan(precision).all() else precision[0]
+                out["curves"][name] = [(f"IoU {thresholds[0]:.2f}", recall, precision[0]),
+                                       (f"IoU {thresholds[5]:.2f}", recall, precision[5]),
+                                       ("IoU .50:.95 mean", recall, mean)]  # fmt: skip
+        out.update(res["stats"])
+        return out
+
+    def _coco_from_records(self):
+        """COCO ground truth of VOC-format data, in the XML's numbers: ``bbox = [xmin, ymin, xmax -
+        xmin, ymax - ymin]`` (the detection files' convention), difficult objects as crowd
+        (ignored), image ids 1..N in record order, category ids = labels."""
+        images, annotations = [], []
+        for i, (rec, gt) in enumerate(zip(self.dataset.records, self.ground_truth()), 1):
+            images.append({"id": i, "width": rec.width, "height": rec.height, "file_name": rec.path})
+            for box, label, difficult in zip(gt["boxes"].tolist(), gt["labels"].tolist(), gt["difficult"].tolist()):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label, "bbox": [box[0], box[1], w, h],
+                                    "area": w * h, "iscrowd": int(difficult)})  # fmt: skip
+        categories = [{"id": label, "name": name} for label, name in enumerate(self.classes, 1)]
+        return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
+
+    # COCO results format ---------------------------------------------------------------------------
+
+    def results(self, detections: list[dict], file_ids: bool = False) -> list[dict]:
+        """COCO results dicts in record order. ``file_ids``: VOC image ids as the split file's strings
+        (what ``detections.json`` holds); else 1..N, the ids of the in-memory COCO ground truth."""
+        out, dropped = [], 0
+        for i, (image_id, d) in enumerate(zip(self.result_image_ids, detections)):
+            if not self.coco_format and not file_ids:
+                image_id = i + 1
+            for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+                cat = self.category_of_label.get(label)
+                if cat is None:
+                    dropped += 1
+                    continue
+                out.append({"image_id": image_id, "category_id": cat, "bbox": box, "score": score})
+        if dropped:
+            log.warning("%d detection(s) have a label without a category in the annotation file and were left out", dropped)
+        return out
+
+    def read_results(self, path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+        """A COCO results file (a JSON list) -> detections per record, file order kept within an image.
+
+        Errors (``ValueError``) name the file and the first offending entry's index.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: detections file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of detections in COCO results format "
+                             f"([{{\"image_id\", \"category_id\", \"bbox\": [x, y, w, h], \"score\"}}, ...]), got a {type(data).__name__}")  # fmt: skip
+        if self.coco_format:
+            id_hint = "COCO-format data.val: use the annotation file's integer image ids"
+            cat_hint = f"valid: the annotation file's category ids {sorted(self.label_of_category)[:10]}"
+        else:
+            id_hint = f"VOC-format data.val: use the split file's id strings, e.g. {self.result_image_ids[0]!r}" if self.result_image_ids else ""
+            cat_hint = f"valid: 1..{len(self.classes)}, the 1-based index in classes"
+        min_size = 0.0 if self.coco_format else -1.0  # VOC: inclusive numbers, xmax = xmin - 1 is an empty box
+        rows, labels, boxes, scores = [], [], [], []
+        for i, entry in enumerate(data):
+            where = f"{path}: entry {i}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: expected an object with {', '.join(RESULT_KEYS)}, got {entry!r:.80}")
+            missing = [k for k in RESULT_KEYS if k not in entry]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (each detection needs {', '.join(RESULT_KEYS)})")
+            image_id, cat, bbox, score = (entry[k] for k in RESULT_KEYS)
+            row = self.record_of_image_id.get(image_id) if isinstance(image_id, (str, int)) and type(image_id) is not bool else None
+            if row is None:
+                raise ValueError(f"{where}: unknown image_id {image_id!r}, not in data.val ({id_hint})")
+            label = self.label_of_category.get(cat) if type(cat) is int else None
+            if label is None:
+                raise ValueError(f"{where}: unknown category_id {cat!r} ({cat_hint})")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+                raise ValueError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {bbox!r:.80}")
+            if not all(math.isfinite(v) for v in bbox):
+                raise ValueError(f"{where}: bbox {bbox} has a non-finite value")
+            if bbox[2] < min_size or bbox[3] < min_size:
+                extra = "" if self.coco_format else " (VOC numbers are inclusive: width = xmax - xmin >= -1)"
+                raise ValueError(f"{where}: bbox {bbox} has a negative size{extra}")
+            if not _number(score) or not math.isfinite(score):
+                raise ValueError(f"{where}: score must be a finite number, got {score!r}")
+            rows.append(row)
+            labels.append(label)
+            boxes.append(bbox)
+            scores.append(score)
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")  # grouped by image, file order within each
+        starts = np.searchsorted(rows[order], np.arange(len(self.dataset.records) + 1))
+        boxes, scores, labels = (np.asarray(boxes, np.float64).reshape(-1, 4)[order], np.asarray(scores, np.float64)[order],
+                                 np.asarray(labels, np.int64)[order])  # fmt: skip
+        return [{"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+
+    def write_results(self, path: str | os.PathLike, detections: list[dict]) -> int:
+        """Write ``detections.json`` (COCO results format, the file's ids and frame); returns the count."""
+        results = self.results(detections, file_ids=True)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, separators=(",", ":"))  # repr floats: read back bit for bit
+        os.replace(tmp, path)
+        return len(results)
+
+    def write_comp4(self, out_dir: str | os.PathLike, split: str, detections: list[dict]) -> list[Path]:
+        """VOC devkit ``comp4_det_<split>_<class>.txt``: ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>``
+        per line, the file's frame, py-faster-rcnn's number format (score %.3f, boxes %.1f)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = {label: [] for label in range(1, len(self.classes) + 1)}
+        for image_id, d in zip(self.result_image_ids, detections):
+            for (x1, y1, x2, y2), score, label in zip(_xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist()):
+                if label in lines:
+                    lines[label].append(f"{image_id} {score:.3f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}\n")
+        paths = []
+        for label, rows in lines.items():
+            paths.append(out_dir / f"comp4_det_{split}_{safe_name(self.classes[label - 1])}.txt")
+            paths[-1].write_text("".join(rows))
+        return paths
+
+
+def evaluate_predictions(
+    dataset: DetectionDataset,
+    predictions: dict[str, dict],
+    metric: str | None = "auto",
+    voc_pixel_convention: str = "inclusive",
+    annotations: str | os.PathLike | None = None,
+) -> dict:
+    """The metric of ``predictions`` (keyed by image id, continuous pixels of the original image) on
+    ``dataset``: what the training loop and ``ssd eval`` report. ``metric``: voc07 | voc | coco |
+    auto (by the data's format); ``annotations``: the COCO file of COCO-format data. See
+    :meth:`EvalSet.evaluate` for the result."""
+    evalset = EvalSet(dataset, annotations)
+    return evalset.evaluate(evalset.from_predictions(predictions), metric, voc_pixel_convention)
+
+
+def evaluate_voc(dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True) -> dict:
+    """VOC mAP of ``predictions`` (VOC07 11-point or VOC2010+ area); see :func:`evaluate_predictions`."""
+    return evaluate_predictions(dataset, predictions, "voc07" if use_07_metric else "voc", "inclusive" if inclusive else "continuous")
+
+
+# --- reports ----------------------------------------------------------------------------------------
+
+
+def safe_name(name: str) -> str:
+    """A class name usable in a file name (COCO's 'traffic light' keeps its space)."""
+    return re.sub(r"[/\\:\0]", "_", name)
+
+
+def format_table(result: dict) -> str:
+    """Per-class table (class, #GT, AP) and the mean; COCO's 12 numbers under it."""
+    width = max([len("class")] + [len(n) for n in result["per_class"]])
+    lines = [f"{'class':<{width}} {'#GT':>7} {'AP':>7}"]
+    for name, ap in result["per_class"].items():
+        lines.append(f"{name:<{width}} {result['num_gt'][name]:>7d} {'-' if math.isnan(ap) else f'{ap:.4f}':>7}")
+    counted = sum(not math.isnan(ap) for ap in result["per_class"].values())
+    label = {"voc07": "mAP@0.5 (VOC07 11-point)", "voc": "mAP@0.5 (VOC area)", "coco": "AP@[.50:.95] (COCO)"}[result["metric"]]
+    lines.append(f"{label}: {result['map']:.4f} over {counted} class(es) with ground truth")
+    if result["metric"] == "coco":
+        lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[:6]))
+        lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[6:]))
+    return "\n".join(lines)
+
+
+def _json_number(v: float) -> float | None:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def metrics_json(result: dict) -> dict:
+    """The ``--json`` content: metric, map, per_class (null: no ground truth), num_gt, COCO's 12 numbers."""
+    out = {"metric": result["metric"], "map": _json_number(result["map"]),
+           "per_class": {k: _json_number(v) for k, v in result["per_class"].items()}, "num_gt": dict(result["num_gt"])}  # fmt: skip
+    out.update({k: result[k] for k in COCO_STATS if k in result})
     return out
 
 
-def evaluate_voc(
-    dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True
-) -> dict:
-    """VOC mAP of ``predictions`` (keyed by image id, pixels of the original image) on ``dataset``.
+def require_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plots needs matplotlib, which is not installed: pip install 'ssd[plots]'")
 
-    For VOC-format data the detections are moved into the XML frame (``x1 + 1, y1 + 1, x2, y2``,
-    the inverse of the loader's conversion; py-faster-rcnn writes its detections the same way).
-    """
-    voc_frame = bool(dataset.records) and dataset.records[0].coco_id is None
-    shift = np.array([1.0, 1.0, 0.0, 0.0]) if voc_frame else np.zeros(4)
-    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
-    dets = []
-    for rec in dataset.records:
-        d = predictions.get(rec.image_id, empty)
-        dets.append({"boxes": np.asarray(d["boxes"], np.float64) + shift, "scores": d["scores"], "labels": d["labels"]})
-    result = voc_map(dets, voc_ground_truth(dataset, voc_frame), len(dataset.classes) + 1, use_07_metric, 0.5, inclusive)
-    result["per_class"] = {dataset.classes[c - 1]: ap for c, ap in result["ap"].items()}
-    result["metric"] = "voc07" if use_07_metric else "voc"
-    return result
+
+def write_pr_plots(out_dir: str | os.PathLike, result: dict) -> list[Path]:
+    """One ``pr_<class>.png`` per class: precision over recall (no pyplot: no global backend state)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, ap in result["per_class"].items():
+        fig = Figure(figsize=(5, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, recall, precision in result["curves"].get(name, []):
+            if len(recall):
+                ax.plot(recall, precision, drawstyle="steps-post", label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+        ax.grid(alpha=0.3)
+        ap_text = "no ground truth" if math.isnan(ap) else f"AP {ap:.4f}"
+        ax.set_title(f"{name}: {ap_text} ({result['metric']}, {result['num_gt'][name]} GT)")
+        if ax.lines:
+            ax.legend(loc="lower left")
+        paths.append(out_dir / f"pr_{safe_name(name)}.png")
+        fig.savefig(paths[-1])
+    return paths
+
+
+def split_name(cfg: DatasetConfig) -> str:
+    """The ``<split>`` of comp4 file names: the VOC split (``test``), or the COCO file's stem without ``instances_``."""
+    if cfg.format == "coco":
+        return re.sub(r"^instances_", "", Path(cfg.annotations or "coco").stem)
+    splits = [cfg.split] if isinstance(cfg.split, str) else list(dict.fromkeys(cfg.split))
+    return "+".join(splits)
+
+
+# --- ssd eval ---------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available; use cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> tuple[DetectionDataset, dict | None]:
+    """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere."""
+    device_type = resolve_device(device_name).type  # checked before joining a process group
+    ctx = init_distributed(device_type)
+    device = resolve_device(device_name, ctx.local_rank)
+    model, ckpt = model_from_checkpoint(weights)
+    model_cfg = checkpoint_model_config(ckpt, weights)
+    transform = build_transforms(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size, train=False)
+    dataset = build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
+    if len(ckpt["classes"]) != len(dataset.classes):
+        raise ValueError(f"{weights}: the model detects {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}...) "
+                         f"but data.val has {len(dataset.classes)} ({', '.join(dataset.classes[:5])}...)")  # fmt: skip
+    if list(ckpt["classes"]) != list(dataset.classes):
+        log.warning("%s: class names differ from data.val's (%s vs %s); labels are matched by position",
+                    weights, ckpt["classes"][:3], dataset.classes[:3])  # fmt: skip
+    loader = build_dataloader(dataset, batch_size, train=False, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    model.to(device)
+    t0 = time.perf_counter()
+    local = predict_loader(model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, device)
+    log.info("rank %d: %d images in %.1f s", ctx.rank, len(local), time.perf_counter() - t0)
+    return dataset, gather_predictions(local)
+
+
+def run_eval_command(args) -> int:
+    """``ssd eval CONFIG (--weights CKPT | --detections FILE) [--metric] [--json] [--plots] [--out-dir]``."""
+    cfg = load_config(args.config, args.overrides)
+    batch_size = cfg.eval.batch_size if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if args.plots:
+        require_matplotlib()  # before minutes of inference
+    if args.detections:
+        if int(os.environ.get("RANK", "0")) != 0:  # nothing to shard: rank 0 does it all
+            return 0
+        dataset = build_dataset(cfg.data.val, None, train=False, on_error=cfg.data.on_error, key="data.val")
+        evalset = EvalSet(dataset, cfg.data.val.annotations)
+        detections = evalset.read_results(args.detections)
+    else:
+        try:
+            dataset, predictions = predict_checkpoint(cfg, args.weights, args.device, batch_size)
+        finally:
+            cleanup()
+        if predictions is None:  # not rank 0
+            return 0
+        evalset = EvalSet(dataset, cfg.data.val.annotations)
+        detections = evalset.from_predictions(predictions)
+
+    result = evalset.evaluate(detections, args.metric or cfg.eval.metric, cfg.eval.voc_pixel_convention)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics_json(result), indent=2) + "\n")
+    if args.plots:
+        log.info("wrote %d precision/recall plots to %s", len(write_pr_plots(args.plots, result)), args.plots)
+    if args.out_dir:
+        n = evalset.write_results(Path(args.out_dir) / "detections.json", detections)
+        evalset.write_comp4(args.out_dir, split_name(cfg.data.val), detections)
+        log.info("wrote %d detections to %s (detections.json, comp4_det_%s_<class>.txt)", n, args.out_dir, split_name(cfg.data.val))
+    return 0
