@@ -188,4 +188,4 @@ def test_cli_resume_without_a_checkpoint_exits_2(minimal_config, tmp_path, capsy
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
 def test_cli_cuda_without_cuda_exits_2(minimal_config, tmp_path, capsys):
     assert main(["train", str(minimal_config), "--output-dir", str(tmp_path / "run"), "train.device=cuda"]) == 2
-    assert "train.device='cuda' but CUDA is not available; use cpu or auto" in capsys.readouterr().err
+    assert "train.device cuda: CUDA is not available; use cpu or auto" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from ssd.data.coco import label_to_category_id, load_coco
 from ssd.data.dataset import DetectionDataset, build_dataset
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
-from ssd.engine.distributed import cleanup, gather_objects, init_distributed
+from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
 from ssd.metrics.coco import COCO_STATS, coco_eval, coco_from_dict
 from ssd.metrics.voc import voc_map
 from ssd.postprocess import PostProcessor, build_postprocess
@@ -443,19 +443,6 @@ def split_name(cfg: DatasetConfig) -> str:
 
 
 # --- ssd eval ---------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available; use cpu or auto")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> tuple[DetectionDataset, dict | None]:

@@ -26,7 +26,7 @@ from ssd.data.dataset import build_dataset, read_image
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
-from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed
+from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed, resolve_device
 from ssd.engine.evaluate import evaluate_predictions, gather_predictions, predict_loader
 from ssd.loss import build_loss
 from ssd.model import build_ssd
@@ -41,16 +41,6 @@ class TrainingError(RuntimeError):
 
 
 # --- small builders -------------------------------------------------------------------------------
-
-
-def resolve_device(name: str, ctx: DistContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
-        return torch.device("cuda", ctx.local_rank) if name == "cuda" else torch.device(name)
-    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -276,7 +266,7 @@ def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> d
 
 def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     tcfg = cfg.train
-    device = resolve_device(tcfg.device, ctx)
+    device = resolve_device(tcfg.device, ctx.local_rank, key="train.device")
     if tcfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {tcfg.batch_size} must be divisible by the {ctx.world_size} processes")
     if tcfg.schedule_by_time and ctx.enabled:  # each rank's clock differs: their learning rates would too
