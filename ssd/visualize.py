@@ -20,19 +20,20 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
     """A copy of RGB ``image`` with boxes and ``name score`` labels (on a filled tab, readable on any background)."""
     out = np.ascontiguousarray(image.copy())
     scale = max(0.35, min(out.shape[:2]) / 800)
-    thick = max(1, int(round(scale * 2)))
+    thick = max(2, int(round(scale * 3)))
     for box, score, label in zip(boxes, scores, labels):
         if score < score_threshold:
             continue
         color = class_color(int(label))
         x1, y1, x2, y2 = (int(round(v)) for v in box)
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)  # axis-aligned: anti-aliasing would only pale a thin edge
         name = names[int(label) - 1] if 0 < int(label) <= len(names) else str(int(label))
         text = f"{name} {score:.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + base + 2
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), color, -1)
+        tx = max(0, min(x1, out.shape[1] - tw - 3))  # keep the tab inside the picture at the right edge
+        cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 2, ty + 1), color, -1)
         luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        cv2.putText(out, text, (x1 + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
+        cv2.putText(out, text, (tx + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
                     (0, 0, 0) if luminance > 140 else (255, 255, 255), 1, cv2.LINE_AA)  # fmt: skip
     return out

@@ -1,0 +1,62 @@
+"""Inference-time BatchNorm folding: ``conv -> BN`` becomes one conv with a bias.
+
+In eval mode BatchNorm is the per-channel affine map ``y = (x - mean) / sqrt(var + eps) * gamma + beta``
+with frozen statistics, so it folds into the convolution before it:
+``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``
+(``torch.nn.utils.fusion.fuse_conv_bn_weights``, evaluated here in float64 and cast back).
+The folded network computes the same function with one layer and one pass over the
+activations fewer per block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gets a bias if it had none)."""
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"cannot fold a BatchNorm of {bn.num_features} channels into a conv with {conv.out_channels} outputs")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    f64 = dict(dtype=torch.float64)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight.detach().to(**f64),
+        None if conv.bias is None else conv.bias.detach().to(**f64),
+        bn.running_mean.to(**f64),
+        bn.running_var.to(**f64),
+        bn.eps,
+        None if bn.weight is None else bn.weight.detach().to(**f64),
+        None if bn.bias is None else bn.bias.detach().to(**f64),
+    )
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+
+def fuse_batchnorm(model: nn.Module) -> int:
+    """Fold every ``BatchNorm2d`` of an eval-mode ``model`` into the conv right before it, in place.
+
+    "Right before" means the previous child of the same parent (``ConvBlock``'s ``conv``/``bn``
+    pair, or adjacent layers of an ``nn.Sequential``); each folded BN is replaced by
+    ``nn.Identity``. Returns how many were folded. Raises ``ValueError`` for a model in training
+    mode (its BNs use batch statistics) and for a BN that does not directly follow a conv.
+    """
+    if model.training:
+        raise ValueError("fuse_batchnorm needs an eval-mode model (call model.eval() first): training BN uses batch statistics")
+    pairs = []  # (parent, BN attribute name, conv, bn)
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for (_, prev), (name, child) in zip(children, children[1:]):
+            if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d):
+                pairs.append((parent, name, prev, child))
+    paired = {id(bn) for *_, bn in pairs}
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in paired]
+    if left:  # checked before touching anything: the model is never left half-folded
+        raise ValueError(f"BatchNorm layers not directly after a Conv2d cannot be folded: {', '.join(left[:5])}")
+    for parent, name, conv, bn in pairs:
+        fold_conv_bn(conv, bn)
+        setattr(parent, name, nn.Identity())
+    return len(pairs)

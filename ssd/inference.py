@@ -1,0 +1,435 @@
+"""Inference: the :class:`Detector` Python API and ``ssd predict`` on images, folders and videos.
+
+    from ssd import Detector
+    det = Detector.from_checkpoint("model.pt", device="cpu")
+    result = det("street.jpg")  # {"boxes" [N, 4] xyxy original pixels, "scores", "labels", "names"}
+
+Preprocessing is the checkpoint's own (``config["model"]["preprocess"]``), so converted weights
+predict with their mean, std, channel order and resize method:
+
+- ``bilinear`` (checkpoints trained here, ssd.pytorch, lufficc): resize the uint8 image with OpenCV
+  (``cv2.INTER_LINEAR``, the evaluation transform of :mod:`ssd.data.transforms`), then normalise
+  on the device, so ``Detector`` on an image gives what ``ssd eval`` saw for it.
+- ``normalize_then_bilinear`` (converted torchvision weights): normalise the float image, then
+  resize it with ``F.interpolate(mode="bilinear", align_corners=False)``, as torchvision's
+  ``GeneralizedRCNNTransform`` does, so the detections equal torchvision's own model.
+
+Boxes come back in pixels of each original image (the post-processor rescales them per image).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
+from ssd.config import PostprocessConfig, PreprocessConfig, from_dict
+from ssd.data.dataset import read_image
+from ssd.data.transforms import normalize_batch
+from ssd.fuse import fuse_batchnorm
+from ssd.postprocess import PostProcessor, build_postprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+ImageInput = Union[str, os.PathLike, np.ndarray, Tensor]
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def as_image(image: ImageInput, index: int = 0) -> np.ndarray | Tensor:
+    """One input -> uint8 ``ndarray[H, W, 3]`` RGB, or float ``Tensor[3, H, W]`` in [0, 1].
+
+    Accepts a file path, a uint8 ``HxWx3`` RGB array, a uint8 ``3xHxW`` tensor (0..255) or a
+    float ``3xHxW`` tensor in [0, 1] (torchvision's convention). ``index`` names the input in errors.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(str(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise ValueError(f"image {index}: expected an HxWx3 uint8 RGB array, got shape {image.shape} dtype {image.dtype}")
+        return image
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or 0 in image.shape:
+            raise ValueError(f"image {index}: expected a 3xHxW tensor, got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.permute(1, 2, 0).cpu().numpy()
+        if not image.is_floating_point():
+            raise ValueError(f"image {index}: tensor dtype {image.dtype}; use uint8 (0..255) or float (0..1)")
+        return image
+    raise ValueError(f"image {index}: expected a path, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
+    """``(h, w)`` of an image returned by :func:`as_image`."""
+    return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray | Tensor], preprocess: PreprocessConfig, size: int, device: torch.device
+) -> Tensor:
+    """Images of any size (from :func:`as_image`) -> the network input ``Tensor[B, 3, size, size]``.
+
+    ``bilinear``: OpenCV resize of the uint8 image (float images are rounded to uint8 first), stack,
+    then :func:`normalize_batch` on ``device`` (NHWC in memory, ``channels_last``).
+    ``normalize_then_bilinear``: per image, normalise in float32 on ``device`` and resize with
+    ``F.interpolate`` (torchvision's order).
+    """
+    if preprocess.resize == "bilinear":
+        resized = [cv2.resize(_hwc(im), (size, size), interpolation=cv2.INTER_LINEAR) for im in images]
+        batch = torch.from_numpy(np.stack(resized)).to(device).permute(0, 3, 1, 2)  # [B, 3, S, S], NHWC in memory
+        return normalize_batch(batch, preprocess)  # same values as collate() + normalize_batch in evaluation
+    mean = torch.tensor(preprocess.mean, device=device).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, device=device).view(3, 1, 1)
+    out = []
+    for im in images:
+        if isinstance(im, np.ndarray):
+            x = torch.from_numpy(im).to(device).permute(2, 0, 1).float().mul_(preprocess.pixel_scale)
+        else:
+            x = im.to(device, torch.float32)
+            unit = 255.0 * preprocess.pixel_scale  # [0, 1] input: 1.0 for torchvision's scale
+            x = x * unit if unit != 1.0 else x
+        if preprocess.channel_order == "bgr":
+            x = x.flip(0)
+        x = (x - mean) / std
+        out.append(F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def _hwc(image: np.ndarray | Tensor) -> np.ndarray:
+    """uint8 HWC arrays as they are; float [0, 1] CHW tensors rounded to uint8 HWC (the frame
+    that evaluation and training saw: a float image made from a uint8 one predicts identically)."""
+    if isinstance(image, np.ndarray):
+        return image
+    u8 = (image.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return u8.permute(1, 2, 0).contiguous().numpy()
+
+
+# --- Detector -----------------------------------------------------------------------------------
+
+
+class Detector:
+    """A detector ready for inference: ``det(images)`` -> detections in original-image pixels.
+
+    ``det(x)`` for one image (path, ``HxWx3`` uint8 RGB array, ``3xHxW`` tensor) returns one dict
+    ``{"boxes": Tensor[N, 4] xyxy, "scores": Tensor[N], "labels": Tensor[N] int64 (1..C-1),
+    "names": list[str]}`` on the CPU, sorted by decreasing score; a list (or a ``[B, 3, H, W]``
+    tensor) returns a list of them. Inputs are run ``batch_size`` at a time under
+    ``torch.inference_mode()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Sequence[str],
+        preprocess: PreprocessConfig,
+        postprocessor: PostProcessor,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        channels_last: bool | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        # channels_last (NHWC) on the CPU: oneDNN convolutions skip their NCHW <-> blocked reorders, max
+        # pooling runs its NHWC kernel (no argmax indices) and the heads' permute to [B, H*W*A, K] is a
+        # view; SSD300 runs ~18% faster (bench row predict, docs/inference.md), same results to rounding.
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self.model = model.eval().to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.postprocessor = postprocessor
+        self.batch_size = batch_size
+        self.input_size = int(model.input_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: torch.device | str = "auto",
+        fuse: bool = True,
+        score_thresh: float = 0.3,
+        batch_size: int = 8,
+        channels_last: bool | None = None,
+    ) -> Detector:
+        """Load a checkpoint (trained here or converted with ``ssd convert``) for inference.
+
+        ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``. ``fuse`` folds every
+        BatchNorm into its conv (:func:`ssd.fuse.fuse_batchnorm`). ``score_thresh``: detections
+        scoring at most this are dropped (the other post-processing settings are the checkpoint's
+        ``postprocess`` section if it has one, else the defaults of :class:`ssd.config.PostprocessConfig`:
+        NMS 0.45, 200 per image). ``channels_last``: NHWC activations (default: on the CPU, where it
+        is faster).
+        """
+        from ssd.engine.evaluate import resolve_device
+
+        if not 0.0 <= score_thresh < 1.0:
+            raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
+        device = resolve_device(device) if isinstance(device, str) else device
+        model, ckpt = model_from_checkpoint(path)
+        model_cfg = checkpoint_model_config(ckpt, path)
+        model.eval()
+        if fuse:
+            fuse_batchnorm(model)
+        post_cfg = from_dict(PostprocessConfig, ckpt["config"].get("postprocess"), "postprocess")
+        post_cfg.score_threshold = float(score_thresh)
+        postprocessor = build_postprocess(post_cfg, model_cfg)
+        return cls(model, ckpt["classes"], model_cfg.preprocess, postprocessor, device, batch_size, channels_last)
+
+    def names(self, labels: Tensor) -> list[str]:
+        return [self.classes[i - 1] if 0 < i <= len(self.classes) else str(i) for i in labels.tolist()]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Any]]:
+        """One forward pass over already-decoded images (see :func:`as_image`)."""
+        if not images:
+            return []
+        sizes = [image_size(im) for im in images]
+        x = preprocess_images(images, self.preprocess, self.input_size, self.device)
+        # a no-op after the bilinear path (NHWC already); NCHW otherwise, evaluation's layout
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        out = self.model(x)
+        dets = self.postprocessor(out, self.model.priors, (self.input_size, self.input_size), sizes)
+        results = []
+        for d in dets:
+            d = {k: v.cpu() for k, v in d.items()}
+            d["names"] = self.names(d["labels"])
+            results.append(d)
+        return results
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any] | list[dict[str, Any]]:
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, Tensor) and images.ndim == 4)
+        items = [images] if single else list(images)
+        results = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            results += self.predict_batch([as_image(im, start + i) for i, im in enumerate(chunk)])
+        return results[0] if single else results
+
+
+# --- ssd predict --------------------------------------------------------------------------------
+
+
+@dataclass
+class InputItem:
+    """One thing to predict on: an image or video file, and where its drawn copy goes (relative to --out)."""
+
+    path: Path
+    kind: str  # "image" or "video"
+    out_name: Path
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputItem], list[str]]:
+    """Expand ``ssd predict``'s INPUTs into image / video items. Returns ``(items, problems)``.
+
+    Files are videos by extension (:data:`VIDEO_EXTENSIONS`), images otherwise; folders are searched
+    recursively for :data:`IMAGE_EXTENSIONS` (case-insensitive), in sorted order, and their drawn
+    copies keep the folder's layout under ``--out/<folder name>/``. Missing paths and folders
+    without images are problems (reported, counted as failed inputs).
+    """
+    items, problems, used = [], [], set()
+
+    def add(path: Path, kind: str, out_name: Path) -> None:
+        if kind == "video":
+            out_name = out_name.with_suffix(".mp4")
+        candidate, k = out_name, 1
+        while candidate in used:  # a.jpg from two folders: a.jpg, a_1.jpg
+            candidate = out_name.with_name(f"{out_name.stem}_{k}{out_name.suffix}")
+            k += 1
+        used.add(candidate)
+        items.append(InputItem(path, kind, candidate))
+
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                problems.append(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            for p in found:
+                add(p, "image", Path(path.resolve().name) / p.relative_to(path))
+        elif path.is_file():
+            add(path, "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image", Path(path.name))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return items, problems
+
+
+def _try_read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return read_image(str(path)), None
+    except ValueError as e:  # DatasetError: unreadable, empty, truncated, not an image
+        return None, str(e)
+
+
+Decoded = tuple[InputItem, Union[np.ndarray, None], Union[str, None]]  # (item, image or None, error or None)
+
+
+def prefetch_images(items: Sequence[InputItem], batch_size: int) -> Iterator[list[Decoded]]:
+    """Batches of ``(item, image or None, error or None)``; the next batch decodes in threads meanwhile."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(_try_read, it.path) for it in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            current = pending
+            pending = [pool.submit(_try_read, it.path) for it in chunks[k + 1]] if k + 1 < len(chunks) else []
+            yield [(it, *f.result()) for it, f in zip(chunk, current)]
+
+
+def detection_entry(image: str, width: int, height: int, det: dict[str, Any], frame: int | None = None) -> dict[str, Any]:
+    """The JSON record of one image (docs/inference.md): boxes in original pixels."""
+    entry: dict[str, Any] = {"image": image, "width": width, "height": height}
+    if frame is not None:
+        entry["frame"] = frame
+    entry["detections"] = [
+        {"box": [float(v) for v in box], "score": float(score), "label": int(label), "name": name}
+        for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["names"])
+    ]
+    return entry
+
+
+def draw(image: np.ndarray, det: dict[str, Any], classes: list[str]) -> np.ndarray:
+    from ssd.visualize import draw_detections
+
+    boxes, scores, labels = det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy()
+    return draw_detections(image, boxes, scores, labels, classes, score_threshold=0.0)
+
+
+def open_video_writer(path: Path, fps: float, size_wh: tuple[int, int]) -> tuple[cv2.VideoWriter, Path]:
+    """An mp4v ``.mp4`` writer, else MJPG ``.avi`` (OpenCV builds differ in their encoders)."""
+    for fourcc, suffix in (("mp4v", ".mp4"), ("MJPG", ".avi")):
+        out = path.with_suffix(suffix)
+        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*fourcc), fps, size_wh)
+        if writer.isOpened():
+            return writer, out
+        writer.release()
+    raise OSError(f"{path}: OpenCV cannot write video here (neither mp4v nor MJPG)")
+
+
+class Predictor:
+    """``ssd predict``'s loop: images in prefetched batches, then videos frame batch by frame batch."""
+
+    def __init__(self, detector: Detector, out_dir: Path | None, progress: tqdm) -> None:
+        self.detector, self.out_dir, self.progress = detector, out_dir, progress
+        self.entries: list[dict[str, Any]] = []
+        self.failed: list[str] = []
+        self.num_detections = 0
+
+    def fail(self, message: str) -> None:
+        self.failed.append(message)
+        tqdm.write(f"WARNING skipped {message}", file=sys.stderr)
+
+    def record(self, name: str, image: np.ndarray, det: dict[str, Any], frame: int | None = None) -> None:
+        h, w = image.shape[:2]
+        self.entries.append(detection_entry(name, w, h, det, frame))
+        self.num_detections += len(det["scores"])
+
+    def images(self, items: list[InputItem]) -> None:
+        for batch in prefetch_images(items, self.detector.batch_size):
+            for item, _, error in batch:
+                if error is not None:
+                    self.fail(error)
+            good = [(item, image) for item, image, error in batch if error is None]
+            for (item, image), det in zip(good, self.detector.predict_batch([image for _, image in good])):
+                self.record(str(item.path), image, det)
+                if self.out_dir is not None:
+                    out = self.out_dir / item.out_name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    if not cv2.imwrite(str(out), cv2.cvtColor(draw(image, det, self.detector.classes), cv2.COLOR_RGB2BGR)):
+                        self.fail(f"{item.path}: cannot write the drawn image to {out}")
+            self.progress.update(len(batch))
+
+    def video(self, item: InputItem) -> None:
+        cap = cv2.VideoCapture(str(item.path))
+        if not cap.isOpened():
+            self.fail(f"{item.path}: OpenCV cannot open this video")
+            return
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        fps = fps if fps and fps > 0 else 25.0
+        writer, frame_index = None, 0
+        try:
+            while True:
+                frames = []
+                while len(frames) < self.detector.batch_size:
+                    ok, bgr = cap.read()
+                    if not ok:
+                        break
+                    frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                if not frames:
+                    break
+                for frame, det in zip(frames, self.detector.predict_batch(frames)):
+                    self.record(str(item.path), frame, det, frame_index)
+                    frame_index += 1
+                    if self.out_dir is not None:
+                        if writer is None:
+                            target = self.out_dir / item.out_name
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            writer, written = open_video_writer(target, fps, (frame.shape[1], frame.shape[0]))
+                            log.info("%s: writing the annotated video to %s", item.path, written)
+                        writer.write(cv2.cvtColor(draw(frame, det, self.detector.classes), cv2.COLOR_RGB2BGR))
+                self.progress.update(len(frames))
+        finally:
+            cap.release()
+            if writer is not None:
+                writer.release()
+        if frame_index == 0:
+            self.fail(f"{item.path}: no frame could be decoded")
+
+
+def video_frame_count(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    cap.release()
+    return max(n, 0)
+
+
+def run_predict_command(args) -> int:
+    """``ssd predict --weights CKPT INPUT... [--out DIR] [--json FILE] [--score-thresh] [--device] [--batch-size] [--no-fuse]``.
+
+    Exit 0 when every input was read, 1 when any failed (each is reported and skipped).
+    """
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.score_thresh < 1.0:
+        raise ValueError(f"--score-thresh must be in [0, 1), got {args.score_thresh}")
+    items, problems = collect_inputs(args.inputs)
+    detector = Detector.from_checkpoint(args.weights, args.device, fuse=not args.no_fuse, score_thresh=args.score_thresh,
+                                        batch_size=args.batch_size)  # fmt: skip
+    images = [it for it in items if it.kind == "image"]
+    videos = [it for it in items if it.kind == "video"]
+    total = len(images) + sum(video_frame_count(v.path) for v in videos)
+    out_dir = Path(args.out) if args.out else None
+    with tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, disable=None) as progress:  # no bar off a terminal
+        run = Predictor(detector, out_dir, progress)
+        for message in problems:
+            run.fail(message)
+        run.images(images)
+        for video in videos:
+            run.video(video)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(run.entries, indent=1) + "\n")
+    log.info("%d images / frames, %d detections above %.2f%s%s", len(run.entries), run.num_detections, args.score_thresh,
+             f"; drawn in {out_dir}" if out_dir else "", f"; JSON in {args.json}" if args.json else "")  # fmt: skip
+    if run.failed:
+        log.warning("%d input(s) failed and were skipped:\n  %s", len(run.failed), "\n  ".join(run.failed))
+        return 1
+    return 0
