@@ -41,3 +41,13 @@ def tv_priors() -> torch.Tensor:
     sizes = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
     layout = resolve_prior_layout(torchvision_model_config(21), len(sizes))
     return make_priors(sizes, (300, 300), **layout)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: the same arithmetic in every run, and no OpenMP barriers
+    stalling tiny ops whenever a neighbour (a DataLoader worker, another job) holds one of the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

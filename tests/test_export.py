@@ -22,14 +22,7 @@ from ssd.ops.boxes import decode  # noqa: E402
 from ssd.postprocess import PostProcessor  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers of tiny ops otherwise stall for
-    milliseconds whenever a neighbour holds a core (tiny-model calls ran tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

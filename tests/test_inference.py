@@ -28,14 +28,7 @@ from ssd.postprocess import build_postprocess
 from ssd.visualize import class_color, draw_detections
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers of tiny ops otherwise stall for
-    milliseconds whenever a neighbour holds a core (tiny-model calls ran tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -115,14 +115,7 @@ def wait_for_iteration(proc: subprocess.Popen, out: Path, iteration: int, timeou
     raise AssertionError(f"no iteration {iteration} after {timeout} s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread everywhere (subprocesses get OMP_NUM_THREADS=1): the same arithmetic in
-    every run, and no thread oversubscription beside DataLoader workers on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
