@@ -77,7 +77,7 @@ def study(shapes, tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("study")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSD_CACHE_DIR", str(tmp / "cache"))
-        path = write_config(tmp / "run.yaml", run_dict(shapes, time_limit=600))
+        path = write_config(tmp / "run.yaml", run_dict(shapes, time_limit=600, schedule_by_time=True))
         summary = run_study(path, tmp / "out", ["train.seed=3"], ["none", "all@3x"], iters=4, eval_period=2, log_period=1,
                             val_images=5, act_images=4)  # fmt: skip
     return tmp / "out", summary
@@ -232,7 +232,8 @@ def test_every_variant_trains_the_same_data_and_seed(study):
     assert (none.model.batch_norm, bn.model.batch_norm) == ([], list(BN_BLOCKS))
     assert none.train.seed == bn.train.seed == 3  # the study's override reaches every variant
     assert none.train.max_iter == bn.train.max_iter == 4
-    assert none.train.time_limit is None  # the config's 600 s limit is lifted: variants compare at equal iterations
+    # the config's time limit and time-driven schedule are lifted: variants compare at equal iterations
+    assert none.train.time_limit is None and not none.train.schedule_by_time
     assert none.data == bn.data and len(build_dataset(none.data.val, None, train=False, key="data.val")) == 5
     none.model.batch_norm, none.train.lr = bn.model.batch_norm, bn.train.lr
     assert none == bn  # nothing else differs

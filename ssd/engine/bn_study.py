@@ -236,8 +236,9 @@ def histograms(start: dict[str, Tensor], end: dict[str, Tensor] | None) -> dict[
 
 
 # Variants are compared at equal iterations: a config's time limit (the CPU demo has one) would cut slow
-# variants short, so it is lifted unless the study's own overrides set one.
-STUDY_DEFAULTS = ["train.time_limit=null", "train.tensorboard=false"]
+# variants short and a time-driven schedule would make the lr depend on the machine's speed, so both are
+# lifted (the study's overrides may set them again).
+STUDY_DEFAULTS = ["train.time_limit=null", "train.schedule_by_time=false", "train.tensorboard=false"]
 
 
 def variant_config(config_path, overrides: list[str], variant: Variant, base_lr: float, study: list[str], val: DatasetConfig) -> Config:
@@ -329,8 +330,8 @@ def run_study(
     out: str | os.PathLike,
     overrides: list[str] = (),
     variants: Sequence[str] = tuple(DEFAULT_VARIANTS),
-    iters: int = 150,
-    eval_period: int = 50,
+    iters: int = 300,
+    eval_period: int = 100,
     log_period: int = 5,
     batch_size: int | None = None,
     val_images: int = 100,
