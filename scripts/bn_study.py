@@ -5,7 +5,7 @@ the extras only (plus an lr sweep of the BN variant), same seed and data, and co
 
 Writes DIR/loss.png, map.png, activations.png, summary.json, summary.md and runs/<variant>/.
 The defaults (6 variants x 300 iterations of configs/shapes_tiny.yaml's batch 16 on the shapes dataset,
-generated when absent) take under 10 minutes on 2 quiet CPU cores. See docs/batchnorm.md and ssd/engine/bn_study.py.
+generated when absent) took 409 s on 2 quiet CPU cores. See docs/batchnorm.md and ssd/engine/bn_study.py.
 """
 
 from __future__ import annotations

@@ -51,12 +51,7 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +94,12 @@ def test_variants_are_presets_or_block_lists_with_an_lr_multiplier():
         parse_variant("all@fast")
     with pytest.raises(ValueError, match=r"variant 'conv4\+fc7': unknown BN block 'fc7'"):
         parse_variant("conv4+fc7")
+
+
+def test_loss_rebound_is_the_largest_rise_above_the_lowest_loss_so_far():
+    assert bn_study.loss_rebound({"iter": [5, 10, 15, 20, 25], "loss": [20.0, 8.0, 12.0, 6.0, 9.0]}) == (1.5, 15)
+    assert bn_study.loss_rebound({"iter": [5, 10], "loss": [20.0, 10.0]}) == (1.0, None)  # only falling
+    assert bn_study.loss_rebound({"iter": [], "loss": []}) == (1.0, None)
 
 
 def test_study_arguments_are_checked_before_anything_runs(shapes, tmp_path):
@@ -244,15 +245,20 @@ def test_a_diverging_variant_is_recorded_not_raised(shapes, tmp_path):
     writing any checkpoint; the study records it, keeps the start histograms, and still plots."""
     cfg = load_config(write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2)), ["model.l2norm_scale=.nan"])
     images = bn_study.fixed_batch(cfg, 4)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"a previous study's")  # must not pass for this run's end weights
+    os.utime(tmp_path / "run" / "last.pt", (time.time() - 3600, time.time() - 3600))
     res = run_variant(cfg, parse_variant("none"), tmp_path / "run", images)
     assert res["diverged"] and "non-finite for 2 consecutive iterations" in res["error"] and res["stopped"] == "diverged"
     assert (res["iterations"], res["final_map"], res["end_weights_iter"], res["loss_curve"]["iter"]) == (0, None, None, [])
     assert all(set(cell) == {"edges", "start"} for cell in res["activations"].values())
 
+    res["loss_curve"] = {"iter": [5, 10, 15], "loss": [9.0, 3.0, 6.0]}  # as if a spike had come before the end
     summary = summarize([res], {"config": "run.yaml", "iters": 2, "batch_size": 8, "optimizer": "adamw", "base_lr": 1e-3,
                                 "warmup_iters": 0, "seed": 0, "val_images": 5})  # fmt: skip
     assert summary["study_best_map"] is None and res["iters_to_90pct"] is None
-    assert bn_study.format_table(summary).splitlines()[-1] == "| none | - | 0.001 | - | - | never | yes (non-finite loss) | - |"
+    assert bn_study.format_table(summary).splitlines()[-1] == (
+        "| none | - | 0.001 | - | - | never | yes (non-finite loss) (loss rebounded 2.0x, iteration 15) | - |")
     bn_study.write_plots(summary, tmp_path)
     assert png_pixels(tmp_path / "activations.png").shape[0] > 100
 

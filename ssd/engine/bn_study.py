@@ -36,6 +36,7 @@ from ssd.data.dataset import build_dataset, dataset_roots, stack_images
 from ssd.data.shapes import SHAPES_CLASSES, ensure_shapes
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.data.voc import read_split
+from ssd.demo import DEMO_DATA
 from ssd.engine.train import TrainingError, init_weights_from, seed_everything, train
 from ssd.model import build_ssd
 
@@ -44,9 +45,10 @@ log = logging.getLogger("ssd.bn_study")
 BN_PRESETS = {"none": [], "all": list(BN_BLOCKS), "backbone": [b for b in BN_BLOCKS if b != "extras"], "extras": ["extras"]}
 # no BN; BN everywhere; backbone only; extras only; and the lr sweep of the BN variant (1x is "all")
 DEFAULT_VARIANTS = ["none", "all", "backbone", "extras", "all@3x", "all@10x"]
-STUDY_DATA = {"num_train": 2000, "num_val": 300, "size": 160, "seed": 0}  # the demo's dataset (ssd/demo.py)
+STUDY_DATA = dict(DEMO_DATA)  # generated when the config's data root is absent: the demo's shapes set
 HIST_BINS = 60
 HIST_SAMPLES = 100_000  # values kept per histogram (a fixed random subset)
+REBOUND_NOTE = 1.3  # the table notes a loss that rose this much above its lowest point (stable runs: 1.05-1.25)
 
 
 @dataclass
@@ -255,7 +257,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "map" in r]
 
 
-def throughput(train_rows: list[dict], batch_size: int, log_period: int) -> float | None:
+def throughput(train_rows: list[dict], batch_size: int) -> float | None:
     """Training images/s over the run, evaluation excluded (the engine's windows), without the first
     window (data-loader start-up)."""
     images = seconds = 0.0
@@ -274,7 +276,7 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
     loss) is recorded as diverged, not raised."""
     log.info("variant %s: batch_norm %s, lr %g, %d iterations -> %s", variant.name, variant.blocks or "none",
              cfg.train.lr, cfg.train.max_iter, out)  # fmt: skip
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     error, stopped = None, "diverged"
     try:
         stopped = train(cfg, out)["stopped"]
@@ -289,7 +291,7 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
     x = normalize_batch(images, cfg.model.preprocess)
     start = preactivations(start_model(cfg), x)
     end, end_iter = None, None
-    if (out / "last.pt").is_file():
+    if (out / "last.pt").is_file() and (out / "last.pt").stat().st_mtime >= started - 1:  # not a previous study's
         ckpt = load_checkpoint(out / "last.pt")
         model = build_ssd(cfg.model)
         load_state_strict(model, ckpt["model"], str(out / "last.pt"))
@@ -312,8 +314,7 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
         "error": error,
         "start_loss": losses[0] if losses else None,
         "end_loss": losses[-1] if losses else None,
-        "peak_loss": max(losses) if losses else None,  # a spike above start_loss during warmup: the lr is at its edge
-        "images_per_s": throughput(train_rows, cfg.train.batch_size, cfg.train.log_period),
+        "images_per_s": throughput(train_rows, cfg.train.batch_size),
         "wall_s": wall,
         "loss_curve": {"iter": [r["iter"] for r in train_rows], "loss": losses},
         "map_curve": {"iter": [r["iter"] for r in eval_rows], "map": maps},
@@ -381,11 +382,24 @@ def run_study(
     return summary
 
 
+def loss_rebound(curve: dict) -> tuple[float, int | None]:
+    """The largest factor by which the logged loss rose above its lowest value so far, and the iteration
+    of that peak: a spike while the warmup ramps the lr up means the lr is at the edge of stability."""
+    worst, at, low = 1.0, None, math.inf
+    for it, loss in zip(curve["iter"], curve["loss"]):
+        if low < math.inf and loss / low > worst:
+            worst, at = loss / low, it
+        low = min(low, loss)
+    return worst, at
+
+
 def summarize(results: list[dict], settings: dict) -> dict:
-    """Adds ``iters_to_90pct``: the first evaluated iteration at which the variant reached 90% of the
-    best mAP of the whole study (None if never)."""
+    """Adds to every variant ``iters_to_90pct``, the first evaluated iteration at which it reached 90%
+    of the best mAP of the whole study (None if never), and ``loss_rebound`` / ``loss_rebound_iter``
+    (:func:`loss_rebound`)."""
     best = max((r["best_map"] for r in results if r["best_map"] is not None), default=None)
     for r in results:
+        r["loss_rebound"], r["loss_rebound_iter"] = loss_rebound(r["loss_curve"])
         r["iters_to_90pct"] = None
         if best is not None and best > 0:
             hits = [it for it, m in zip(r["map_curve"]["iter"], r["map_curve"]["map"]) if m >= 0.9 * best]
@@ -408,6 +422,8 @@ def format_table(summary: dict) -> str:
         if r["batch_norm"] == BN_PRESETS["all"]:
             blocks = "all"
         diverged = ("yes (non-finite loss)" if r["error"] else "yes (loss rose)") if r["diverged"] else "no"
+        if r["loss_rebound"] >= REBOUND_NOTE:
+            diverged += f" (loss rebounded {r['loss_rebound']:.1f}x, iteration {r['loss_rebound_iter']})"
         to90 = str(r["iters_to_90pct"]) if r["iters_to_90pct"] is not None else "never"
         lines.append(f"| {r['name']} | {blocks} | {r['lr']:g} | {_fmt(r['final_map'])} | {_fmt(r['best_map'])} | {to90} | "
                      f"{diverged} | {_fmt(r['images_per_s'], 1)} |")  # fmt: skip
