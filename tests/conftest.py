@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,3 +57,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def launch_ranks(world: int, command: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``world`` copies of ``python COMMAND`` with torchrun's environment (RANK, WORLD_SIZE, a free
+    MASTER_PORT; one thread each, the SSD cache under ``cwd``) and wait for all of them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1", "SSD_CACHE_DIR": str(Path(cwd) / "cache")}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, *command], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
+        for rank in range(world)
+    ]
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]

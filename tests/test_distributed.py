@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import launch_ranks
 
 from ssd.checkpoint import load_checkpoint
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
@@ -38,29 +36,9 @@ print("summary", summary["iteration"], summary["best_map"])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, args: list[str], tmp_path: Path) -> list[subprocess.CompletedProcess]:
     """Start ``world`` ranks of ``python -c WORKER args`` and wait for all of them."""
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-            "OMP_NUM_THREADS": "1", "SSD_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, *args], cwd=tmp_path, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
-        for rank in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]
+    return launch_ranks(world, ["-c", WORKER, *args], tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ objects and the APs are small but not all zero."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -25,6 +23,7 @@ import torch
 import yaml
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from conftest import launch_ranks
 from voc_reference import reference_voc_eval
 
 from ssd.checkpoint import make_checkpoint, save_checkpoint
@@ -353,28 +352,9 @@ def test_plots_without_matplotlib_is_a_clear_error(ws, weights_runs, tmp_path, c
 # --- distributed ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, args: list, cwd: Path) -> list[subprocess.CompletedProcess]:
     """``world`` ranks of ``python -m ssd eval ARGS`` with torchrun's environment."""
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "SSD_CACHE_DIR": str(cwd / "cache"), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}  # fmt: skip
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "ssd", "eval", *(str(a) for a in args)], cwd=cwd, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
-        for rank in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]
+    return launch_ranks(world, ["-m", "ssd", "eval", *(str(a) for a in args)], cwd)
 
 
 def test_two_gloo_processes_give_exactly_the_single_process_metric(ws, tmp_path, capsys):
