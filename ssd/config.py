@@ -149,6 +149,7 @@ class ModelConfig:
     bn_momentum: float = 0.1
     dropout: float = 0.5  # after fc6 and fc7; the paper (and its reproduction configs) use 0
     l2norm_scale: float = 20.0
+    fc6_dilation: int = 6  # the paper's atrous fc6 on a 19x19 (300 px) map; smaller inputs want less
     extras: list[ExtraLayer] | None = None  # None: the arch preset
     priors: PriorConfig = field(default_factory=PriorConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -165,6 +166,8 @@ class ModelConfig:
             raise ConfigError(f"model.width must be > 0, got {self.width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.fc6_dilation < 1:
+            raise ConfigError(f"model.fc6_dilation must be >= 1, got {self.fc6_dilation}")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ConfigError(f"model.bn_momentum must be in (0, 1] (momentum = 1 - TF decay), got {self.bn_momentum}")
         self.batch_norm = normalize_bn_blocks(self.batch_norm)
@@ -278,6 +281,9 @@ class DataConfig:
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 4
+    # added to the loader workers' nice value (0-19, Unix): on a CPU-only machine a lower priority lets
+    # the training threads keep the cores and augmentation fill their idle moments (the demo uses 19)
+    worker_nice: int = 0
     # what a bad file does: "raise" stops with a clear error; "skip" drops the sample and counts it
     # (summary at the end of each epoch); "auto" raises while a dataset is indexed and validated,
     # skips while training reads images
@@ -285,6 +291,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.on_error", self.on_error, ON_ERROR)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.worker_nice <= 19:
+            raise ConfigError(f"data.worker_nice must be in 0..19 (a nice increment), got {self.worker_nice}")
 
 
 # --- training and evaluation ---------------------------------------------------------------

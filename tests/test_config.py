@@ -69,6 +69,9 @@ def test_wrong_type_names_the_key(override, message):
         ("train.lr=-1", r"train.lr must be > 0, got -1.0"),
         ("train.max_bad_steps=0", r"train.max_bad_steps must be >= 1, got 0"),
         ("train.checkpoint_period=0", r"train.checkpoint_period must be >= 1"),
+        ("data.worker_nice=20", r"data.worker_nice must be in 0..19 \(a nice increment\), got 20"),
+        ("data.num_workers=-1", r"data.num_workers must be >= 0, got -1"),
+        ("model.fc6_dilation=0", r"model.fc6_dilation must be >= 1, got 0"),
     ],
 )
 def test_bad_value_names_the_key_and_what_is_valid(override, message):

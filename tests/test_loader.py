@@ -3,6 +3,7 @@ padding), and DataLoader workers reproducing single-process augmentation exactly
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,22 @@ def test_eval_loader_keeps_order_and_the_last_partial_batch(shapes_tree):
     assert batches[0]["orig_sizes"] == [(SIZE, SIZE)] * 3
     # eval boxes are the annotation boxes scaled to [0, 1]
     np.testing.assert_allclose(batches[0]["boxes"][0, : len(records[0].boxes)].numpy(), records[0].boxes / SIZE, atol=1e-6)
+
+
+class StampNiceness:
+    """A transform that writes the process's nice value into every pixel (where the sample was made)."""
+
+    def __call__(self, image, boxes, labels):
+        return np.full((8, 8, 3), os.nice(0), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="os.nice is Unix-only")
+def test_worker_nice_lowers_only_the_workers_priority(shapes_tree):
+    records = index_voc(shapes_tree, "val", SHAPES_CLASSES, Problems("raise"))
+    before = os.nice(0)
+    loader = build_dataloader(DetectionDataset(records, SHAPES_CLASSES, StampNiceness()), 4, train=False, num_workers=1, worker_nice=5)
+    stamps = torch.cat([b["images"].flatten() for b in loader]).unique().tolist()
+    assert stamps == [min(19, before + 5)]
+    assert os.nice(0) == before  # the training process keeps its priority
+    plain = build_dataloader(DetectionDataset(records, SHAPES_CLASSES, StampNiceness()), 4, train=False, num_workers=1)
+    assert torch.cat([b["images"].flatten() for b in plain]).unique().tolist() == [before]

@@ -28,6 +28,20 @@ def test_forward_shapes(make_tiny_config):
     assert torch.isfinite(out["loc"]).all() and torch.isfinite(out["conf"]).all()
 
 
+def test_fc6_dilation_changes_only_the_sampling(make_tiny_config):
+    paper, small = build_ssd(make_tiny_config()), build_ssd(make_tiny_config(fc6_dilation=2))
+    assert paper.backbone.fc6.conv.dilation == (6, 6) and paper.backbone.fc6.conv.padding == (6, 6)
+    assert small.backbone.fc6.conv.dilation == (2, 2) and small.backbone.fc6.conv.padding == (2, 2)
+    # same tensors (checkpoints load either way), same 8x8 fc7 map at 128 px
+    assert {k: v.shape for k, v in paper.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    small.load_state_dict(paper.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = paper.eval().backbone(x)[1], small.eval().backbone(x)[1]
+    assert a.shape == b.shape == (1, paper.backbone.out_channels[1], 8, 8)
+    assert not torch.allclose(a, b)
+
+
 def test_batch_norm_all_drops_conv_bias(make_tiny_config):
     model = build_ssd(make_tiny_config(batch_norm="all"))
     blocks = conv_blocks(model)

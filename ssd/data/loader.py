@@ -8,6 +8,8 @@ images as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Iterator
 
 import torch
@@ -57,6 +59,10 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _lower_priority(increment: int, worker_id: int) -> None:
+    os.nice(increment)
+
+
 def build_dataloader(
     dataset: DetectionDataset,
     batch_size: int,
@@ -65,11 +71,13 @@ def build_dataloader(
     seed: int = 0,
     pin_memory: bool = False,
     distributed: bool | None = None,
+    worker_nice: int = 0,
 ) -> DataLoader:
     """A loader of collated batches (see :func:`ssd.data.dataset.collate`).
 
     Training shuffles, drops the last partial batch and seeds augmentation per sample; evaluation
     keeps order. Under ``torch.distributed`` (auto-detected) each rank reads its own shard.
+    ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none).
     """
     rank, world = dist_info() if distributed in (None, True) else (0, 1)
     sampler = EpochIndexSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world=world)
@@ -83,4 +91,5 @@ def build_dataloader(
         pin_memory=pin_memory,
         drop_last=train,
         persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(_lower_priority, worker_nice) if worker_nice and hasattr(os, "nice") else None,
     )

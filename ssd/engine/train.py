@@ -287,8 +287,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
                          f"(+1 background = {len(train_set.classes) + 1})")  # fmt: skip
     pin = device.type == "cuda"
-    loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, cfg.data.num_workers, tcfg.seed, pin)
-    val_loader = build_dataloader(val_set, cfg.eval.batch_size, False, cfg.data.num_workers, tcfg.seed, pin)
+    workers = dict(num_workers=cfg.data.num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice)
+    loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, **workers)
+    val_loader = build_dataloader(val_set, cfg.eval.batch_size, False, **workers)
     if len(loader) == 0:
         raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}")
 

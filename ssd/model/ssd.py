@@ -75,7 +75,8 @@ def init_weights(model: SSD) -> None:
 def build_ssd(cfg: ModelConfig) -> SSD:
     """Build the detector described by ``cfg`` (see :class:`ssd.config.ModelConfig`)."""
     bn = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
-    backbone = VGG16Trunk(cfg.width, cfg.batch_norm, dropout=cfg.dropout, l2norm_scale=cfg.l2norm_scale, **bn)
+    backbone = VGG16Trunk(cfg.width, cfg.batch_norm, dropout=cfg.dropout, l2norm_scale=cfg.l2norm_scale,
+                          fc6_dilation=cfg.fc6_dilation, **bn)  # fmt: skip
     extras = Extras(backbone.out_channels[-1], cfg.extras, cfg.width, "extras" in cfg.batch_norm, **bn)
     sizes = feature_sizes(backbone, extras, cfg.input_size)
     layout = resolve_prior_layout(cfg, len(sizes))

@@ -84,7 +84,8 @@ class VGG16Trunk(nn.Module):
 
     Returns the two trunk sources: L2-normalised conv4_3 (after its ReLU) and fc7.
     pool3 uses ``ceil_mode`` (38x38 conv4_3 at 300 px); pool5 is 3x3 stride 1 so fc6
-    (3x3, dilation 6) keeps the 19x19 resolution.
+    (3x3, dilation 6) keeps the 19x19 resolution. On a small input the pool5 map shrinks with it
+    (8x8 at 128 px) and most of a dilation-6 kernel reads padding: ``fc6_dilation`` sets it.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class VGG16Trunk(nn.Module):
         bn_momentum: float = 0.1,
         dropout: float = 0.5,
         l2norm_scale: float = 20.0,
+        fc6_dilation: int = 6,
     ) -> None:
         super().__init__()
         in_ch = 3
@@ -108,7 +110,7 @@ class VGG16Trunk(nn.Module):
         self.pool5 = nn.MaxPool2d(3, 1, 1)
         fc = dict(batch_norm="fc" in bn_blocks, bn_eps=bn_eps, bn_momentum=bn_momentum)
         fc_ch = scaled(FC_CHANNELS, width)
-        self.fc6 = ConvBlock(in_ch, fc_ch, 3, padding=6, dilation=6, **fc)
+        self.fc6 = ConvBlock(in_ch, fc_ch, 3, padding=fc6_dilation, dilation=fc6_dilation, **fc)
         self.fc7 = ConvBlock(fc_ch, fc_ch, 1, padding=0, **fc)
         # paper-reproduction configs use p=0; Identity keeps the module tree free of no-op dropout
         self.drop6 = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
