@@ -342,6 +342,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     time_limit: float | None = None  # seconds of training; stops early (the CPU demo's budget)
     schedule_by_time: bool = False  # the schedule follows the larger of iterations and time_limit spent (not bit-exact)
+    retain_host_memory: bool = True  # keep freed host memory for the next step (glibc; ~7% faster CPU steps)
     tensorboard: bool = True  # OUTPUT_DIR/tensorboard: scalars + drawn validation images, if tensorboard is installed
     tensorboard_images: int = 4  # validation images drawn at every evaluation
 

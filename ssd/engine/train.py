@@ -6,6 +6,7 @@ the helpers above them are small and independent (optimizer, schedule, init, che
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -52,6 +53,24 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory in the process instead of handing it back to the OS (glibc only).
+
+    Training frees and reallocates the same multi-MiB activation buffers every step; glibc's defaults
+    return them to the kernel (munmap, heap trim) and the next step page-faults them back in. On the
+    project's 2-core VM that is ~7% of a CPU training step. Buffers up to 32 MiB (glibc's largest
+    mmap threshold) now come from the heap, whose free top is kept up to 1 GiB. Returns whether the
+    allocator took the settings (False off Linux or without glibc's ``mallopt``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -274,6 +293,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
         raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
     seed_everything(tcfg.seed, tcfg.deterministic)
+    if tcfg.retain_host_memory:  # before the loader workers fork, so they inherit it
+        log.debug("retain freed host memory: %s", retain_freed_memory())
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
