@@ -293,8 +293,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
         raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
     seed_everything(tcfg.seed, tcfg.deterministic)
-    if tcfg.retain_host_memory:  # before the loader workers fork, so they inherit it
-        log.debug("retain freed host memory: %s", retain_freed_memory())
+    if tcfg.retain_host_memory and not retain_freed_memory():  # before the loader workers fork: they inherit it
+        log.debug("train.retain_host_memory: this platform's allocator has no mallopt; left as it is")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
