@@ -1,7 +1,9 @@
 """The training loop: iteration-based, one or many processes (torchrun), resumable bit for bit.
 
 Reading order: :func:`train` builds everything from the config, then runs :func:`_train_loop`;
-the helpers above them are small and independent (optimizer, schedule, init, checkpoint state).
+the helpers above them are small and independent (optimizer, schedule). Fine-tuning starts live in
+:mod:`ssd.engine.finetune`, the resumable state in :mod:`ssd.engine.state`, signals, TensorBoard and the
+progress bar in :mod:`ssd.engine.monitor`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,18 +22,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint, save_checkpoint
-from ssd.config import Config, ConfigError, TrainConfig, save_config, to_dict
-from ssd.data.dataset import build_dataset, read_image
+from ssd.checkpoint import make_checkpoint, save_checkpoint
+from ssd.config import Config, ConfigError, TrainConfig, save_config
+from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed, resolve_device
-from ssd.engine.evaluate import evaluate_predictions, gather_predictions, predict_loader
+from ssd.engine.evaluate import gather_predictions, predict_loader
+from ssd.engine.evalset import evaluate_predictions
+from ssd.engine.finetune import init_weights_from
+from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
+from ssd.engine.state import restore_state, training_state, trim_metrics, unwrap
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
-from ssd.visualize import draw_detections
 
 log = logging.getLogger("ssd.train")
 
@@ -110,159 +114,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or cfg.amp == "none":
         return None
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-
-
-def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[str, list[str]]:
-    """Load every tensor of ``path`` whose name and shape match the model; report the rest.
-
-    Returns ``{"loaded": [...], "reinitialised": [...] (shape differs, e.g. a head with another
-    class count), "ignored": [...] (not in the model)}``; all three are logged.
-    """
-    obj = load_checkpoint(path)
-    state = obj["model"]
-    own = model.state_dict()
-    report = {"loaded": [], "reinitialised": [], "ignored": []}
-    update = {}
-    for key, value in state.items():
-        if backbone_only and not key.startswith("backbone."):
-            report["ignored"].append(key)
-        elif key not in own:
-            report["ignored"].append(key)
-        elif own[key].shape != value.shape:
-            report["reinitialised"].append(key)
-        else:
-            update[key] = value
-            report["loaded"].append(key)
-    if not any(v.is_floating_point() for v in update.values()):  # BN's num_batches_tracked counters always fit
-        raise CheckpointError(f"{path}: no tensor matches this model by name and shape; is it the right architecture?")
-    model.load_state_dict(update, strict=False)
-    log.info("init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
-             path, len(report["loaded"]), len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-",
-             len(report["ignored"]), ", ".join(report["ignored"][:6]) or "-")  # fmt: skip
-    return report
-
-
-# --- checkpoint state -----------------------------------------------------------------------------
-
-
-def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict) -> dict:
-    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
-    ckpt.update(
-        full_config=to_dict(cfg),
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        scaler=scaler.state_dict(),
-        iteration=iteration,
-        best=best,
-        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    )
-    return ckpt
-
-
-def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
-    ckpt = load_checkpoint(path)
-    if "optimizer" not in ckpt or "iteration" not in ckpt:
-        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
-    load_state_strict(unwrap(model), ckpt["model"], f"{path} (resume; was the model config changed?)")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return int(ckpt["iteration"]), dict(ckpt.get("best", {}))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def trim_metrics(path: Path, iteration: int) -> None:
-    """On resume drop the lines logged after the checkpoint, so metrics.jsonl reads as one run
-    (and a line torn by a kill mid-write)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("iter", 0) <= iteration:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves ``last.pt`` and returns at the next step."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class TensorBoard:
-    """Scalars and a few validation images with drawn detections in ``OUTPUT_DIR/tensorboard`` (rank 0),
-    when the optional ``tensorboard`` package is installed; a no-op otherwise."""
-
-    def __init__(self, enabled: bool, log_dir: Path) -> None:
-        self.writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard is not installed (pip install 'ssd[tensorboard]'): metrics go to metrics.jsonl only")
-            return
-        self.writer = SummaryWriter(str(log_dir))
-
-    def train_row(self, row: dict) -> None:
-        if self.writer:
-            for key in ("loss", "loc", "conf", "lr", "images_per_s"):
-                self.writer.add_scalar(f"train/{key}", row[key], row["iter"])
-
-    def eval_row(self, it: int, res: dict) -> None:
-        if not self.writer:
-            return
-        self.writer.add_scalar(f"val/{res['metric']}_map", res["map"], it)
-        for name, ap in res["per_class"].items():
-            self.writer.add_scalar(f"val_ap/{name}", ap, it)
-        for image_id, drawn in res.get("samples", []):
-            self.writer.add_image(f"val_images/{image_id}", drawn, it, dataformats="HWC")
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
-def draw_samples(dataset, predictions: dict, count: int) -> list[tuple[str, np.ndarray]]:
-    """The first ``count`` validation images with their detections drawn (for TensorBoard)."""
-    samples = []
-    for rec in dataset.records[:count]:
-        d = predictions[rec.image_id]
-        samples.append((rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes)))
-    return samples
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -392,7 +243,7 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
     bad_steps, skipped_images, stop_reason = 0, 0, None
     window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
     t_start = time.perf_counter()
-    progress = _progress(tcfg.max_iter, it, ctx)
+    progress = progress_bar(tcfg.max_iter, it, ctx)
 
     def save_last() -> None:
         if ctx.is_main:
@@ -506,12 +357,3 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
     run_eval()
     save_last()
     return "done" if it >= tcfg.max_iter else "time_limit"
-
-
-def _progress(total: int, start: int, ctx: DistContext):
-    if not ctx.is_main or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-

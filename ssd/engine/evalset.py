@@ -1,0 +1,300 @@
+"""The evaluation set in its annotation file's frame: ground truth, detections, metrics, result files.
+
+The annotation file's frame, the one detection files use (``detections.json``, ``--detections``):
+- VOC-format data: boxes in the XML's 1-based inclusive numbers. A prediction ``(x1, y1, x2, y2)``
+  in continuous pixels is ``xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2`` (the inverse of the
+  loader's conversion; py-faster-rcnn writes its detections the same way); its COCO-results
+  ``bbox`` is ``[xmin, ymin, xmax - xmin, ymax - ymin]``, ``image_id`` the split file's id string
+  and ``category_id`` the 1-based index in ``classes``.
+- COCO-format data: the file's own ``[x, y, w, h]``, image ids and category ids.
+Every metric and every written file derives from the same float64 ``[x, y, w, h]`` arrays, so a
+written ``detections.json`` read back with ``--detections`` gives bit-identical metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ssd.data.coco import label_to_category_id, load_coco
+from ssd.data.dataset import DetectionDataset
+from ssd.metrics.coco import coco_eval, coco_from_dict
+from ssd.metrics.voc import voc_map
+
+log = logging.getLogger("ssd.eval")
+
+METRICS = ("voc07", "voc", "coco")
+PIXEL_CONVENTIONS = ("inclusive", "continuous")
+RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+def resolve_metric(metric: str | None, coco_format: bool) -> str:
+    """``auto`` / None -> ``coco`` for COCO-format data, ``voc07`` for VOC-format data."""
+    if metric in (None, "auto"):
+        return "coco" if coco_format else "voc07"
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of auto, {', '.join(METRICS)}")
+    return metric
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float)  # JSON numbers; bool is not one
+
+
+def _xyxy(boxes_xywh: np.ndarray) -> np.ndarray:
+    """``[x, y, w, h]`` of a detection file -> ``[x, y, x + w, y + h]``, the one place this sum is made."""
+    return np.concatenate([boxes_xywh[:, :2], boxes_xywh[:, :2] + boxes_xywh[:, 2:]], 1)
+
+
+class EvalSet:
+    """The ground truth of ``dataset`` with the ids and box frame of its annotation file.
+
+    Detections here are lists aligned with ``dataset.records``: ``{"boxes": float64 [N, 4] xywh in
+    the file's frame, "scores": float64 [N], "labels": int64 [N] (1-based)}``.
+    ``annotations`` is the COCO instances file of COCO-format data (``data.val.annotations``).
+    """
+
+    def __init__(self, dataset: DetectionDataset, annotations: str | os.PathLike | None = None) -> None:
+        self.dataset = dataset
+        self.classes = list(dataset.classes)
+        records = dataset.records
+        self.coco_format = bool(records) and records[0].coco_id is not None
+        seen = {}
+        for rec in records:
+            if rec.image_id in seen:
+                raise ValueError(f"image id {rec.image_id!r} appears twice in the evaluation set ({seen[rec.image_id]} and "
+                                 f"{rec.path}); detections are matched to images by id, so ids must be unique")  # fmt: skip
+            seen[rec.image_id] = rec.path
+        if self.coco_format:
+            if annotations is None:
+                raise ValueError("evaluating COCO-format data needs its annotation file (data.val.annotations)")
+            self.coco_gt = load_coco(annotations)
+            self.result_image_ids = [rec.coco_id for rec in records]
+            self.category_of_label = label_to_category_id(self.coco_gt, self.classes)
+        else:
+            self.coco_gt = None  # built on first use: COCO metrics on VOC-format data
+            self.result_image_ids = [rec.image_id for rec in records]
+            self.category_of_label = {i + 1: i + 1 for i in range(len(self.classes))}
+        self.record_of_image_id = {image_id: i for i, image_id in enumerate(self.result_image_ids)}
+        self.label_of_category = {cat: label for label, cat in self.category_of_label.items()}
+
+    # frames -------------------------------------------------------------------------------------
+
+    def from_predictions(self, predictions: dict[str, dict]) -> list[dict[str, np.ndarray]]:
+        """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame."""
+        shift = np.zeros(2) if self.coco_format else np.ones(2)  # VOC: xmin = x1 + 1, xmax = x2
+        out = []
+        for rec in self.dataset.records:
+            d = predictions.get(rec.image_id)
+            if d is None:
+                out.append(self._empty())
+                continue
+            xyxy = np.asarray(d["boxes"], np.float64).reshape(-1, 4)
+            xy = xyxy[:, :2] + shift
+            boxes = np.concatenate([xy, xyxy[:, 2:] - xy], 1)
+            out.append({"boxes": boxes, "scores": np.asarray(d["scores"], np.float64).reshape(-1),
+                        "labels": np.asarray(d["labels"], np.int64).reshape(-1)})  # fmt: skip
+        return out
+
+    @staticmethod
+    def _empty() -> dict[str, np.ndarray]:
+        return {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+
+    def ground_truth(self) -> list[dict[str, np.ndarray]]:
+        """Per record: xyxy boxes as written in the annotation file (all objects, difficult flagged)."""
+        return [
+            {"boxes": np.asarray(rec.boxes if rec.source_boxes is None else rec.source_boxes, np.float64).reshape(-1, 4),
+             "labels": rec.labels, "difficult": rec.difficult}
+            for rec in self.dataset.records
+        ]  # fmt: skip
+
+    # metrics ------------------------------------------------------------------------------------
+
+    def evaluate(self, detections: list[dict], metric: str | None = "auto", voc_pixel_convention: str = "inclusive") -> dict:
+        """``{"metric", "map", "per_class": {name: AP}, "num_gt": {name: n}, "curves": {name: [(label,
+        recall, precision), ...]}}`` plus, for COCO, the 12 numbers of ``COCO_STATS`` by name."""
+        metric = resolve_metric(metric, self.coco_format)
+        if voc_pixel_convention not in PIXEL_CONVENTIONS:
+            raise ValueError(f"voc_pixel_convention {voc_pixel_convention!r} is not one of {', '.join(PIXEL_CONVENTIONS)}")
+        if len(detections) != len(self.dataset.records):
+            raise ValueError(f"{len(detections)} detection lists for {len(self.dataset.records)} images")
+        if metric == "coco":
+            return self._evaluate_coco(detections)
+        dets = [{"boxes": _xyxy(d["boxes"]), "scores": d["scores"], "labels": d["labels"]} for d in detections]
+        res = voc_map(dets, self.ground_truth(), len(self.classes) + 1, metric == "voc07", 0.5, voc_pixel_convention == "inclusive")
+        return {
+            "metric": metric,
+            "map": res["map"],
+            "per_class": {self.classes[c - 1]: ap for c, ap in res["ap"].items()},
+            "num_gt": {self.classes[c - 1]: n for c, n in res["npos"].items()},
+            "curves": {self.classes[c - 1]: [("IoU > 0.5", *res["curves"][c])] for c in res["ap"]},
+            "ap": res["ap"],
+        }
+
+    def _evaluate_coco(self, detections: list[dict]) -> dict:
+        if self.coco_gt is None:
+            self.coco_gt = self._coco_from_records()
+        res = coco_eval(self.coco_gt, self.results(detections), list(self.record_of_image_id) if self.coco_format else
+                        list(range(1, len(self.dataset.records) + 1)))  # fmt: skip
+        out = {"metric": "coco", "map": res["stats"]["AP"], "per_class": {}, "num_gt": {}, "curves": {}}
+        thresholds = [round(float(t), 2) for t in res["iou_thresholds"]]
+        for label, name in enumerate(self.classes, 1):
+            cat = self.category_of_label.get(label)
+            out["per_class"][name] = res["per_class"].get(cat, float("nan"))
+            out["num_gt"][name] = res["num_gt"].get(cat, 0)
+            if cat in res["curves"]:
+                recall, precision = res["curves"][cat]
+                mean = np.nanmean(precision, 0) if not np.isnan(precision).all() else precision[0]
+                out["curves"][name] = [(f"IoU {thresholds[0]:.2f}", recall, precision[0]),
+                                       (f"IoU {thresholds[5]:.2f}", recall, precision[5]),
+                                       ("IoU .50:.95 mean", recall, mean)]  # fmt: skip
+        out.update(res["stats"])
+        return out
+
+    def _coco_from_records(self):
+        """COCO ground truth of VOC-format data, in the XML's numbers: ``bbox = [xmin, ymin, xmax -
+        xmin, ymax - ymin]`` (the detection files' convention), difficult objects as crowd
+        (ignored), image ids 1..N in record order, category ids = labels."""
+        images, annotations = [], []
+        for i, (rec, gt) in enumerate(zip(self.dataset.records, self.ground_truth()), 1):
+            images.append({"id": i, "width": rec.width, "height": rec.height, "file_name": rec.path})
+            for box, label, difficult in zip(gt["boxes"].tolist(), gt["labels"].tolist(), gt["difficult"].tolist()):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label, "bbox": [box[0], box[1], w, h],
+                                    "area": w * h, "iscrowd": int(difficult)})  # fmt: skip
+        categories = [{"id": label, "name": name} for label, name in enumerate(self.classes, 1)]
+        return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
+
+    # COCO results format ---------------------------------------------------------------------------
+
+    def results(self, detections: list[dict], file_ids: bool = False) -> list[dict]:
+        """COCO results dicts in record order. ``file_ids``: VOC image ids as the split file's strings
+        (what ``detections.json`` holds); else 1..N, the ids of the in-memory COCO ground truth."""
+        out, dropped = [], 0
+        for i, (image_id, d) in enumerate(zip(self.result_image_ids, detections)):
+            if not self.coco_format and not file_ids:
+                image_id = i + 1
+            for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+                cat = self.category_of_label.get(label)
+                if cat is None:
+                    dropped += 1
+                    continue
+                out.append({"image_id": image_id, "category_id": cat, "bbox": box, "score": score})
+        if dropped:
+            log.warning("%d detection(s) have a label without a category in the annotation file and were left out", dropped)
+        return out
+
+    def read_results(self, path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+        """A COCO results file (a JSON list) -> detections per record, file order kept within an image.
+
+        Errors (``ValueError``) name the file and the first offending entry's index.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: detections file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of detections in COCO results format "
+                             f"([{{\"image_id\", \"category_id\", \"bbox\": [x, y, w, h], \"score\"}}, ...]), got a {type(data).__name__}")  # fmt: skip
+        if self.coco_format:
+            id_hint = "COCO-format data.val: use the annotation file's integer image ids"
+            cat_hint = f"valid: the annotation file's category ids {sorted(self.label_of_category)[:10]}"
+        else:
+            id_hint = f"VOC-format data.val: use the split file's id strings, e.g. {self.result_image_ids[0]!r}" if self.result_image_ids else ""
+            cat_hint = f"valid: 1..{len(self.classes)}, the 1-based index in classes"
+        min_size = 0.0 if self.coco_format else -1.0  # VOC: inclusive numbers, xmax = xmin - 1 is an empty box
+        rows, labels, boxes, scores = [], [], [], []
+        for i, entry in enumerate(data):
+            where = f"{path}: entry {i}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: expected an object with {', '.join(RESULT_KEYS)}, got {entry!r:.80}")
+            missing = [k for k in RESULT_KEYS if k not in entry]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (each detection needs {', '.join(RESULT_KEYS)})")
+            image_id, cat, bbox, score = (entry[k] for k in RESULT_KEYS)
+            row = self.record_of_image_id.get(image_id) if isinstance(image_id, (str, int)) and type(image_id) is not bool else None
+            if row is None:
+                raise ValueError(f"{where}: unknown image_id {image_id!r}, not in data.val ({id_hint})")
+            label = self.label_of_category.get(cat) if type(cat) is int else None
+            if label is None:
+                raise ValueError(f"{where}: unknown category_id {cat!r} ({cat_hint})")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+                raise ValueError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {bbox!r:.80}")
+            if not all(math.isfinite(v) for v in bbox):
+                raise ValueError(f"{where}: bbox {bbox} has a non-finite value")
+            if bbox[2] < min_size or bbox[3] < min_size:
+                extra = "" if self.coco_format else " (VOC numbers are inclusive: width = xmax - xmin >= -1)"
+                raise ValueError(f"{where}: bbox {bbox} has a negative size{extra}")
+            if not _number(score) or not math.isfinite(score):
+                raise ValueError(f"{where}: score must be a finite number, got {score!r}")
+            rows.append(row)
+            labels.append(label)
+            boxes.append(bbox)
+            scores.append(score)
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")  # grouped by image, file order within each
+        starts = np.searchsorted(rows[order], np.arange(len(self.dataset.records) + 1))
+        boxes, scores, labels = (np.asarray(boxes, np.float64).reshape(-1, 4)[order], np.asarray(scores, np.float64)[order],
+                                 np.asarray(labels, np.int64)[order])  # fmt: skip
+        return [{"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+
+    def write_results(self, path: str | os.PathLike, detections: list[dict]) -> int:
+        """Write ``detections.json`` (COCO results format, the file's ids and frame); returns the count."""
+        results = self.results(detections, file_ids=True)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, separators=(",", ":"))  # repr floats: read back bit for bit
+        os.replace(tmp, path)
+        return len(results)
+
+    def write_comp4(self, out_dir: str | os.PathLike, split: str, detections: list[dict]) -> list[Path]:
+        """VOC devkit ``comp4_det_<split>_<class>.txt``: ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>``
+        per line, the file's frame, py-faster-rcnn's number format (score %.3f, boxes %.1f)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = {label: [] for label in range(1, len(self.classes) + 1)}
+        for image_id, d in zip(self.result_image_ids, detections):
+            for (x1, y1, x2, y2), score, label in zip(_xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist()):
+                if label in lines:
+                    lines[label].append(f"{image_id} {score:.3f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}\n")
+        paths = []
+        for label, rows in lines.items():
+            paths.append(out_dir / f"comp4_det_{split}_{safe_name(self.classes[label - 1])}.txt")
+            paths[-1].write_text("".join(rows))
+        return paths
+
+
+def evaluate_predictions(
+    dataset: DetectionDataset,
+    predictions: dict[str, dict],
+    metric: str | None = "auto",
+    voc_pixel_convention: str = "inclusive",
+    annotations: str | os.PathLike | None = None,
+) -> dict:
+    """The metric of ``predictions`` (keyed by image id, continuous pixels of the original image) on
+    ``dataset``: what the training loop and ``ssd eval`` report. ``metric``: voc07 | voc | coco |
+    auto (by the data's format); ``annotations``: the COCO file of COCO-format data. See
+    :meth:`EvalSet.evaluate` for the result."""
+    evalset = EvalSet(dataset, annotations)
+    return evalset.evaluate(evalset.from_predictions(predictions), metric, voc_pixel_convention)
+
+
+def evaluate_voc(dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True) -> dict:
+    """VOC mAP of ``predictions`` (VOC07 11-point or VOC2010+ area); see :func:`evaluate_predictions`."""
+    return evaluate_predictions(dataset, predictions, "voc07" if use_07_metric else "voc", "inclusive" if inclusive else "continuous")
+
+
+def safe_name(name: str) -> str:
+    """A class name usable in a file name (COCO's 'traffic light' keeps its space)."""
+    return re.sub(r"[/\\:\0]", "_", name)

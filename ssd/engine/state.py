@@ -1,0 +1,61 @@
+"""Training state in ``last.pt``: what a resumed run needs to continue bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint
+from ssd.config import Config, to_dict
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict) -> dict:
+    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
+    ckpt.update(
+        full_config=to_dict(cfg),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=scaler.state_dict(),
+        iteration=iteration,
+        best=best,
+        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    )
+    return ckpt
+
+
+def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt or "iteration" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
+    load_state_strict(unwrap(model), ckpt["model"], f"{path} (resume; was the model config changed?)")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return int(ckpt["iteration"]), dict(ckpt.get("best", {}))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def trim_metrics(path: Path, iteration: int) -> None:
+    """On resume drop the lines logged after the checkpoint, so metrics.jsonl reads as one run
+    (and a line torn by a kill mid-write)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("iter", 0) <= iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
