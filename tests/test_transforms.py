@@ -1,4 +1,5 @@
-"""ssd.data.transforms: output invariants over many seeds, the enforced min-IoU crop, box/pixel
+"""ssd.data.transforms: output invariants over many seeds, the paper's patch sampler (rules and its distribution
+side by side with torchvision), box/pixel
 consistency, zoom-out fill, flip, eval == resize, seeding, and batch normalisation."""
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from ssd.bench.augment import crop_statistics, voc_like_layouts
 from ssd.config import AugmentConfig, PreprocessConfig
 from ssd.data.transforms import (
+    PAPER_CROP_OPTIONS,
     MinIoURandomCrop,
     PhotometricDistort,
     ZoomOut,
@@ -22,6 +25,7 @@ from ssd.data.transforms import (
     normalize_batch,
     photometric_distort,
     sample_min_iou_crop,
+    sample_patch,
     to_tensor,
 )
 
@@ -80,85 +84,120 @@ def test_train_outputs_are_valid_over_many_seeds():
     assert seen_empty > 10 and kept_any > 150  # the loop covered empty images and real outputs
 
 
-# --- min-IoU crop -----------------------------------------------------------------------------
+# --- the patch sampler (paper Sec. 2.2; torchvision RandomIoUCrop) ------------------------------
 
 
+@pytest.mark.parametrize("min_iou,side", [(0.1, (0.05, 0.7)), (0.5, (0.3, 0.8)), (0.9, (0.6, 0.9))])
 # box sizes that let the option pass now and then (IoU >= 0.9 needs a crop within ~5% of a big box)
-@pytest.mark.parametrize("min_iou, side", [(0.5, (0.05, 0.7)), (0.7, (0.3, 1.0)), (0.9, (0.8, 1.0))])
-def test_min_iou_crop_is_enforced_for_every_kept_box(min_iou, side):
+def test_min_iou_crop_is_met_by_some_kept_box(min_iou, side):
     crop_t = MinIoURandomCrop([min_iou])
-    rng = np.random.default_rng(1)
-    accepted = 0
-    for seed in range(300):
+    rng = np.random.default_rng(0)
+    accepted = both_rules_differ = 0
+    for seed in range(200):
         boxes_px, (h, w) = crop_case(rng, side)
         crop_t.set_random_seed(seed)
-        bboxes = np.concatenate([boxes_px / (w, h, w, h), np.arange(len(boxes_px))[:, None]], 1)  # + label column
+        bboxes = np.concatenate([boxes_px / (w, h, w, h), np.arange(len(boxes_px))[:, None]], 1).astype(np.float32)
         params = crop_t.get_params_dependent_on_data({"shape": (h, w, 3)}, {"bboxes": bboxes})
         if params["crop"] is None:
             continue
         accepted += 1
         crop = np.array([params["crop"]], dtype=np.float64)
         kept = centre_in(boxes_px, params["crop"])
-        assert kept.any()
-        assert (box_iou_np(crop, boxes_px[kept]) >= min_iou).all()
+        assert kept.any(), "a patch must keep at least one box"
+        ious = box_iou_np(crop, boxes_px[kept])[0]
+        assert ious.max() >= min_iou  # at least one kept box meets the option (torchvision, Caffe)
+        both_rules_differ += bool(ious.min() < min_iou)  # the old every-box rule would have rejected it
         out = crop_t.apply_to_bboxes(bboxes, crop=params["crop"], shape=(h, w, 3))
-        assert out[:, 4].tolist() == np.flatnonzero(kept).tolist(), "kept boxes differ from the constraint's"
-    assert accepted > 25  # not vacuous
+        assert out[:, 4].astype(int).tolist() == np.flatnonzero(kept).tolist()  # the kept boxes, in order
+    assert accepted > 20
+    if min_iou < 0.9:
+        assert both_rules_differ > 0  # the rule is "some box", not "every box"
 
 
 def test_crop_keeps_boxes_with_centre_inside_and_clips_them():
     crop_t = MinIoURandomCrop([0.5])
-    boxes_px = np.array([
-        [30.0, 30.0, 50.0, 50.0],  # inside
-        [10.0, 40.0, 40.0, 70.0],  # centre (25, 55) inside, clipped left and bottom
-        [50.0, 25.0, 90.0, 45.0],  # overlaps, centre (70, 35) outside
-        [0.0, 0.0, 40.0, 40.0],  # centre (20, 20) on the corner: outside (strict)
-    ])  # fmt: skip
-    bboxes = np.concatenate([boxes_px / 100, np.arange(4)[:, None]], 1)
+    bboxes = np.array(
+        [[10, 10, 50, 50, 1], [40, 40, 90, 90, 2], [70, 70, 95, 95, 3]], dtype=np.float32
+    )  # centres (30,30) in, (65,65) out of (20,20,60,60), (82.5,82.5) out
+    bboxes[:, :4] /= 100
     out = crop_t.apply_to_bboxes(bboxes, crop=(20, 20, 60, 60), shape=(100, 100, 3))
-    expected = np.array([[10.0, 10.0, 30.0, 30.0, 0], [0.0, 20.0, 20.0, 40.0, 1]]) / [40, 40, 40, 40, 1]
-    np.testing.assert_allclose(out, expected, atol=1e-12)
-    image = np.arange(100 * 100 * 3, dtype=np.int32).reshape(100, 100, 3)
+    assert out[:, 4].tolist() == [1]
+    np.testing.assert_allclose(out[0, :4], [0.0, 0.0, 0.75, 0.75], atol=1e-6)  # (20..50) in a 40-px window
+    image = np.arange(100 * 100 * 3, dtype=np.uint32).reshape(100, 100, 3).astype(np.uint8)
     assert np.array_equal(crop_t.apply(image, crop=(20, 20, 60, 60)), image[20:60, 20:60])
 
 
-@pytest.mark.parametrize("min_iou", [0.5, 0.7])
+@pytest.mark.parametrize("min_iou", [0.3, 0.5])
 def test_unconstrained_crops_often_violate_the_iou_bound(min_iou):
-    """ssd.pytorch's effective rule (a centre inside, IoU never checked) breaks the bound regularly."""
-    rng = np.random.default_rng(2)
-    violations = trials = 0
-    for seed in range(300):
+    """The test above would pass on a sampler that ignored the option: random windows break the bound."""
+    rng = np.random.default_rng(1)
+    violations = 0
+    for seed in range(100):
         boxes_px, hw = crop_case(rng)
         crop = sample_min_iou_crop(boxes_px, hw, 0.0, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(seed))
         if crop is None:
             continue
         kept = centre_in(boxes_px, crop)
-        crop = np.array([crop], dtype=np.float64)
-        trials += 1
-        violations += bool((box_iou_np(crop, boxes_px[kept]) < min_iou).any())
-    assert violations > 0.3 * trials
-
-
-def test_min_iou_over_all_boxes():
-    rng = np.random.default_rng(3)
-    accepted = 0
-    for seed in range(200):
-        boxes_px, hw = crop_case(rng)
-        crop = sample_min_iou_crop(boxes_px, hw, 0.3, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(seed), "all")
-        if crop is not None:
-            accepted += 1
-            assert (box_iou_np(np.array([crop], dtype=np.float64), boxes_px) >= 0.3).all()
-    assert accepted > 20
+        violations += bool((box_iou_np(np.array([crop], dtype=np.float64), boxes_px[kept]) < min_iou).all())
+    assert violations > 10
 
 
 def test_crop_windows_respect_scale_and_aspect():
-    rng = np.random.default_rng(4)
+    big = np.array([[0.0, 0.0, 500.0, 375.0]])  # its centre is in most windows: the random patch passes
     for seed in range(200):
-        crop = sample_min_iou_crop(np.zeros((0, 4)), (375, 500), 0.9, (0.3, 1.0), (0.5, 2.0), 50, rng)
-        x1, y1, x2, y2 = crop  # no boxes: any valid window passes
+        crop = sample_min_iou_crop(big, (375, 500), 0.0, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(seed))
+        x1, y1, x2, y2 = crop
         assert 0 <= x1 < x2 <= 500 and 0 <= y1 < y2 <= 375
-        assert x2 - x1 >= int(0.3 * 500) - 1 and y2 - y1 >= int(0.3 * 375) - 1
-        assert 0.5 - 0.02 <= (x2 - x1) / (y2 - y1) <= 2.0 + 0.02  # integer snapping
+        assert x2 - x1 >= int(0.3 * 500) and y2 - y1 >= int(0.3 * 375)
+        assert 0.5 <= (x2 - x1) / (y2 - y1) <= 2.0
+
+
+def test_a_failed_option_draws_another_instead_of_keeping_the_image():
+    """A tiny box: every min-IoU option fails, the random patch (0.0) passes. Redrawing after a failure
+    makes the outcome "whole image" vs "random patch" 1:1 (torchvision's loop); giving up after the first
+    failed option (the old sampler) would crop only 1 image in 7."""
+    boxes = np.array([[240.0, 180.0, 250.0, 190.0]])
+    crops = [sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
+             for s in range(4000)]  # fmt: skip
+    cropped = np.mean([c is not None for c in crops])
+    assert abs(cropped - 0.5) < 0.03, cropped  # binomial sd 0.008
+    assert all(centre_in(boxes, c).all() for c in crops if c is not None)
+
+
+def test_option_frequencies_are_uniform_when_every_option_can_succeed():
+    """One box filling the image: each option's windows pass with a rate the option sets; over many seeds
+    the whole-image share is 1/7, the paper's uniform choice among its seven options."""
+    boxes = np.array([[0.0, 0.0, 500.0, 375.0]])
+    crops = [sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
+             for s in range(3000)]  # fmt: skip
+    whole = np.mean([c is None for c in crops])
+    # P(whole) = 1/7 / (1 - P(draw fails)); an IoU >= 0.9 window must cover 90% of the image, which 50
+    # trials find only sometimes, so the share is at least 1/7 and at most 1/6
+    assert 1 / 7 - 0.02 < whole < 1 / 6 + 0.02, whole
+
+
+def test_images_without_objects_are_never_cropped():
+    aug = AugmentConfig(**NO_COLOUR, expand_p=0.0, flip_p=0.0)
+    t = build_transforms(aug, PreprocessConfig(), 100, train=True, seed=0)
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    expected = cv2.resize(image, (100, 100), interpolation=cv2.INTER_LINEAR)
+    for seed in range(50):
+        t.set_seed(seed)
+        out_image, out_boxes, _ = t(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        assert np.array_equal(out_image, expected) and out_boxes.shape == (0, 4)
+    assert sample_patch(np.zeros((0, 4)), (375, 500), [0.0], (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(0)) is None
+
+
+def test_crop_rate_and_kept_area_match_torchvision_random_iou_crop():
+    """The distribution, side by side: 2,000 VOC-like layouts (1-6 objects, 5-60% of the side, half of
+    them zoomed out as in training), the sampler alone through our pipeline and through torchvision v2
+    RandomIoUCrop with the same 50 trials. The old sampler (every kept box must pass, no random patch,
+    no redraw) cropped 19% of these and kept 0.87 of the area, torchvision 69% and 0.58."""
+    stats = crop_statistics(voc_like_layouts(2000, seed=0), trials=50)
+    ours, peer = stats["ours"], stats["torchvision"]
+    assert 0.6 < peer["cropped"] < 0.8 and 0.5 < peer["area_kept"] < 0.65  # the harness measures what it should
+    assert abs(ours["cropped"] - peer["cropped"]) < 0.05, stats
+    assert abs(ours["area_kept"] - peer["area_kept"]) < 0.05, stats
 
 
 def test_impossible_constraint_falls_back_to_the_whole_image():

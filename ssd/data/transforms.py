@@ -124,6 +124,10 @@ class PhotometricDistort(A.ImageOnlyTransform):
 
 # --- geometry -------------------------------------------------------------------------------
 
+# The paper's options (Sec. 2.2): the whole image (None), a random patch (0.0), a patch with IoU >= 0.1 .. 0.9
+PAPER_CROP_OPTIONS = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+MAX_OPTION_DRAWS = 50  # options drawn per image before the whole image is kept (torchvision: unbounded)
+
 
 def _keep_positive(bboxes: np.ndarray) -> np.ndarray:
     """Rows of ``bboxes [N, 4+]`` whose box has positive width and height."""
@@ -194,77 +198,96 @@ def sample_min_iou_crop(
     aspect: Sequence[float],
     max_trials: int,
     rng: np.random.Generator,
-    iou_over: str = "kept",
 ) -> tuple[int, int, int, int] | None:
-    """The first of ``max_trials`` random crops that passes the paper's constraint, or None.
+    """The first of ``max_trials`` random windows that satisfies the ``min_iou`` constraint, or None.
 
-    A trial draws width and height as ``U(scale)`` of each image side (rejected unless
-    ``aspect[0] <= w / h <= aspect[1]``) and a uniform position; the window is snapped to whole
-    pixels (``xyxy`` ints). With boxes, it is accepted when at least one box centre lies inside
-    and IoU(box, crop) >= ``min_iou`` for every *kept* box (centre inside; ``iou_over="all"``:
-    every box, mmdetection's reading). Without boxes every geometrically valid window passes.
-    All trials are drawn and checked at once (vectorised); the first passing one is returned.
+    A trial draws the window's width and height as ``int(U(scale) * side)`` independently (rejected
+    unless ``aspect[0] <= w / h <= aspect[1]``) and its position as ``int(U(0, 1) * (side - w))``:
+    whole-pixel ``xyxy`` windows, as torchvision's ``RandomIoUCrop``. A window passes when at least
+    one box centre lies strictly inside it and the largest IoU of those boxes with the window is
+    ``>= min_iou`` (torchvision; Caffe's ``SatisfySampleConstraint`` is "any box" too), so
+    ``min_iou = 0`` is the paper's unconstrained random patch. All trials are drawn and checked at
+    once (vectorised); the first passing one is returned, as a sequential loop would.
     """
+    if not len(boxes_px):
+        return None
     h, w = image_hw
-    crop_w = rng.uniform(scale[0], scale[1], max_trials) * w
-    crop_h = rng.uniform(scale[0], scale[1], max_trials) * h
-    left = rng.uniform(0.0, 1.0, max_trials) * (w - crop_w)
-    top = rng.uniform(0.0, 1.0, max_trials) * (h - crop_h)
-    crops = np.stack([left, top, left + crop_w, top + crop_h], 1).astype(np.int64)  # [T, 4], floor (all >= 0)
-    ok = (crop_w >= aspect[0] * crop_h) & (crop_w <= aspect[1] * crop_h)
-    ok &= (crops[:, 2] > crops[:, 0]) & (crops[:, 3] > crops[:, 1])
-    if len(boxes_px):
-        inside = centres_inside(boxes_px, crops)  # [T, N]
-        iou = box_iou_np(crops.astype(np.float64), boxes_px)  # [T, N]
-        if iou_over == "kept":
-            iou = np.where(inside, iou, np.inf)
-        ok &= inside.any(1) & (iou.min(1) >= min_iou)
+    crop_w = (rng.uniform(scale[0], scale[1], max_trials) * w).astype(np.int64)
+    crop_h = (rng.uniform(scale[0], scale[1], max_trials) * h).astype(np.int64)
+    left = (rng.uniform(0.0, 1.0, max_trials) * (w - crop_w)).astype(np.int64)
+    top = (rng.uniform(0.0, 1.0, max_trials) * (h - crop_h)).astype(np.int64)
+    crops = np.stack([left, top, left + crop_w, top + crop_h], 1)  # [T, 4]
+    ok = (crop_w > 0) & (crop_h > 0) & (crop_w >= aspect[0] * crop_h) & (crop_w <= aspect[1] * crop_h)
+    inside = centres_inside(boxes_px, crops)  # [T, N]
+    iou = np.where(inside, box_iou_np(crops.astype(np.float64), boxes_px), -1.0)  # [T, N]
+    ok &= inside.any(1) & (iou.max(1) >= min_iou)
     if not ok.any():
         return None
     return tuple(int(v) for v in crops[int(np.argmax(ok))])
 
 
-class MinIoURandomCrop(A.DualTransform):
-    """The SSD paper's patch sampling (ssd.pytorch ``RandomSampleCrop``, with its IoU check enforced).
+def sample_patch(
+    boxes_px: np.ndarray,
+    image_hw: tuple[int, int],
+    options: Sequence[float | None],
+    scale: Sequence[float],
+    aspect: Sequence[float],
+    max_trials: int,
+    rng: np.random.Generator,
+    max_draws: int = MAX_OPTION_DRAWS,
+) -> tuple[int, int, int, int] | None:
+    """The SSD paper's patch sampling (Sec. 2.2): a window ``(x1, y1, x2, y2)``, or None for the whole image.
 
-    Per image one option is drawn from ``min_ious``: ``None`` keeps the whole image, a number
-    runs :func:`sample_min_iou_crop` (up to ``max_trials`` windows). If no window passes, the
-    image is left uncropped (ssd.pytorch instead draws a new option and retries forever).
-    Boxes whose centre falls outside the window are dropped; the others are clipped to it.
+    Draws one of ``options`` uniformly: ``None`` keeps the whole image; a number ``m`` runs
+    :func:`sample_min_iou_crop` with minimum IoU ``m`` (``0`` is the random patch). When all of an
+    option's ``max_trials`` windows fail, a new option is drawn (torchvision's loop), at most
+    ``max_draws`` times, so no image can hang a worker; then the whole image is kept. An image
+    without boxes is never cropped: no window can keep a box, which is what every option but the
+    whole image needs (torchvision and Caffe behave alike; images with objects are what a crop is for).
+    """
+    if not len(boxes_px):
+        return None
+    for _ in range(max_draws):
+        min_iou = options[int(rng.integers(len(options)))]
+        if min_iou is None:
+            return None
+        crop = sample_min_iou_crop(boxes_px, image_hw, min_iou, scale, aspect, max_trials, rng)
+        if crop is not None:
+            return crop
+    return None
+
+
+class MinIoURandomCrop(A.DualTransform):
+    """The SSD paper's patch sampling as an albumentations transform (:func:`sample_patch`).
+
+    ``min_ious``: the options, one drawn per image; ``None`` keeps the whole image, ``0.0`` is a random
+    patch, ``m`` a patch with IoU >= ``m`` with some object (the paper and torchvision:
+    ``None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9``). Boxes whose centre falls outside the window are dropped;
+    the others are clipped to it.
     """
 
     def __init__(
         self,
-        min_ious: Sequence[float | None] = (None, 0.1, 0.3, 0.5, 0.7, 0.9),
+        min_ious: Sequence[float | None] = PAPER_CROP_OPTIONS,
         scale: Sequence[float] = (0.3, 1.0),
         aspect: Sequence[float] = (0.5, 2.0),
         max_trials: int = 50,
-        iou_over: str = "kept",
         p: float = 1.0,
     ):
         super().__init__(p=p)
-        if iou_over not in ("kept", "all"):
-            raise ValueError(f"MinIoURandomCrop: iou_over must be 'kept' or 'all', got {iou_over!r}")
         self.min_ious = list(min_ious)
         self.scale = tuple(scale)
         self.aspect = tuple(aspect)
         self.max_trials = max_trials
-        self.iou_over = iou_over
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        min_iou = self.py_random.choice(self.min_ious)
-        if min_iou is None:
-            return {"crop": None}
         h, w = params["shape"][:2]
         bboxes = data.get("bboxes")  # [N, 4 + label columns], normalised
         if bboxes is None or not len(bboxes):
-            boxes_px = np.zeros((0, 4))
-        else:
-            boxes_px = bboxes[:, :4].astype(np.float64) * (w, h, w, h)
-        crop = sample_min_iou_crop(
-            boxes_px, (h, w), min_iou, self.scale, self.aspect, self.max_trials, self.random_generator, self.iou_over
-        )
-        return {"crop": crop}
+            return {"crop": None}
+        boxes_px = bboxes[:, :4].astype(np.float64) * (w, h, w, h)
+        rng = self.random_generator
+        return {"crop": sample_patch(boxes_px, (h, w), self.min_ious, self.scale, self.aspect, self.max_trials, rng)}
 
     def apply(self, img: np.ndarray, crop: tuple[int, int, int, int] | None, **params: Any) -> np.ndarray:
         if crop is None:
