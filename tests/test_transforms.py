@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ssd.bench.augment import crop_statistics, voc_like_layouts
-from ssd.config import AugmentConfig, PreprocessConfig
+from ssd.config import AugmentConfig, ConfigError, PreprocessConfig
 from ssd.data.transforms import (
     PAPER_CROP_OPTIONS,
     MinIoURandomCrop,
@@ -391,3 +391,9 @@ def test_normalize_batch_matches_hand_computation(preprocess):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
     assert torch.equal(images, before)
     assert normalize_batch(images, preprocess, torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad", [{"crop_min_ious": [None, 1.5]}, {"crop_min_ious": [-0.1]}, {"crop_max_trials": 0}])
+def test_bad_crop_options_name_the_key(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        AugmentConfig(**bad)
