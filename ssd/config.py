@@ -2,35 +2,38 @@
 
 Configs are plain dataclasses. ``from_dict`` builds them from nested dicts (YAML),
 checking every key and type; errors name the dotted key and suggest the closest
-valid one. Only ``build_*`` functions read a config; modules take plain arguments.
+valid one. That generic machinery, and the record of which keys the user set, lives in
+:mod:`ssd.config_io` (its names are importable from here too). Only ``build_*`` functions
+read a config; modules take plain arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
 
-import yaml
+from ssd.config_io import (  # noqa: F401  (re-exported: ``from ssd.config import from_dict`` etc.)
+    SCIENTIFIC_NUMBER,
+    ConfigError,
+    _check_choice,
+    _coerce,
+    apply_override,
+    config_fields,
+    from_dict,
+    is_user_set,
+    key_record,
+    read_yaml_dict,
+    recorded_keys,
+    save_config,
+    to_dict,
+    user_keys,
+)
 
 BN_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras")
 CLIP_MODES = ("corners", "wh", "none")
 CHANNEL_ORDERS = ("rgb", "bgr")
 RESIZE_MODES = ("bilinear", "normalize_then_bilinear")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the key and what is valid."""
-
-
-# PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept it
-SCIENTIFIC_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # --- model -----------------------------------------------------------------------------
@@ -382,46 +385,18 @@ class Config:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the dotted keys the YAML file(s) and overrides set (not a config key: never read or written as one)
+    user_keys: frozenset[str] = key_record()
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config and apply dotted ``key=value`` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
-    for item in overrides:
-        apply_override(data, item)
-    return from_dict(Config, data)
+    """Read a YAML config and apply dotted ``key=value`` overrides (values parsed as YAML).
 
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """``a.b.c=value`` -> ``data["a"]["b"]["c"] = yaml(value)``; unknown keys are caught by ``from_dict``."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.002")
-    parts = key.strip().split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    The returned config records the dotted keys the file and the overrides set
+    (``cfg.user_keys``; ask with :func:`ssd.config_io.is_user_set`): every key written in the
+    file counts, so loading a run's resolved ``config.yaml`` sets every key.
+    """
+    return from_dict(Config, read_yaml_dict(path, overrides))
 
 
 def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:
@@ -435,86 +410,3 @@ def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:
     for name in value:
         _check_choice("model.batch_norm", name, BN_BLOCKS + ("all", "none"))
     return [b for b in BN_BLOCKS if b in value]
-
-
-# --- generic dict <-> dataclass ------------------------------------------------------------
-
-
-def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        hint = difflib.get_close_matches(str(value), valid, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key}: invalid value {value!r}{extra}; valid: {', '.join(valid)}")
-
-
-def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, validating keys and types."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            extra = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
-            raise ConfigError(f"unknown config key {dotted!r}{extra}; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field without default
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)[:1]
-        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str) and SCIENTIFIC_NUMBER.fullmatch(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain nested dict of builtins (YAML- and ``torch.load(weights_only=True)``-safe)."""
-    return dataclasses.asdict(obj)

@@ -4,6 +4,8 @@ prints it as one line and exits 2 without a traceback."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +16,18 @@ import torch
 import yaml
 
 from ssd.cli import build_parser, main, parse_args
-from ssd.config import Config, ConfigError, apply_override, from_dict, load_config, save_config, to_dict
+from ssd.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_override,
+    from_dict,
+    is_user_set,
+    load_config,
+    save_config,
+    to_dict,
+    user_keys,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +135,46 @@ def test_saved_config_loads_back_equal(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and to_dict(again) == to_dict(cfg)
     assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+# --- the record of user-set keys ------------------------------------------------------------------
+
+
+def test_load_config_records_the_keys_the_file_and_overrides_set(tmp_path):
+    scales = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05]
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"num_classes": 5, "priors": {"scales": scales}}, "train": {"lr": 0.1}})
+    cfg = load_config(path, ["model.preprocess.mean=[1, 2, 3]", "data.num_workers=0"])
+    assert cfg.user_keys == {"model", "model.num_classes", "model.priors", "model.priors.scales", "train", "train.lr",
+                             "model.preprocess", "model.preprocess.mean", "data", "data.num_workers"}  # fmt: skip
+    assert is_user_set(cfg, "model.priors.scales") and is_user_set(cfg, "model.priors") and is_user_set(cfg, "data.num_workers")
+    # a section marks only the keys it lists; defaults are not recorded
+    assert not is_user_set(cfg, "model.priors.clip") and not is_user_set(cfg, "model.preprocess.std")
+    assert not is_user_set(cfg, "train.max_iter") and not is_user_set(cfg, "eval")
+    section = load_config(None, ["model.priors={scales: [0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0], clip: wh}"])
+    assert section.user_keys == {"model", "model.priors", "model.priors.scales", "model.priors.clip"}
+    assert load_config(None).user_keys == frozenset() and Config().user_keys == frozenset()
+    assert not hasattr(from_dict(ModelConfig, {"num_classes": 3}, "model"), "user_keys")  # only the whole config records
+
+
+def test_the_record_survives_copies_and_is_not_a_config_key(tmp_path):
+    cfg = load_config(None, ["train.lr=0.01", "model.preprocess.channel_order=bgr"])
+    assert dataclasses.replace(cfg, eval=cfg.eval).user_keys == cfg.user_keys
+    assert copy.deepcopy(cfg).user_keys == cfg.user_keys
+    assert cfg == dataclasses.replace(cfg, user_keys=frozenset())  # equal values are equal configs
+    assert "user_keys" not in to_dict(cfg)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "user_keys" not in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"unknown config key 'user_keys'"):
+        load_config(write_yaml(tmp_path / "bad.yaml", {"user_keys": ["train.lr"]}))
+
+
+def test_a_saved_config_sets_every_key_when_loaded_back(tmp_path):
+    """A run's config.yaml holds every key, so all of them count as set (re-running it changes nothing)."""
+    cfg = load_config(None, ["train.lr=0.01"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.user_keys == user_keys(to_dict(cfg))
+    assert is_user_set(again, "model.preprocess.mean") and is_user_set(again, "model.priors.clip") and is_user_set(again, "data.num_workers")
 
 
 # --- the CLI: one line, exit 2 --------------------------------------------------------------------

@@ -1,14 +1,203 @@
-"""Fine-tuning: start a model from another checkpoint's weights (``model.init`` / ``model.init_backbone``)."""
+"""Fine-tuning: start a model from another checkpoint (``model.init`` / ``model.init_backbone``).
+
+Two steps, in this order, before anything is built from the config:
+
+1. :func:`adopt_source_config`: the run trains with what the source checkpoint was trained with.
+   Its preprocessing (``channel_order``, ``pixel_scale``, ``mean``, ``std``, ``resize``) and, for
+   ``model.init``, its prior layout are taken for every key the user did not set
+   (:func:`ssd.config.is_user_set`; one INFO line per adopted key, old -> new); a key the user set to
+   another value stops with a :class:`ConfigError` naming both values.
+2. :func:`init_weights_from`: every tensor whose name and shape match is loaded.
+
+Priors are adopted only when the source has as many feature levels as the model; fractions of the
+input (``scales``, ``aspect_ratios``, ``clip``, ``variances``) at any input size, pixels
+(``min_sizes``/``max_sizes``, ``steps``, arch presets) only at the source's input size (a warning
+says what was left). A trunk-only checkpoint (``init_backbone``, ``ssd convert --from vgg16``) gives
+preprocessing only. docs/finetuning.md states the rule for users.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from ssd.checkpoint import CheckpointError, load_checkpoint
+from ssd.checkpoint import CheckpointError, checkpoint_model_config, load_checkpoint
+from ssd.config import Config, ConfigError, ModelConfig, is_user_set
+from ssd.model.priors import resolve_prior_layout
 
 log = logging.getLogger("ssd.train")
+
+PREPROCESS_KEYS = ("channel_order", "pixel_scale", "mean", "std", "resize")
+SIZE_KEYS = ("scales", "min_sizes", "max_sizes")  # three spellings of one thing: the prior sizes
+TRUNK_LEVELS = 2  # VGG16Trunk feeds conv4_3 and fc7 to the heads; every extra block adds one level
+_HOW_TO_FIX = (
+    "remove the key from the config (or the override) to train with the checkpoint's value, or set it to that value "
+    "(every key of a run's config.yaml counts as set)"
+)
+
+
+@dataclass
+class Source:
+    """A checkpoint named by ``model.init`` or ``model.init_backbone``, and the model config it carries."""
+
+    key: str
+    path: str
+    model: ModelConfig
+    trunk_only: bool  # its priors mean nothing
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.path}"
+
+
+def read_source(key: str, path: str) -> Source:
+    ckpt = load_checkpoint(path)
+    trunk_only = key == "model.init_backbone" or ckpt.get("kind") == "backbone"
+    return Source(key, path, checkpoint_model_config(ckpt, path), trunk_only)
+
+
+def adopt_source_config(cfg: Config) -> Config:
+    """``cfg`` with the preprocessing and priors of its ``model.init`` / ``model.init_backbone``
+    checkpoints wherever the user left them unset (a new config; ``cfg`` is not modified).
+
+    Raises :class:`ConfigError` when a user-set key differs from a source, or when ``init`` and
+    ``init_backbone`` were trained with different preprocessing. ``init`` alone decides the priors.
+    """
+    model = cfg.model
+    sources = [read_source(k, p) for k, p in (("model.init", model.init), ("model.init_backbone", model.init_backbone)) if p]
+    if not sources:
+        return cfg
+    preprocess = _adopt_preprocess(cfg, sources)
+    detector = [s for s in sources if not s.trunk_only]
+    priors = _adopt_priors(cfg, detector[0]) if detector else {}
+    if not preprocess and not priors:
+        return cfg
+    model = dataclasses.replace(
+        model, preprocess=dataclasses.replace(model.preprocess, **preprocess), priors=dataclasses.replace(model.priors, **priors)
+    )
+    return dataclasses.replace(cfg, model=model)  # keeps cfg.user_keys: adopted keys stay "not set by the user"
+
+
+def _adopt_preprocess(cfg: Config, sources: list[Source]) -> dict[str, Any]:
+    wanted: dict[str, tuple[Any, Source]] = {}
+    for source in sources:
+        for name in PREPROCESS_KEYS:
+            value = getattr(source.model.preprocess, name)
+            if name in wanted and not _same(wanted[name][0], value):
+                first, first_source = wanted[name]
+                raise ConfigError(f"model.preprocess.{name}: {first_source} was trained with {first!r} but {source} with "
+                                  f"{value!r}; their weights expect different inputs: fine-tune from one of them")  # fmt: skip
+            wanted.setdefault(name, (value, source))
+    current = cfg.model.preprocess
+    return {
+        name: value
+        for name, (value, source) in wanted.items()
+        if _adopt(cfg, f"model.preprocess.{name}", getattr(current, name), value, source)
+    }
+
+
+def _adopt_priors(cfg: Config, source: Source) -> dict[str, Any]:
+    ours, theirs = cfg.model, source.model
+    levels = TRUNK_LEVELS + len(ours.extras)
+    if TRUNK_LEVELS + len(theirs.extras) != levels:
+        log.warning("%s has %d feature levels, this model %d: its priors are not adopted (its heads do not fit anyway)",
+                    source, TRUNK_LEVELS + len(theirs.extras), levels)  # fmt: skip
+        return {}
+    mine, src = resolve_prior_layout(ours, levels), resolve_prior_layout(theirs, levels)
+    changes: dict[str, Any] = {}
+    # unitless: the same meaning at any input size
+    for name, current, value in (
+        ("aspect_ratios", mine["aspect_ratios"], src["aspect_ratios"]),
+        ("clip", ours.priors.clip, theirs.priors.clip),
+        ("variances", ours.priors.variances, theirs.priors.variances),
+    ):
+        if _adopt(cfg, f"model.priors.{name}", current, value, source):
+            changes[name] = value
+    left: list[str] = []  # pixel values of another input size: not adopted, named in one warning
+    changes.update(_adopt_steps(cfg, source, mine["steps"], src["steps"], left))
+    changes.update(_adopt_sizes(cfg, source, mine, src, left))
+    if left:
+        log.warning("%s was trained at %s px input, this model takes %s px: its prior %s not adopted (pixels of another input "
+                    "size); set model.priors.scales (fractions of the input) to choose", source, theirs.input_size,
+                    ours.input_size, " and ".join(left) + (" are" if len(left) > 1 else " is"))  # fmt: skip
+    return changes
+
+
+def _adopt_steps(cfg: Config, source: Source, mine: list | None, theirs: list | None, left: list[str]) -> dict[str, Any]:
+    """Steps are pixels: adopted at the source's input size only. None (derived from the feature map
+    sizes) is left to this model's own rule."""
+    ours_model, theirs_model = cfg.model, source.model
+    if ours_model.input_size == theirs_model.input_size:
+        return {"steps": theirs} if theirs is not None and _adopt(cfg, "model.priors.steps", mine, theirs, source) else {}
+    explicit = theirs_model.priors.steps
+    if explicit is not None and not _same(ours_model.priors.steps, explicit) and not is_user_set(cfg, "model.priors.steps"):
+        left.append(f"steps {explicit}")
+    return {}
+
+
+def _adopt_sizes(cfg: Config, source: Source, mine: dict, src: dict, left: list[str]) -> dict[str, Any]:
+    """Prior sizes compare as fractions of each model's input; ``scales`` are adopted at any input
+    size, pixel sizes (``min_sizes``/``max_sizes``, arch presets) at the source's input size only."""
+    ours, theirs = cfg.model, source.model
+    if _same((mine["min_scales"], mine["max_scales"]), (src["min_scales"], src["max_scales"])):
+        return {}
+    user_set = [f"model.priors.{k}" for k in SIZE_KEYS if is_user_set(cfg, f"model.priors.{k}")]
+    adoptable = ours.input_size == theirs.input_size or theirs.priors.scales is not None
+    if user_set and adoptable:
+        raise ConfigError(f"{', '.join(user_set)}: the config sets {_describe_sizes(ours, mine)} but {source} was trained "
+                          f"with {_describe_sizes(theirs, src)}; {_HOW_TO_FIX}")  # fmt: skip
+    if not adoptable:
+        if not user_set:
+            left.append(_describe_sizes(theirs, src))
+        return {}
+    sizes = _source_sizes(theirs, src)
+    for name in SIZE_KEYS:
+        if not _same(getattr(ours.priors, name), sizes[name]):
+            log.info("model.priors.%s: %r -> %r (adopted from %s)", name, getattr(ours.priors, name), sizes[name], source)
+    return sizes
+
+
+def _adopt(cfg: Config, key: str, current: Any, value: Any, source: Source) -> bool:
+    """True when ``key`` takes the source's ``value``: it differs and the user did not set it (logged)."""
+    if _same(current, value):
+        return False
+    if is_user_set(cfg, key):
+        raise ConfigError(f"{key}: the config sets {current!r} but {source} was trained with {value!r}; {_HOW_TO_FIX}")
+    log.info("%s: %r -> %r (adopted from %s)", key, current, value, source)
+    return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, floats to 1e-6 relative (a hand-typed 1/255 or a YAML round trip still matches)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
+def _source_sizes(model: ModelConfig, layout: dict) -> dict[str, Any]:
+    """The source's prior sizes in its own spelling; an arch preset or the Caffe rule as pixel sizes."""
+    p = model.priors
+    if p.scales is not None:
+        return {"scales": list(p.scales), "min_sizes": None, "max_sizes": None}
+    if p.min_sizes is not None:
+        return {"scales": None, "min_sizes": list(p.min_sizes), "max_sizes": list(p.max_sizes)}
+    size = model.input_size
+    return {"scales": None, "min_sizes": [round(s * size, 6) for s in layout["min_scales"]],
+            "max_sizes": [round(s * size, 6) for s in layout["max_scales"]]}  # fmt: skip
+
+
+def _describe_sizes(model: ModelConfig, layout: dict) -> str:
+    sizes = _source_sizes(model, layout)
+    if sizes["scales"] is not None:
+        return f"scales {sizes['scales']}"
+    preset = "" if model.priors.min_sizes is not None else f" (derived for {model.arch} at {model.input_size} px)"
+    return f"min_sizes {sizes['min_sizes']} / max_sizes {sizes['max_sizes']}{preset}"
 
 
 def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[str, list[str]]:

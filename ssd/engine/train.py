@@ -31,7 +31,7 @@ from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed, resolve_device
 from ssd.engine.evaluate import gather_predictions, predict_loader
 from ssd.engine.evalset import evaluate_predictions
-from ssd.engine.finetune import init_weights_from
+from ssd.engine.finetune import adopt_source_config, init_weights_from
 from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
 from ssd.engine.state import restore_state, training_state, trim_metrics, unwrap
 from ssd.loss import build_loss
@@ -135,6 +135,7 @@ def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> d
 
 
 def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
+    cfg = adopt_source_config(cfg)  # model.init's preprocessing and priors, before anything is built or saved
     tcfg = cfg.train
     device = resolve_device(tcfg.device, ctx.local_rank, key="train.device")
     if tcfg.batch_size % ctx.world_size:
