@@ -245,9 +245,12 @@ class AugmentConfig:
 
     Photometric distortion (each op applied with probability ``photometric_p``, in random order of
     contrast before or after the HSV ops), zoom-out onto a mean-filled canvas up to
-    ``expand_max_ratio`` x, min-IoU random crop, horizontal flip, then resize to the model input.
-    ``crop_min_ious``: one option is drawn per image; ``null`` keeps the whole image, a number
-    requires every kept box to overlap the crop by at least that IoU (enforced: ssd.pytorch never did).
+    ``expand_max_ratio`` x, the paper's patch sampler, horizontal flip, then resize to the model input.
+    ``crop_min_ious``: the patch sampler's options, one drawn per image (paper Sec. 2.2, torchvision's
+    ``RandomIoUCrop``): ``null`` keeps the whole image, ``0.0`` is a random patch, ``m`` a patch that
+    some object overlaps with IoU >= ``m``; a patch keeps the boxes whose centre it contains and needs
+    at least one. When an option's ``crop_max_trials`` windows all fail, another option is drawn.
+    Images without objects are never cropped (no patch could keep a box).
     """
 
     photometric_p: float = 0.5
@@ -258,7 +261,7 @@ class AugmentConfig:
     channel_swap_p: float = 0.5
     expand_p: float = 0.5
     expand_max_ratio: float = 4.0
-    crop_min_ious: list[float | None] = field(default_factory=lambda: [None, 0.1, 0.3, 0.5, 0.7, 0.9])
+    crop_min_ious: list[float | None] = field(default_factory=lambda: [None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
     crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])
     crop_max_trials: int = 50
@@ -276,6 +279,11 @@ class AugmentConfig:
             raise ConfigError(f"data.augment.expand_max_ratio must be >= 1, got {self.expand_max_ratio}")
         if not self.crop_min_ious:
             raise ConfigError("data.augment.crop_min_ious needs at least one option (null keeps the whole image)")
+        if any(m is not None and not 0.0 <= m <= 1.0 for m in self.crop_min_ious):
+            raise ConfigError(f"data.augment.crop_min_ious: each option is null (whole image) or a minimum IoU in [0, 1], "
+                              f"got {self.crop_min_ious}")  # fmt: skip
+        if self.crop_max_trials < 1:
+            raise ConfigError(f"data.augment.crop_max_trials must be >= 1, got {self.crop_max_trials}")
 
 
 @dataclass
