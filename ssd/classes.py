@@ -1,4 +1,4 @@
-"""Class-name lists of the public datasets. Index 0 is always the background."""
+"""Class-name lists of the public datasets (index 0 is always the background), and matching two lists by name."""
 
 from __future__ import annotations
 
@@ -32,3 +32,31 @@ def coco_91_names() -> list[str]:
     for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES):
         names[cid] = name
     return names[1:]
+
+
+def class_key(name: str) -> str:
+    """The form names are compared in: case-insensitive, surrounding whitespace ignored."""
+    return name.strip().casefold()
+
+
+def match_classes(model_classes: list[str], data_classes: list[str]) -> tuple[dict[int, int], str]:
+    """How a model's labels map onto a dataset's: ``({model label: data label}, "position" | "name")``, labels 1-based.
+
+    By position when both lists have the same length and every name found in both sits at the same
+    index (equal lists; classes renamed in place; no name in common), else by name (:func:`class_key`).
+    A model label missing from the mapping has no class in the data. Raises ``ValueError`` when a
+    matched name is ambiguous (twice in one list) or the lengths differ and no name is in both.
+    """
+    model_keys = [class_key(n) for n in model_classes]
+    data_keys = [class_key(n) for n in data_classes]
+    shared = set(model_keys) & set(data_keys)
+    if len(model_keys) == len(data_keys) and all(m == d for m, d in zip(model_keys, data_keys) if m in shared or d in shared):
+        return {label: label for label in range(1, len(model_keys) + 1)}, "position"
+    if not shared:
+        raise ValueError(f"no class name is in both lists ({len(model_keys)} vs {len(data_keys)} classes)")
+    for keys, side in ((model_keys, "model"), (data_keys, "data")):
+        twice = sorted(k for k in shared if keys.count(k) > 1)
+        if twice:
+            raise ValueError(f"class name(s) {', '.join(map(repr, twice))} appear twice in the {side} classes; cannot match by name")
+    data_label = {key: label for label, key in enumerate(data_keys, 1)}
+    return {label: data_label[key] for label, key in enumerate(model_keys, 1) if key in data_label}, "name"

@@ -7,6 +7,9 @@ The annotation file's frame, the one detection files use (``detections.json``, `
   ``bbox`` is ``[xmin, ymin, xmax - xmin, ymax - ymin]``, ``image_id`` the split file's id string
   and ``category_id`` the 1-based index in ``classes``.
 - COCO-format data: the file's own ``[x, y, w, h]``, image ids and category ids.
+Labels are the data's (1-based index in ``dataset.classes``); a model with other classes (a converted
+torchvision COCO model's 90 names with ``N/A`` gaps on a file with 80 or fewer categories) is
+matched by name first: :func:`class_label_map`, :func:`relabel_predictions`.
 Every metric and every written file derives from the same float64 ``[x, y, w, h]`` arrays, so a
 written ``detections.json`` read back with ``--detections`` gives bit-identical metrics.
 """
@@ -18,10 +21,12 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from ssd.classes import class_key, match_classes
 from ssd.data.coco import label_to_category_id, load_coco
 from ssd.data.dataset import DetectionDataset
 from ssd.metrics.coco import coco_eval, coco_from_dict
@@ -86,8 +91,11 @@ class EvalSet:
 
     # frames -------------------------------------------------------------------------------------
 
-    def from_predictions(self, predictions: dict[str, dict]) -> list[dict[str, np.ndarray]]:
-        """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame."""
+    def from_predictions(self, predictions: dict[str, dict], model_classes: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+        """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame.
+        ``model_classes``: the classes the predictions' labels index, when not the data's (see :func:`class_label_map`)."""
+        if model_classes is not None:
+            predictions = relabel_predictions(predictions, class_label_map(model_classes, self.classes, "model"))
         shift = np.zeros(2) if self.coco_format else np.ones(2)  # VOC: xmin = x1 + 1, xmax = x2
         out = []
         for rec in self.dataset.records:
@@ -281,13 +289,75 @@ def evaluate_predictions(
     metric: str | None = "auto",
     voc_pixel_convention: str = "inclusive",
     annotations: str | os.PathLike | None = None,
+    model_classes: list[str] | None = None,
 ) -> dict:
     """The metric of ``predictions`` (keyed by image id, continuous pixels of the original image) on
     ``dataset``: what the training loop and ``ssd eval`` report. ``metric``: voc07 | voc | coco |
-    auto (by the data's format); ``annotations``: the COCO file of COCO-format data. See
+    auto (by the data's format); ``annotations``: the COCO file of COCO-format data;
+    ``model_classes``: the classes of the predictions' labels when not ``dataset.classes``. See
     :meth:`EvalSet.evaluate` for the result."""
     evalset = EvalSet(dataset, annotations)
-    return evalset.evaluate(evalset.from_predictions(predictions), metric, voc_pixel_convention)
+    return evalset.evaluate(evalset.from_predictions(predictions, model_classes), metric, voc_pixel_convention)
+
+
+def _name_list(names: list[str], limit: int = 10) -> str:
+    """``person, N/A (x10), ...`` for messages: repeats counted, at most ``limit`` names."""
+    counts = Counter(names)
+    shown = [name if n == 1 else f"{name} (x{n})" for name, n in list(counts.items())[:limit]]
+    more = f", ... {len(counts) - limit} more" if len(counts) > limit else ""
+    return ", ".join(shown) + more if shown else "none"
+
+
+def class_label_map(model_classes: list[str], data_classes: list[str], where: str) -> np.ndarray:
+    """``int64 [K_model + 1]``: the data label of each model label, 0 where the data has no such class.
+
+    Matched by :func:`ssd.classes.match_classes` (by position for equal lists, else by name); the
+    names that did not match are logged. ``where`` names the model in messages. Raises
+    ``ValueError`` when nothing can be matched.
+    """
+    try:
+        mapping, how = match_classes(model_classes, data_classes)
+    except ValueError as e:
+        raise ValueError(f"{where}: the model detects {len(model_classes)} classes ({_name_list(model_classes, 5)}) but data.val "
+                         f"has {len(data_classes)} ({_name_list(data_classes, 5)}): {e}") from None  # fmt: skip
+    if how == "position" and [class_key(n) for n in model_classes] != [class_key(n) for n in data_classes]:
+        log.warning("%s: class names differ from data.val's (%s vs %s); labels are matched by position",
+                    where, model_classes[:3], data_classes[:3])  # fmt: skip
+    elif how == "name":
+        matched = set(mapping.values())
+        unknown = [n for label, n in enumerate(model_classes, 1) if label not in mapping]
+        missing = [n for label, n in enumerate(data_classes, 1) if label not in matched]
+        log.log(logging.WARNING if missing else logging.INFO,
+                "%s: %d model classes matched to data.val's %d by name; not in data.val (their detections are left out): %s; "
+                "in data.val but not detected by the model (AP 0): %s",
+                where, len(mapping), len(data_classes), _name_list(unknown), _name_list(missing))  # fmt: skip
+    lookup = np.zeros(len(model_classes) + 1, np.int64)
+    for model_label, data_label in mapping.items():
+        lookup[model_label] = data_label
+    return lookup
+
+
+def relabel_predictions(predictions: dict[str, dict] | None, lookup: np.ndarray) -> dict[str, dict] | None:
+    """Predictions in a model's labels -> in the data's (``lookup`` from :func:`class_label_map`).
+
+    Detections of a label without a data class (``N/A``, or a class the file does not have) are left
+    out, counted per model label in a warning. ``None`` (a rank other than 0) passes through.
+    """
+    if predictions is None:
+        return None
+    out, dropped = {}, Counter()
+    for image_id, d in predictions.items():
+        labels = np.asarray(d["labels"], np.int64).reshape(-1)
+        inside = (labels > 0) & (labels < len(lookup))
+        new = np.where(inside, lookup[np.where(inside, labels, 0)], 0)
+        keep = new > 0
+        dropped.update(labels[~keep].tolist())
+        out[image_id] = {"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[keep], "scores": np.asarray(d["scores"]).reshape(-1)[keep],
+                         "labels": new[keep]}  # fmt: skip
+    if dropped:
+        log.warning("%d detection(s) of model labels without a class in data.val were left out (label: count %s)",
+                    sum(dropped.values()), dict(dropped.most_common(10)))  # fmt: skip
+    return out
 
 
 def evaluate_voc(dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True) -> dict:

@@ -31,6 +31,7 @@ from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evalset import EvalSet, evaluate_predictions, evaluate_voc, resolve_metric, safe_name  # noqa: F401 (re-exported)
+from ssd.engine.evalset import class_label_map, relabel_predictions
 from ssd.metrics.coco import COCO_STATS
 from ssd.postprocess import PostProcessor, build_postprocess
 
@@ -172,18 +173,13 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> 
     model_cfg = checkpoint_model_config(ckpt, weights)
     transform = build_transforms(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size, train=False)
     dataset = build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
-    if len(ckpt["classes"]) != len(dataset.classes):
-        raise ValueError(f"{weights}: the model detects {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}...) "
-                         f"but data.val has {len(dataset.classes)} ({', '.join(dataset.classes[:5])}...)")  # fmt: skip
-    if list(ckpt["classes"]) != list(dataset.classes):
-        log.warning("%s: class names differ from data.val's (%s vs %s); labels are matched by position",
-                    weights, ckpt["classes"][:3], dataset.classes[:3])  # fmt: skip
+    label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
     loader = build_dataloader(dataset, batch_size, train=False, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     model.to(device)
     t0 = time.perf_counter()
     local = predict_loader(model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, device)
     log.info("rank %d: %d images in %.1f s", ctx.rank, len(local), time.perf_counter() - t0)
-    return dataset, gather_predictions(local)
+    return dataset, relabel_predictions(gather_predictions(local), label_map)
 
 
 def run_eval_command(args) -> int:

@@ -1,0 +1,68 @@
+"""pyproject.toml's requirements: met by what is installed, complete for what ssd/ imports, and the
+same floors docs/dependencies.md gives reasons for."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def requirements(specs: list[str]) -> dict[str, Requirement]:
+    return {canonicalize_name(r.name): r for r in map(Requirement, specs)}
+
+
+def test_the_installed_packages_meet_the_runtime_requirements(project):
+    for name, req in requirements(project["dependencies"]).items():
+        installed = importlib.metadata.version(name)
+        assert req.specifier.contains(installed, prereleases=True), f"{name} {installed} does not satisfy {req}"
+
+
+def test_albumentations_is_bounded_below_its_next_major_version(project):
+    spec = requirements(project["dependencies"])["albumentations"].specifier
+    assert spec.contains("2.0.8") and not spec.contains("3.0.0") and not spec.contains("2.0.1")
+
+
+def test_every_third_party_module_ssd_imports_is_declared(project):
+    declared = set(requirements(project["dependencies"]))
+    for extra in project["optional-dependencies"].values():
+        declared |= set(requirements(extra))
+    modules = set()
+    for path in (ROOT / "ssd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = sorted(modules - set(sys.stdlib_module_names) - {"ssd", "__future__"})
+    assert {"torch", "cv2", "albumentations", "pycocotools", "yaml"} <= set(third_party)  # the walk found the imports
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {m: distributions.get(m) for m in third_party
+                  if not {canonicalize_name(d) for d in distributions.get(m, [])} & declared}  # fmt: skip
+    assert not undeclared, f"imported by ssd/ but not in pyproject.toml: {undeclared}"
+
+
+def test_the_docs_table_gives_the_floors_of_pyproject(project):
+    table = {}
+    for line in (ROOT / "docs" / "dependencies.md").read_text().split("## torch")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and re.match(r"\d", cells[1]):
+            table[canonicalize_name(cells[0].split(" (")[0])] = cells[1].split(",")[0]
+    for name, req in requirements(project["dependencies"]).items():
+        floors = [s.version for s in req.specifier if s.operator == ">="]
+        assert table.get(name) == floors[0], f"{name}: pyproject says >={floors[0]}, docs/dependencies.md {table.get(name)}"
