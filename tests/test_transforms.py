@@ -5,6 +5,8 @@ consistency, zoom-out fill, flip, eval == resize, seeding, and batch normalisati
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from collections import Counter
 
 import cv2
@@ -397,3 +399,18 @@ def test_normalize_batch_matches_hand_computation(preprocess):
 def test_bad_crop_options_name_the_key(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         AugmentConfig(**bad)
+
+
+def test_importing_the_data_pipeline_does_not_go_to_the_network():
+    """albumentations 2.x checks PyPI for updates on import unless NO_ALBUMENTATIONS_UPDATE is set."""
+    code = (
+        "import os, urllib.request as u\n"
+        "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+        "calls = []\n"
+        "u.OpenerDirector.open = lambda self, url, *a, **k: calls.append(str(url)) or (_ for _ in ()).throw(OSError('offline'))\n"
+        "import ssd.data.transforms\n"
+        "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1"]

@@ -15,8 +15,11 @@ mean-filled canvas, ``MinIoURandomCrop``, ``A.Resize`` (cv2 bilinear), ``A.Horiz
 flips 300x300 px instead of crops of up to 2000x1500). Eval pipeline: ``A.Resize`` only.
 
 Randomness: every transform draws from albumentations' generators (``self.py_random``,
-``self.random_generator``). :meth:`DetectionTransform.set_seed` gives all of them ONE shared,
-seeded pair of generators (``Compose.set_random_state``). ``Compose(seed=k)`` is not used: it
+``self.random_generator``: the documented way for a custom transform, which also gets its
+data-dependent parameters from the documented ``get_params_dependent_on_data``).
+:meth:`DetectionTransform.set_seed` gives all of them ONE shared, seeded pair of generators
+(``Compose.set_random_state``, in the API reference though not in the guides; the guides' public
+seeding gives every transform its own generators with the same seed, see below). ``Compose(seed=k)`` is not used: it
 seeds each transform with the same ``k``, so e.g. the zoom-out and flip coin flips of one image
 come out identical (perfectly correlated). With ``seed=None`` the generators are seeded from OS
 entropy when built; forked DataLoader workers inherit that state, so reseed each worker
@@ -25,18 +28,22 @@ entropy when built; forked DataLoader workers inherit that state, so reseed each
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-from torch import Tensor
+# albumentations 2.x asks PyPI for a newer version on import (up to 2 s, and a warning, on an offline
+# machine): this framework never goes to the network at run time. A user's own setting wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from ssd.config import AugmentConfig, PreprocessConfig
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
+from ssd.config import AugmentConfig, PreprocessConfig  # noqa: E402
 
 # --- photometric ------------------------------------------------------------------------------
 
