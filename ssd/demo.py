@@ -10,13 +10,11 @@ from pathlib import Path
 import cv2
 import torch
 
-from ssd.checkpoint import model_from_checkpoint
+from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import Config, load_config
-from ssd.data.dataset import build_dataset, read_image
-from ssd.data.loader import build_dataloader
+from ssd.data.dataset import read_image
 from ssd.data.shapes import ensure_shapes
-from ssd.data.transforms import build_transforms
-from ssd.engine.evaluate import predict_loader
+from ssd.engine.evaluate import build_eval_loader, build_eval_set, predict_loader
 from ssd.engine.train import train
 from ssd.postprocess import build_postprocess
 from ssd.visualize import draw_detections
@@ -51,12 +49,11 @@ def run_demo(out: str | Path, overrides: list[str] = (), num_images: int = 8, da
 def draw_validation_images(cfg: Config, weights: Path, out: Path, count: int) -> None:
     """The first ``count`` validation images with the detections of ``weights`` drawn, as JPEGs in ``out``."""
     model, ckpt = model_from_checkpoint(weights)
-    model.eval()
-    val = build_dataset(cfg.data.val, build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, False),
-                        train=False, key="data.val")  # fmt: skip
+    model_cfg = checkpoint_model_config(ckpt, weights)
+    val = build_eval_set(cfg, model_cfg)  # the evaluation's data and preprocessing
     val.records = val.records[:count]
-    loader = build_dataloader(val, count, train=False, num_workers=0, distributed=False)
-    preds = predict_loader(model, loader, build_postprocess(cfg.postprocess, cfg.model), cfg.model.preprocess, torch.device("cpu"))
+    loader = build_eval_loader(val, model_cfg, count, num_workers=0, distributed=False)
+    preds = predict_loader(model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
     for rec in val.records:
         d = preds[rec.image_id]

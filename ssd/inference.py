@@ -4,15 +4,12 @@
     det = Detector.from_checkpoint("model.pt", device="cpu")
     result = det("street.jpg")  # {"boxes" [N, 4] xyxy original pixels, "scores", "labels", "names"}
 
-Preprocessing is the checkpoint's own (``config["model"]["preprocess"]``), so converted weights
-predict with their mean, std, channel order and resize method:
-
-- ``bilinear`` (checkpoints trained here, ssd.pytorch, lufficc): resize the uint8 image with OpenCV
-  (``cv2.INTER_LINEAR``, the evaluation transform of :mod:`ssd.data.transforms`), then normalise
-  on the device, so ``Detector`` on an image gives what ``ssd eval`` saw for it.
-- ``normalize_then_bilinear`` (converted torchvision weights): normalise the float image, then
-  resize it with ``F.interpolate(mode="bilinear", align_corners=False)``, as torchvision's
-  ``GeneralizedRCNNTransform`` does, so the detections equal torchvision's own model.
+Preprocessing is the checkpoint's own (``config["model"]["preprocess"]``) and is defined once, in
+:mod:`ssd.preprocess`, for ``ssd eval``, the training loop's evaluation and this module: ``bilinear``
+(checkpoints trained here, ssd.pytorch, lufficc) resizes the uint8 image with OpenCV, then normalises;
+``normalize_then_bilinear`` (converted torchvision weights) normalises, then resizes with
+``F.interpolate``, so the detections equal torchvision's own model. Either way ``Detector`` on an
+image gives what ``ssd eval`` scored for it.
 
 Boxes come back in pixels of each original image (the post-processor rescales them per image).
 """
@@ -32,16 +29,15 @@ from typing import Any, Union
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import PostprocessConfig, PreprocessConfig, from_dict
 from ssd.data.dataset import read_image
-from ssd.data.transforms import normalize_batch
 from ssd.fuse import fuse_batchnorm
 from ssd.postprocess import PostProcessor, build_postprocess
+from ssd.preprocess import preprocess_images
 
 log = logging.getLogger(__name__)
 
@@ -80,46 +76,6 @@ def as_image(image: ImageInput, index: int = 0) -> np.ndarray | Tensor:
 def image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
     """``(h, w)`` of an image returned by :func:`as_image`."""
     return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
-
-
-def preprocess_images(
-    images: Sequence[np.ndarray | Tensor], preprocess: PreprocessConfig, size: int, device: torch.device
-) -> Tensor:
-    """Images of any size (from :func:`as_image`) -> the network input ``Tensor[B, 3, size, size]``.
-
-    ``bilinear``: OpenCV resize of the uint8 image (float images are rounded to uint8 first), stack,
-    then :func:`normalize_batch` on ``device`` (NHWC in memory, ``channels_last``).
-    ``normalize_then_bilinear``: per image, normalise in float32 on ``device`` and resize with
-    ``F.interpolate`` (torchvision's order).
-    """
-    if preprocess.resize == "bilinear":
-        resized = [cv2.resize(_hwc(im), (size, size), interpolation=cv2.INTER_LINEAR) for im in images]
-        batch = torch.from_numpy(np.stack(resized)).to(device).permute(0, 3, 1, 2)  # [B, 3, S, S], NHWC in memory
-        return normalize_batch(batch, preprocess)  # same values as collate() + normalize_batch in evaluation
-    mean = torch.tensor(preprocess.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(preprocess.std, device=device).view(3, 1, 1)
-    out = []
-    for im in images:
-        if isinstance(im, np.ndarray):
-            x = torch.from_numpy(im).to(device).permute(2, 0, 1).float().mul_(preprocess.pixel_scale)
-        else:
-            x = im.to(device, torch.float32)
-            unit = 255.0 * preprocess.pixel_scale  # [0, 1] input: 1.0 for torchvision's scale
-            x = x * unit if unit != 1.0 else x
-        if preprocess.channel_order == "bgr":
-            x = x.flip(0)
-        x = (x - mean) / std
-        out.append(F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False))
-    return torch.cat(out)
-
-
-def _hwc(image: np.ndarray | Tensor) -> np.ndarray:
-    """uint8 HWC arrays as they are; float [0, 1] CHW tensors rounded to uint8 HWC (the frame
-    that evaluation and training saw: a float image made from a uint8 one predicts identically)."""
-    if isinstance(image, np.ndarray):
-        return image
-    u8 = (image.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-    return u8.permute(1, 2, 0).contiguous().numpy()
 
 
 # --- Detector -----------------------------------------------------------------------------------

@@ -125,6 +125,121 @@ def test_frozen_run_keeps_the_initial_bn_and_trains_the_rest(shapes, tmp_path, c
     assert not [r for r in caplog.records if "initial running statistics" in r.getMessage()]
 
 
+BACKBONE_BN = 15  # conv1_1 .. conv5_3, fc6, fc7; the other 4 are the extras
+
+
+def test_a_bn_layer_counts_as_trained_when_both_running_statistics_were_loaded(shapes):
+    model = build_ssd(config(shapes).model)
+    loaded = ["backbone.conv1.0.bn.running_mean", "backbone.conv1.0.bn.running_var", "backbone.conv1.1.bn.running_mean",
+              "backbone.conv1.1.bn.weight", "extras.0.0.bn.running_var", "backbone.conv2.0.conv.weight"]  # fmt: skip
+    assert bn_tools.trained_bn_layers(model, loaded) == ["backbone.conv1.0.bn"]
+    assert bn_tools.frozen_bn_layers(model, "frozen", loaded) == ["backbone.conv1.0.bn"]
+    assert bn_tools.frozen_bn_layers(model, "train", loaded) == bn_tools.frozen_bn_layers(model, "sync", loaded) == []
+
+
+def save_init(shapes: Path, path: Path) -> nn.Module:
+    """:func:`bn_model` (non-trivial statistics and affine parameters) saved as a training checkpoint."""
+    model = bn_model(shapes)
+    save_checkpoint(make_checkpoint(model.state_dict(), config(shapes).model, SHAPES_CLASSES, "train"), path)
+    return model
+
+
+def frozen_config(shapes: Path, init: Path, **train_options) -> Config:
+    cfg = config(shapes, bn="frozen", **train_options)
+    cfg.model.init_backbone = str(init)
+    return cfg
+
+
+def test_frozen_freezes_the_loaded_bn_layers_trains_the_new_ones_and_precise_bn_spares_them(shapes, tmp_path, caplog):
+    """``model.init_backbone`` loads the VGG part: its 15 BN layers keep their statistics and affine
+    parameters (through precise BN too); the extras' 4 BN layers, never trained, train."""
+    init = save_init(shapes, tmp_path / "init.pt").state_dict()
+    with caplog.at_level(logging.INFO, logger="ssd.engine.bn"):
+        engine.train(frozen_config(shapes, tmp_path / "init.pt", precise_bn_batches=3), tmp_path / "run")
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.bn=frozen")]
+    assert message.startswith("train.bn=frozen: 15 BatchNorm layer(s) frozen with their loaded statistics "
+                              "(backbone.conv1.0.bn, backbone.conv1.1.bn, ")  # fmt: skip
+    assert message.endswith("; 4 without trained statistics train (extras.0.0.bn, extras.0.1.bn, extras.1.0.bn, extras.1.1.bn)")
+
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    names = [name for name, _ in bn_tools.bn_layers(build_ssd(config(shapes).model))]
+    for name in names[:BACKBONE_BN]:
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(trained[f"{name}.{key}"], init[f"{name}.{key}"]), (name, key)
+    for name in names[BACKBONE_BN:]:
+        assert int(trained[f"{name}.num_batches_tracked"]) == 3  # precise BN recomputed them
+        assert not torch.equal(trained[f"{name}.weight"], torch.ones_like(trained[f"{name}.weight"]))  # affine trained
+        assert not torch.equal(trained[f"{name}.running_var"], torch.ones_like(trained[f"{name}.running_var"]))
+
+
+def test_frozen_without_init_warns_and_trains_every_bn_layer(shapes, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
+        engine.train(config(shapes, bn="frozen", max_iter=1), tmp_path / "run")
+    assert caplog.messages == [f"train.bn=frozen: no BatchNorm layer has trained statistics (nothing loaded them from "
+                               f"model.init or model.init_backbone), so all {NUM_BN} train as with train.bn=train"]  # fmt: skip
+    last = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert {int(v) for k, v in last.items() if k.endswith("num_batches_tracked")} == {1}  # every layer took its step
+
+
+def test_a_resumed_frozen_run_freezes_the_same_layers(shapes, tmp_path, monkeypatch):
+    """An uninterrupted frozen run against the same run stopped in iteration 3 (``last.pt`` of
+    iteration 2 on disk) and resumed: the same weights, so the same layers were frozen and trained."""
+    init = save_init(shapes, tmp_path / "init.pt").state_dict()
+    cfg = frozen_config(shapes, tmp_path / "init.pt", max_iter=4, checkpoint_period=2)
+    engine.train(cfg, tmp_path / "whole")
+
+    real_build_loss = engine.build_loss
+
+    def failing_build_loss(loss_cfg, model_cfg):
+        criterion, calls = real_build_loss(loss_cfg, model_cfg), []
+
+        def loss(*args):
+            calls.append(None)
+            if len(calls) == 3:
+                raise RuntimeError("stopped in iteration 3")
+            return criterion(*args)
+
+        return loss
+
+    monkeypatch.setattr(engine, "build_loss", failing_build_loss)
+    with pytest.raises(RuntimeError, match="stopped in iteration 3"):
+        engine.train(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(engine, "build_loss", real_build_loss)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["iteration"] == 2
+    engine.train(cfg, tmp_path / "resumed", resume=True)
+
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert torch.equal(resumed["backbone.fc7.bn.running_var"], init["backbone.fc7.bn.running_var"])  # frozen
+    assert int(resumed["extras.1.1.bn.num_batches_tracked"]) == 4  # trained: 4 steps, 2 of them after the resume
+
+
+def test_small_per_process_batches_under_ddp_warn_naming_sync_and_frozen():
+    warning = bn_tools.small_batch_warning
+    assert warning("train", 1, 2) is None  # one process: the batch is what it is
+    assert warning("train", 2, 8) is None and warning("sync", 8, 2) is None and warning("frozen", 8, 1) is None
+    assert warning("train", 8, 4) == (
+        "train.bn=train with 4 image(s) per process (8 processes): each BatchNorm layer normalises with the statistics of "
+        "4 images. Use train.bn=sync (statistics over the global batch of 32, CUDA) or train.bn=frozen (fine-tuning from "
+        "trained statistics), or 8+ images per process; see docs/batchnorm.md"
+    )
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_engine_warns_once_on_rank_0_about_a_small_per_process_batch(shapes, tmp_path, monkeypatch, caplog, rank):
+    """Batch 8 over 2 processes with ``train.bn=train``. (The warning comes before any collective:
+    a 2-rank context without a process group is enough, and a missing data.train stops the run.)"""
+    monkeypatch.setattr(engine, "init_distributed", lambda device_type: DistContext(rank=rank, world_size=2))
+    cfg = config(shapes)
+    cfg.data.train.split = "missing"
+    with caplog.at_level(logging.WARNING, logger="ssd.train"), pytest.raises(Exception, match="missing"):
+        engine.train(cfg, tmp_path / "run")
+    warnings = [m for m in caplog.messages if "per process" in m]
+    assert warnings == ([bn_tools.small_batch_warning("train", 2, 4)] if rank == 0 else [])
+
+
 def test_single_process_sync_mode_trains_with_plain_batchnorm(shapes, tmp_path, monkeypatch):
     models = []
     build = engine.build_ssd
@@ -166,7 +281,8 @@ def record_bn_inputs(model: nn.Module) -> tuple[dict[str, list], list]:
     return stats, handles
 
 
-def test_precise_bn_gives_population_statistics_of_the_training_data(shapes):
+def training_batches(shapes: Path):
+    """(loader of augmented training batches of 8, ``forward(model, batch)``)."""
     cfg = config(shapes)
     transform = build_transforms(cfg.data.augment, cfg.model.preprocess, SIZE, train=True)
     dataset = build_dataset(cfg.data.train, transform, train=True)
@@ -175,6 +291,11 @@ def test_precise_bn_gives_population_statistics_of_the_training_data(shapes):
     def forward(m, batch):
         return m(normalize_batch(batch["images"], cfg.model.preprocess))
 
+    return loader, forward
+
+
+def test_precise_bn_gives_population_statistics_of_the_training_data(shapes):
+    loader, forward = training_batches(shapes)
     model = bn_model(shapes)
     model.train()
     momenta = [m.momentum for _, m in bn_tools.bn_layers(model)]
@@ -213,10 +334,26 @@ def test_precise_bn_gives_population_statistics_of_the_training_data(shapes):
 def test_engine_runs_precise_bn_after_training(shapes, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         engine.train(config(shapes, precise_bn_batches=3), tmp_path / "run")
-    assert "precise BN: population statistics over 3 batches" in caplog.messages
+    assert "precise BN at iteration 2: population statistics over 3 batches" in caplog.messages
     last = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     counters = {k: int(v) for k, v in last.items() if k.endswith("num_batches_tracked")}
     assert len(counters) == NUM_BN and set(counters.values()) == {3}  # reset, then 3 batches (not 2 steps + 3)
+
+
+def test_precise_bn_leaves_frozen_layers_and_every_module_mode_alone(shapes):
+    loader, forward = training_batches(shapes)
+    model = bn_model(shapes)
+    layers = bn_tools.bn_layers(model)
+    frozen = [name for name, _ in layers[:BACKBONE_BN]]
+    bn_tools.set_train_mode(model, "frozen", frozen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert bn_tools.precise_bn(model, loader, forward, num_batches=2, frozen=frozen) == 2
+    assert model.training
+    for name, m in layers:
+        if name in frozen:
+            assert not m.training and all(torch.equal(v, before[f"{name}.{k}"]) for k, v in m.state_dict().items()), name
+        else:
+            assert m.training and int(m.num_batches_tracked) == 2 and not torch.equal(m.running_mean, before[f"{name}.running_mean"])
 
 
 # --- the never-updated pitfall -------------------------------------------------------------------------
@@ -239,9 +376,15 @@ def test_stale_bn_layers_are_those_at_their_initial_statistics(shapes):
 
 
 def test_evaluation_warns_about_never_updated_statistics(shapes, tmp_path, caplog):
-    """``frozen`` from a fresh init: BN never learns its statistics; the evaluation says so."""
+    """``frozen`` from a checkpoint whose BN never saw data: the loaded initial statistics stay; the
+    evaluation says so."""
+    torch.manual_seed(0)
+    untrained = build_ssd(config(shapes).model).state_dict()
+    save_checkpoint(make_checkpoint(untrained, config(shapes).model, SHAPES_CLASSES, "train"), tmp_path / "init.pt")
+    cfg = config(shapes, bn="frozen", max_iter=1)
+    cfg.model.init = str(tmp_path / "init.pt")
     with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
-        engine.train(config(shapes, bn="frozen", max_iter=1), tmp_path / "run")
+        engine.train(cfg, tmp_path / "run")
     (message,) = [r.getMessage() for r in caplog.records if "initial running statistics" in r.getMessage()]
     assert message.startswith(f"evaluation at iteration 1: {NUM_BN} BatchNorm layer(s) still have their initial "
                               "running statistics (e.g. backbone.conv1.0.bn)")  # fmt: skip

@@ -11,12 +11,14 @@ objects and the APs are small but not all zero."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -26,14 +28,16 @@ from pycocotools.cocoeval import COCOeval
 from conftest import launch_ranks
 from voc_reference import reference_voc_eval
 
+from ssd import Detector
 from ssd.checkpoint import make_checkpoint, save_checkpoint
 from ssd.cli import main
-from ssd.config import ModelConfig, from_dict, load_config
+from ssd.config import Config, ModelConfig, from_dict, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine.evaluate import EvalSet, evaluate_predictions
+from ssd.engine.evaluate import EvalSet, evaluate_predictions, predict_checkpoint
 from ssd.engine.train import train
 from ssd.metrics.coco import COCO_STATS
+from ssd.model import build_ssd
 
 SIZE = 64
 NUM_VAL = 7  # odd: two ranks get 4 and 3 images
@@ -175,6 +179,58 @@ def test_training_loop_evaluates_coco_val_data_with_coco_ap_through_the_same_ent
     assert evaluation["eval"] == "coco" and list(evaluation["per_class"]) == SHAPES_CLASSES
     assert ssd_eval(tmp_path / "run.yaml", "--weights", tmp_path / "run" / "best.pt", "--json", tmp_path / "m.json") == 0
     assert read_json(tmp_path / "m.json")["map"] == evaluation["map"] == summary["best_map"]
+
+
+# --- one evaluation path, the deployment preprocessing ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_sizes(tmp_path_factory) -> Path:
+    """5 val images enlarged to 5 different non-square sizes (annotation sizes updated; the boxes,
+    irrelevant to predictions, stay inside). Read only."""
+    root = tmp_path_factory.mktemp("odd") / "shapes"
+    generate_shapes(root, 0, 5, size=SIZE, seed=6)
+    for i, image_id in enumerate((root / "ImageSets" / "Main" / "val.txt").read_text().split()):
+        w, h = SIZE + 37 * i + 11, SIZE + 23 * (4 - i) + 5
+        path = root / "JPEGImages" / f"{image_id}.jpg"
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (w, h), interpolation=cv2.INTER_CUBIC))
+        xml = ET.parse(root / "Annotations" / f"{image_id}.xml")
+        xml.find("size/width").text, xml.find("size/height").text = str(w), str(h)
+        xml.write(root / "Annotations" / f"{image_id}.xml")
+    return root
+
+
+def test_a_normalize_then_bilinear_checkpoint_evaluates_on_what_detector_predicts(odd_sizes, tmp_path):
+    """Converted torchvision weights normalise, then resize the float image: ``ssd eval``'s loader path
+    (original images to the device, :mod:`ssd.preprocess`) gives Detector's detections bit for bit."""
+    model_cfg = from_dict(ModelConfig, {**MODEL, "preprocess": {"resize": "normalize_then_bilinear"}}, "model")
+    torch.manual_seed(3)
+    save_checkpoint(make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, SHAPES_CLASSES, "test"), tmp_path / "tv.pt")
+    cfg = from_dict(Config, {"model": MODEL, "data": {"val": {"format": "voc", "root": str(odd_sizes), "split": "val",
+                                                             "classes": SHAPES_CLASSES}, "num_workers": 0}})  # fmt: skip
+    dataset, predictions = predict_checkpoint(cfg, str(tmp_path / "tv.pt"), "cpu", batch_size=2)
+    detector = Detector.from_checkpoint(tmp_path / "tv.pt", device="cpu", score_thresh=0.01, batch_size=2, fuse=False,
+                                        channels_last=False)  # fmt: skip
+    assert len({rec.width for rec in dataset.records}) == 5
+    for rec, got in zip(dataset.records, detector([rec.path for rec in dataset.records]), strict=True):
+        expected = predictions[rec.image_id]
+        assert len(expected["scores"]) == 200  # random weights: the full 200 per image
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(expected[key], got[key].numpy(), err_msg=f"{rec.image_id} {key}")
+
+
+def imported_modules(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    return {n.module for n in nodes if isinstance(n, ast.ImportFrom)} | {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_evaluation_and_deployment_share_preprocessing_without_importing_each_other():
+    package = Path(__file__).resolve().parent.parent / "ssd"
+    for path in (package / "engine").glob("*.py"):
+        assert not any(m.startswith("ssd.inference") for m in imported_modules(path, top_level_only=False)), path.name
+    deployment = imported_modules(package / "inference.py", top_level_only=True)
+    assert "ssd.preprocess" in deployment and not any(m.startswith("ssd.engine") for m in deployment)
 
 
 # --- detections files ---------------------------------------------------------------------------------

@@ -25,11 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
 import ssd.engine.train as engine
 from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from ssd.cli import main
 from ssd.config import Config, from_dict, load_config
+from ssd.data.dataset import build_dataset
+from ssd.data.loader import EpochIndexSampler
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.engine.train import TrainingError, init_weights_from, train
 from ssd.model import build_ssd
@@ -225,6 +228,104 @@ def test_a_new_run_in_a_used_folder_starts_a_new_metrics_file(shapes, reference,
     assert summary["iteration"] == 2
     assert [(r["iter"], "map" in r) for r in read_metrics(out)] == [(1, False), (2, False), (2, True)]
     assert load_checkpoint(out / "last.pt")["iteration"] == 2
+
+
+def test_the_logged_map_is_what_ssd_eval_gives_for_the_saved_weights(reference, tmp_path):
+    """``ssd eval`` with the run's config.yaml on last.pt (saved after the final evaluation) and on
+    best.pt prints the mAP metrics.jsonl logged for them: one evaluation, of the saved weights."""
+    out, summary = reference
+    evals = [r for r in read_metrics(out) if "map" in r]
+    best = next(r for r in evals if r["iter"] == summary["best_iter"])
+    for weights, row in (("last.pt", evals[-1]), ("best.pt", best)):
+        assert main(["eval", str(out / "config.yaml"), "--weights", str(out / weights), "--json", str(tmp_path / "m.json")]) == 0
+        result = json.loads((tmp_path / "m.json").read_text())
+        assert (result["metric"], result["map"]) == (row["eval"], pytest.approx(row["map"], abs=1e-6)), weights
+        assert result["per_class"] == pytest.approx(row["per_class"], abs=1e-6)
+
+
+# --- precise BN beside the training loader -------------------------------------------------------------
+
+PRECISE_BN = {"precise_bn_batches": 2, "precise_bn_before_eval": True}
+
+
+def record_training_loaders(monkeypatch) -> list[list[list[str]]]:
+    """Make every training-mode loader the engine builds record the image ids of each batch it yields:
+    ``seen[k]`` for the k-th loader built (the training loader first)."""
+    real_build, seen = engine.build_dataloader, []
+
+    def build_dataloader(dataset, batch_size, train, **kwargs):
+        loader = real_build(dataset, batch_size, train, **kwargs)
+        if train:
+            batches = []
+            seen.append(batches)
+
+            class Recording(DataLoader):
+                def __iter__(self):
+                    for batch in super().__iter__():
+                        batches.append(batch["image_ids"])
+                        yield batch
+
+            loader.__class__ = Recording
+        return loader
+
+    monkeypatch.setattr(engine, "build_dataloader", build_dataloader)
+    return seen
+
+
+def planned_batches(root: Path) -> list[list[str]]:
+    """The image ids of training batches 1..MAX_ITER as EpochIndexSampler orders them (seed 0, batch 8)."""
+    records = build_dataset(config(root).data.train, None, train=True).records
+    sampler, plan = EpochIndexSampler(len(records), shuffle=True, seed=config(root).train.seed), []
+    for epoch in range(-(-MAX_ITER // 5)):
+        sampler.set_epoch(epoch)
+        order = [records[i % len(records)].image_id for i in sampler]
+        plan += [order[b * 8 : (b + 1) * 8] for b in range(5)]
+    return plan[:MAX_ITER]
+
+
+@pytest.fixture(scope="module")
+def precise_reference(shapes, tmp_path_factory) -> tuple[Path, list]:
+    """The reference run with two loader workers and precise BN over 2 batches before each evaluation
+    (6 and 12), uninterrupted; what its training-mode loaders yielded. Read only."""
+    out = tmp_path_factory.mktemp("precise")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSD_CACHE_DIR", str(out / "cache"))
+        seen = record_training_loaders(mp)
+        cfg = config(shapes, **PRECISE_BN)
+        cfg.data.num_workers = 2
+        train(cfg, out / "run")
+    return out / "run", seen
+
+
+def test_precise_bn_before_eval_leaves_the_training_batches_alone(shapes, reference, precise_reference):
+    """With two persistent workers, precise BN reads its own loader: training sees the batches the
+    sampler planned, in order, as without precise BN (same losses as the reference run; BN in train
+    mode normalises with batch statistics, so the running ones precise BN rewrites do not enter them)."""
+    out, seen = precise_reference
+    plan = planned_batches(shapes)
+    assert seen[0] == plan  # the training loader
+    assert seen[1:] == [plan[5:7] + plan[10:12]]  # precise BN's: at iterations 6 and 12, 2 batches of epochs 1 and 2
+    for ref, row in zip(loss_rows(reference[0]), loss_rows(out), strict=True):
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["iter"]
+
+
+def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupted_run(shapes, precise_reference, tmp_path):
+    """Killed after the evaluation at iteration 6 (precise BN with two workers), resumed from last.pt:
+    the same losses, evaluations and weights as the uninterrupted run."""
+    options = [f"train.{k}={str(v).lower()}" for k, v in PRECISE_BN.items()]
+    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
+    out = tmp_path / "run"
+    args = [str(cfg_path), "--output-dir", str(out), "data.num_workers=2", *options]
+    proc = start_cli(args, tmp_path, "killed.log")
+    reached = wait_for_iteration(proc, out, 7)  # last.pt of iteration 6 exists, saved after its evaluation
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    saved = load_checkpoint(out / "last.pt")["iteration"]
+    assert saved in (6, 9) and saved <= reached < MAX_ITER
+    assert main(["train", *args, "--resume"]) == 0
+    assert_same_run(precise_reference[0], out)
+    assert main(["eval", str(out / "config.yaml"), "--weights", str(out / "last.pt"), "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["map"] == pytest.approx(read_metrics(out)[-1]["map"], abs=1e-6)
 
 
 # --- interruption and resume ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,12 +72,17 @@ def build_dataloader(
     pin_memory: bool = False,
     distributed: bool | None = None,
     worker_nice: int = 0,
+    persistent: bool = True,
+    collate_fn: Callable[[list[dict]], dict] = collate,
 ) -> DataLoader:
-    """A loader of collated batches (see :func:`ssd.data.dataset.collate`).
+    """A loader of collated batches (see :func:`ssd.data.dataset.collate`; ``collate_fn`` replaces it).
 
     Training shuffles, drops the last partial batch and seeds augmentation per sample; evaluation
     keeps order. Under ``torch.distributed`` (auto-detected) each rank reads its own shard.
     ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none).
+    ``persistent`` keeps the workers between iterations. A persistent loader has *one* iterator:
+    iterating it again (even from inside a loop over it) restarts that iterator, so anything that
+    reads batches besides the training loop (precise BN) needs a loader of its own.
     """
     rank, world = dist_info() if distributed in (None, True) else (0, 1)
     sampler = EpochIndexSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world=world)
@@ -87,9 +92,9 @@ def build_dataloader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=train,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
         worker_init_fn=functools.partial(_lower_priority, worker_nice) if worker_nice and hasattr(os, "nice") else None,
     )

@@ -1,8 +1,10 @@
 """Evaluation: inference over a dataset (sharded across ranks, gathered on rank 0), VOC and COCO
 metrics in the annotation file's own frame, detection files in and out, and ``ssd eval``.
 
-Reading order: :func:`predict_loader` / :func:`gather_predictions` make predictions (original-image
-continuous pixels, keyed by image id); :class:`~ssd.engine.evalset.EvalSet` moves them into the frame
+Reading order: :func:`evaluate_model` (the one evaluation forward of the training loop and ``ssd eval``:
+the same weights, precision, memory format and the checkpoint's preprocessing from :mod:`ssd.preprocess`)
+runs :func:`predict_loader` and :func:`gather_predictions` (original-image continuous pixels, keyed by
+image id) over a loader from :func:`build_eval_loader`; :class:`~ssd.engine.evalset.EvalSet` moves them into the frame
 and ids of the annotation file and evaluates them; :func:`~ssd.engine.evalset.evaluate_predictions` is
 the one entry point of the training loop and ``ssd eval``; :func:`run_eval_command` is ``ssd eval``.
 
@@ -22,23 +24,62 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
-from ssd.config import DatasetConfig, PreprocessConfig, load_config
-from ssd.data.dataset import DetectionDataset, build_dataset
+from ssd.config import Config, DatasetConfig, ModelConfig, PreprocessConfig, TrainConfig, load_config
+from ssd.data.dataset import DetectionDataset, build_dataset, collate
 from ssd.data.loader import build_dataloader
-from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evalset import EvalSet, evaluate_predictions, evaluate_voc, resolve_metric, safe_name  # noqa: F401 (re-exported)
 from ssd.engine.evalset import class_label_map, relabel_predictions
 from ssd.metrics.coco import COCO_STATS
 from ssd.postprocess import PostProcessor, build_postprocess
+from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
 
 log = logging.getLogger("ssd.eval")
 
 
 # --- predictions ----------------------------------------------------------------------------------
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The run's autocast dtype on CUDA; None (fp32) on CPU, where bf16 autocast was far slower here.
+    Training, its evaluations and ``ssd eval`` of its checkpoints all run at this precision."""
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def build_eval_set(cfg: Config, model_cfg: ModelConfig) -> DetectionDataset:
+    """``data.val`` prepared for ``model_cfg``'s input size and preprocessing (:func:`ssd.preprocess.eval_transform`)."""
+    transform = eval_transform(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size)
+    return build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
+
+
+def build_eval_loader(dataset: DetectionDataset, model_cfg: ModelConfig, batch_size: int, num_workers: int,
+                      pin_memory: bool = False, worker_nice: int = 0, distributed: bool | None = None):  # fmt: skip
+    """Ordered batches of :func:`build_eval_set`'s dataset: uint8 ``[B, 3, S, S]`` resized in the workers
+    (``bilinear``) or lists of original images (``normalize_then_bilinear``); this rank's shard under DDP."""
+    collate_fn = collate if resizes_in_loader(model_cfg.preprocess) else collate_originals
+    return build_dataloader(dataset, batch_size, train=False, num_workers=num_workers, pin_memory=pin_memory,
+                            distributed=distributed, worker_nice=worker_nice, collate_fn=collate_fn)  # fmt: skip
+
+
+def evaluate_model(model: nn.Module, model_cfg: ModelConfig, loader, postprocessor: PostProcessor, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict | None:  # fmt: skip
+    """Predictions of ``model`` on every rank's shard of ``loader`` (from :func:`build_eval_loader`),
+    gathered on rank 0 (None elsewhere): the evaluation forward shared by the training loop and ``ssd eval``.
+
+    ``model`` is used as it is (its weights and BN statistics; eval mode meanwhile, its train/eval
+    state restored), under ``amp_dtype`` autocast (:func:`amp_dtype`) and in ``channels_last`` when set.
+    """
+    t0 = time.perf_counter()
+    local = predict_loader(model, loader, postprocessor, model_cfg.preprocess, device, amp_dtype, channels_last)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    log.info("rank %d: %d images in %.1f s", rank, len(local), time.perf_counter() - t0)
+    return gather_predictions(local)
 
 
 @torch.no_grad()
@@ -53,18 +94,21 @@ def predict_loader(
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{image_id: {"boxes" [N, 4] xyxy original-image pixels, "scores", "labels"}}`` of this rank's shard.
 
+    ``loader``: from :func:`build_eval_loader` (``preprocess`` decides the network input, see
+    :func:`ssd.preprocess.batch_input`).
     Images the loader could not read (``data.on_error: skip``) get no entry and are counted in a
     warning: the evaluation treats them as images without detections.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
     model.eval()
-    priors = model.priors if hasattr(model, "priors") else model.module.priors
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    priors, size = net.priors, int(net.input_size)
     results, unreadable = {}, []
     for batch in loader:
         unreadable += batch["errors"]
         if not batch["image_ids"]:
             continue
-        images = normalize_batch(batch["images"].to(device, non_blocking=True), preprocess)
+        images = batch_input(batch, preprocess, size, device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -75,7 +119,8 @@ def predict_loader(
     if unreadable:
         log.warning("%d evaluation image(s) could not be read and count as images without detections, e.g. %s",
                     len(unreadable), unreadable[0])  # fmt: skip
-    model.train(was_training)
+    for m, training in modes:
+        m.training = training
     return results
 
 
@@ -165,21 +210,25 @@ def split_name(cfg: DatasetConfig) -> str:
 
 
 def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> tuple[DetectionDataset, dict | None]:
-    """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere."""
+    """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
+
+    The training loop's evaluation, reproduced: :func:`evaluate_model` with the checkpoint's preprocessing
+    and the precision and memory format ``cfg.train`` gives on this device (autocast and ``channels_last``
+    on CUDA, fp32 on the CPU), so ``ssd eval CONFIG --weights last.pt`` prints the run's last logged mAP.
+    """
     device_type = resolve_device(device_name).type  # checked before joining a process group
     ctx = init_distributed(device_type)
     device = resolve_device(device_name, ctx.local_rank)
     model, ckpt = model_from_checkpoint(weights)
     model_cfg = checkpoint_model_config(ckpt, weights)
-    transform = build_transforms(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size, train=False)
-    dataset = build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
+    dataset = build_eval_set(cfg, model_cfg)
     label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
-    loader = build_dataloader(dataset, batch_size, train=False, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    model.to(device)
-    t0 = time.perf_counter()
-    local = predict_loader(model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, device)
-    log.info("rank %d: %d images in %.1f s", ctx.rank, len(local), time.perf_counter() - t0)
-    return dataset, relabel_predictions(gather_predictions(local), label_map)
+    loader = build_eval_loader(dataset, model_cfg, batch_size, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    channels_last = cfg.train.channels_last and device.type == "cuda"  # as training's evaluation
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    predictions = evaluate_model(model, model_cfg, loader, build_postprocess(cfg.postprocess, model_cfg), device,
+                                 amp_dtype(cfg.train, device), channels_last)  # fmt: skip
+    return dataset, relabel_predictions(predictions, label_map)
 
 
 def run_eval_command(args) -> int:

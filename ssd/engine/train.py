@@ -29,7 +29,7 @@ from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed, resolve_device
-from ssd.engine.evaluate import gather_predictions, predict_loader
+from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.finetune import adopt_source_config, init_weights_from
 from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
@@ -109,13 +109,6 @@ def lr_factor(it: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
     return factor
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype on CUDA; None (fp32) on CPU, where bf16 autocast was far slower here."""
-    if device.type != "cuda" or cfg.amp == "none":
-        return None
-    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-
-
 # --- the loop --------------------------------------------------------------------------------------
 
 
@@ -144,6 +137,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         raise ConfigError("train.schedule_by_time works in single-process runs only; unset it under torchrun")
     if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
         raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
+    small_batch = bn_tools.small_batch_warning(tcfg.bn, ctx.world_size, tcfg.batch_size // ctx.world_size)
+    if small_batch and ctx.is_main:
+        log.warning(small_batch)
     seed_everything(tcfg.seed, tcfg.deterministic)
     if tcfg.retain_host_memory and not retain_freed_memory():  # before the loader workers fork: they inherit it
         log.debug("train.retain_host_memory: this platform's allocator has no mallopt; left as it is")
@@ -154,29 +150,35 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     # data
     train_tf = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=True)
     train_set = build_dataset(cfg.data.train, train_tf, train=True, on_error=cfg.data.on_error, key="data.train")
-    val_set = build_dataset(cfg.data.val, build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=False),
-                            train=False, on_error=cfg.data.on_error, key="data.val")  # fmt: skip
+    val_set = build_eval_set(cfg, cfg.model)  # ssd eval's data and preprocessing (ssd.preprocess)
     if len(train_set.classes) != cfg.model.num_classes - 1:
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
                          f"(+1 background = {len(train_set.classes) + 1})")  # fmt: skip
     pin = device.type == "cuda"
     workers = dict(num_workers=cfg.data.num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice)
     loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, **workers)
-    val_loader = build_dataloader(val_set, cfg.eval.batch_size, False, **workers)
+    val_loader = build_eval_loader(val_set, cfg.model, cfg.eval.batch_size, cfg.data.num_workers, pin, cfg.data.worker_nice)
+    # precise BN reads batches of its own: re-iterating the persistent training loader would restart its
+    # one iterator under the training loop, which would then replay the epoch (and break exact resume)
+    bn_workers = {**workers, "num_workers": min(cfg.data.num_workers, tcfg.precise_bn_batches)}
+    bn_loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, persistent=False, **bn_workers)
     if len(loader) == 0:
         raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}")
 
     # model, loss, optimizer
     model = build_ssd(cfg.model)
+    loaded = []  # state-dict keys model.init / model.init_backbone loaded: train.bn=frozen freezes those BN layers
     if cfg.model.init_backbone:
-        init_weights_from(model, cfg.model.init_backbone, backbone_only=True)
+        loaded += init_weights_from(model, cfg.model.init_backbone, backbone_only=True)["loaded"]
     if cfg.model.init:
-        init_weights_from(model, cfg.model.init, backbone_only=False)
+        loaded += init_weights_from(model, cfg.model.init, backbone_only=False)["loaded"]
+    # before restore_state: a resumed run loads the same init files first, so it freezes the same layers
+    frozen = bn_tools.frozen_bn_layers(model, tcfg.bn, loaded)
     channels_last = tcfg.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if tcfg.bn == "sync" and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    bn_tools.set_train_mode(model, tcfg.bn)
+    bn_tools.set_train_mode(model, tcfg.bn, frozen)
     criterion = build_loss(cfg.loss, cfg.model)
     postprocessor = build_postprocess(cfg.postprocess, cfg.model)
     optimizer = build_optimizer(tcfg, model)
@@ -210,12 +212,17 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return m(images)
 
-    def evaluate(it: int) -> dict | None:
-        if tcfg.precise_bn_before_eval and tcfg.precise_bn_batches > 0:
-            bn_tools.precise_bn(model, loader, forward_images, tcfg.precise_bn_batches)
+    def evaluate(it: int, final: bool) -> dict | None:
+        """Evaluate ``model`` as it is (the weights ``last.pt`` / ``best.pt`` then save), through
+        ``ssd eval``'s :func:`evaluate_model`; precise BN first after training or, with
+        ``train.precise_bn_before_eval``, before every evaluation."""
+        if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
+            bn_loader.sampler.set_epoch(it // len(loader))  # the current epoch's first batches: a function of `it`
+            n = bn_tools.precise_bn(model, bn_loader, forward_images, tcfg.precise_bn_batches, frozen)
+            log.info("precise BN at iteration %d: population statistics over %d batches", it, n)
         bn_tools.warn_stale_bn(model, f"evaluation at iteration {it}")
-        preds = gather_predictions(predict_loader(model, val_loader, postprocessor, cfg.model.preprocess, device, dtype, channels_last))
-        bn_tools.set_train_mode(model, tcfg.bn)
+        preds = evaluate_model(model, cfg.model, val_loader, postprocessor, device, dtype, channels_last)
+        bn_tools.set_train_mode(model, tcfg.bn, frozen)
         if not ctx.is_main:
             return None
         # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
@@ -247,6 +254,9 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
     progress = progress_bar(tcfg.max_iter, it, ctx)
 
     def save_last() -> None:
+        # last.pt and best.pt hold the weights the evaluation scored (the model itself, BN statistics
+        # included). Should averaged weights (EMA) be evaluated one day, the checkpoint must say which
+        # weights its logged mAP belongs to.
         if ctx.is_main:
             save_checkpoint(training_state(net, optimizer, scheduler, scaler, cfg, classes, it, state["best"]), out / "last.pt")
         barrier()
@@ -256,8 +266,8 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
-    def run_eval() -> None:
-        res = evaluate(it)
+    def run_eval(final: bool = False) -> None:
+        res = evaluate(it, final)
         if res is None:
             barrier()
             return
@@ -352,9 +362,6 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 break
     if progress is not None:
         progress.close()
-    if tcfg.precise_bn_batches > 0:
-        n = bn_tools.precise_bn(model, loader, forward_images, tcfg.precise_bn_batches)
-        log.info("precise BN: population statistics over %d batches", n)
-    run_eval()
-    save_last()
+    run_eval(final=True)  # precise BN first (train.precise_bn_batches)
+    save_last()  # the evaluated weights, BN statistics included: the last logged mAP is ssd eval's of last.pt
     return "done" if it >= tcfg.max_iter else "time_limit"
