@@ -320,10 +320,11 @@ BN_MODES = ("train", "frozen", "sync")
 class TrainConfig:
     """Iteration-based training. ``batch_size`` is the global batch, split evenly across processes,
     so a recipe means the same thing on 1 or 8 GPUs. ``amp`` and ``channels_last`` apply on CUDA only
-    (fp32 on CPU). ``bn``: ``train`` (batch statistics), ``frozen`` (running statistics, affine
-    parameters fixed), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes BN
-    population statistics over that many training batches after training (and before every
-    evaluation with ``precise_bn_before_eval``)."""
+    (fp32 on CPU). ``bn``: ``train`` (batch statistics), ``frozen`` (the BN layers whose running
+    statistics came from ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the
+    others train), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
+    population statistics of the training BN layers over that many training batches (its own loader)
+    after training and before every evaluation with ``precise_bn_before_eval``."""
 
     max_iter: int = 120000
     batch_size: int = 32

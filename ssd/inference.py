@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import PostprocessConfig, PreprocessConfig, from_dict
 from ssd.data.dataset import read_image
+from ssd.device import resolve_device
 from ssd.fuse import fuse_batchnorm
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import preprocess_images
@@ -136,8 +137,6 @@ class Detector:
         NMS 0.45, 200 per image). ``channels_last``: NHWC activations (default: on the CPU, where it
         is faster).
         """
-        from ssd.engine.evaluate import resolve_device
-
         if not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
         device = resolve_device(device) if isinstance(device, str) else device

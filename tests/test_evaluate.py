@@ -229,8 +229,9 @@ def test_evaluation_and_deployment_share_preprocessing_without_importing_each_ot
     package = Path(__file__).resolve().parent.parent / "ssd"
     for path in (package / "engine").glob("*.py"):
         assert not any(m.startswith("ssd.inference") for m in imported_modules(path, top_level_only=False)), path.name
-    deployment = imported_modules(package / "inference.py", top_level_only=True)
-    assert "ssd.preprocess" in deployment and not any(m.startswith("ssd.engine") for m in deployment)
+    assert "ssd.preprocess" in imported_modules(package / "inference.py", top_level_only=True)
+    for name in ("inference.py", "export.py", "fuse.py"):  # deployment: not even inside a function
+        assert not any(m.startswith("ssd.engine") for m in imported_modules(package / name, top_level_only=False)), name
 
 
 # --- detections files ---------------------------------------------------------------------------------

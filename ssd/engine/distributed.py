@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssd.device import resolve_device  # noqa: F401 (the engine's callers import it from here)
+
 
 @dataclass
 class DistContext:
@@ -64,17 +66,3 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0, key: str = "--device") -> torch.device:
-    """``auto`` (CUDA if present), ``cpu``, ``cuda`` (this process's GPU under torchrun) or ``cuda:N``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"{key} {name}: CUDA is not available; use cpu or auto")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{key} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
