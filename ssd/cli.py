@@ -39,8 +39,9 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from ssd.data.check import check_dataset, format_report
+    from ssd.engine.finetune import adopt_source_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = adopt_source_config(load_config(args.config, args.overrides))  # the priors a fine-tuning run trains with
     reports = check_dataset(cfg, args.split, decode_images=not args.no_images)
     for report in reports:
         print(format_report(report))

@@ -302,3 +302,24 @@ def test_finetuning_sees_the_converted_models_features(converted, tmp_path, kind
         for a, b in zip(train_features, pred_features):
             assert (a - b).norm() <= 0.03 * b.norm()  # random weights amplify that rounding to ~1%
     assert torch.equal(model.priors, detector.model.priors)  # and the boxes its heads predict offsets to
+
+
+def test_data_check_reports_coverage_of_the_priors_a_finetuning_run_trains_with(converted, tmp_path, capsys):
+    """``ssd data check`` with ``model.init`` measures the source's priors (torchvision's scales 0.07..1.05,
+    clip wh), exactly as a config that spells them out, not the arch preset the YAML would give."""
+    from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+
+    generate_shapes(tmp_path / "shapes", 24, 8, size=96, seed=0)
+    split = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": list(SHAPES_CLASSES)}
+    data = {"train": {**split, "split": "train"}, "val": {**split, "split": "val"}}
+
+    def check(model: dict, *overrides: str) -> str:
+        path = write_yaml(tmp_path / "check.yaml", {"model": {"num_classes": 5, "width": WIDTH, **model}, "data": data})
+        # IoU 0.7: a bar that tells prior layouts apart on a dozen images
+        assert main(["data", "check", str(path), "--no-images", "loss.iou_threshold=0.7", *overrides]) in (0, 1)
+        return capsys.readouterr().out
+
+    adopted = check({}, f"model.init={converted['torchvision']}")
+    spelled_out = check({"priors": {"scales": TV_SCALES, "clip": "wh"}})
+    preset = check({})
+    assert "coverage" in adopted and adopted == spelled_out != preset
