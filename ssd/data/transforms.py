@@ -18,11 +18,10 @@ Randomness: every transform draws from albumentations' generators (``self.py_ran
 ``self.random_generator``: the documented way for a custom transform, which also gets its
 data-dependent parameters from the documented ``get_params_dependent_on_data``).
 :meth:`DetectionTransform.set_seed` gives all of them ONE shared, seeded pair of generators
-(``Compose.set_random_state``, in the API reference though not in the guides; the guides' public
-seeding gives every transform its own generators with the same seed, see below). ``Compose(seed=k)`` is not used: it
-seeds each transform with the same ``k``, so e.g. the zoom-out and flip coin flips of one image
-come out identical (perfectly correlated). With ``seed=None`` the generators are seeded from OS
-entropy when built; forked DataLoader workers inherit that state, so reseed each worker
+(``Compose.set_random_state``: in the API reference, not in the guides, whose public seeding
+``Compose(seed=k)`` is not used: it seeds each transform with the same ``k``, so e.g. the zoom-out
+and flip coin flips of one image come out identical, perfectly correlated). With ``seed=None`` the
+generators are seeded from OS entropy when built; forked DataLoader workers inherit that state, so reseed each worker
 (``worker_init_fn``: ``set_seed(torch.initial_seed())``) or every worker augments alike.
 """
 
