@@ -16,18 +16,20 @@ import torch
 
 from ssd.bench.augment import crop_statistics, voc_like_layouts
 from ssd.config import AugmentConfig, ConfigError, PreprocessConfig
-from ssd.data.transforms import (
+from ssd.data.geometry import (
     PAPER_CROP_OPTIONS,
     MinIoURandomCrop,
-    PhotometricDistort,
     ZoomOut,
     box_iou_np,
+    sample_min_iou_crop,
+    sample_patch,
+)
+from ssd.data.transforms import (
+    PhotometricDistort,
     build_transforms,
     mean_fill_rgb,
     normalize_batch,
     photometric_distort,
-    sample_min_iou_crop,
-    sample_patch,
     to_tensor,
 )
 
@@ -408,7 +410,7 @@ def test_importing_the_data_pipeline_does_not_go_to_the_network():
         "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
         "calls = []\n"
         "u.OpenerDirector.open = lambda self, url, *a, **k: calls.append(str(url)) or (_ for _ in ()).throw(OSError('offline'))\n"
-        "import ssd.data.transforms\n"
+        "import ssd.data.geometry\n"
         "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
     )
     out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=120)
