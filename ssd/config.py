@@ -314,15 +314,19 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("fp16", "bf16", "none")
 BN_MODES = ("train", "frozen", "sync")
+CHANNELS_LAST = ("auto", "true", "false")
 
 
 @dataclass
 class TrainConfig:
     """Iteration-based training. ``batch_size`` is the global batch, split evenly across processes,
-    so a recipe means the same thing on 1 or 8 GPUs. ``amp`` and ``channels_last`` apply on CUDA only
-    (fp32 on CPU). ``bn``: ``train`` (batch statistics), ``frozen`` (the BN layers whose running
-    statistics came from ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the
-    others train), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
+    so a recipe means the same thing on 1 or 8 GPUs. ``amp`` applies on CUDA only (fp32 on CPU).
+    ``channels_last`` (NHWC activations): ``auto`` is on for the CPU and CUDA, where it is faster
+    (measured, see README "Performance"), off elsewhere; ``true`` / ``false`` force it. ``sync_debug``
+    (CUDA): steps between log steps run under ``torch.cuda.set_sync_debug_mode("error")``, so any
+    host-device synchronisation in a steady-state step raises (a check, not for production runs).
+    ``bn``: ``train`` (batch statistics), ``frozen`` (the BN layers whose running statistics came from
+    ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the others train), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
     population statistics of the training BN layers over that many training batches (its own loader)
     after training and before every evaluation with ``precise_bn_before_eval``."""
 
@@ -340,8 +344,9 @@ class TrainConfig:
     warmup_factor: float = 1.0 / 3.0
     clip_grad_norm: float | None = None
     amp: str = "fp16"
-    channels_last: bool = True
+    channels_last: str | bool = "auto"  # auto | true | false (read as the strings "true" / "false")
     compile: bool = False
+    sync_debug: bool = False
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -359,6 +364,9 @@ class TrainConfig:
     tensorboard_images: int = 4  # validation images drawn at every evaluation
 
     def __post_init__(self) -> None:
+        if isinstance(self.channels_last, bool):  # YAML `channels_last: true`, and configs written before "auto"
+            self.channels_last = str(self.channels_last).lower()
+        _check_choice("train.channels_last", self.channels_last, CHANNELS_LAST)
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.amp", self.amp, AMP_MODES)

@@ -289,7 +289,7 @@ def training_batches(shapes: Path):
     loader = build_dataloader(dataset, 8, train=True, num_workers=0, seed=0)
 
     def forward(m, batch):
-        return m(normalize_batch(batch["images"], cfg.model.preprocess))
+        return m(normalize_batch(batch["images"], cfg.model.preprocess).contiguous())  # NCHW, as the model
 
     return loader, forward
 

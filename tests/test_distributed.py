@@ -21,19 +21,32 @@ SIZE = 64
 MAX_ITER = 4
 
 # Each rank trains through the real engine, then saves the weights it ended with (only rank 0
-# writes the run's own files).
+# writes the run's own files). Rank 1's loss is NaN at its NAN_AT-th step: every rank must skip it.
+NAN_AT = 3
 WORKER = """
 import os, sys, torch
 import ssd.engine.train as engine
 from ssd.config import load_config
 
-models = []
-build_ssd = engine.build_ssd
+models, calls = [], []
+build_ssd, build_loss = engine.build_ssd, engine.build_loss
 engine.build_ssd = lambda cfg: models.append(build_ssd(cfg)) or models[-1]
+
+def nan_on_rank_1(loss_cfg, model_cfg):
+    criterion = build_loss(loss_cfg, model_cfg)
+    def edited(*args):
+        losses = criterion(*args)
+        calls.append(None)
+        if os.environ["RANK"] == "1" and len(calls) == NAN_AT:
+            losses["loc"] = losses["loc"] * float("nan")
+        return losses
+    return edited
+
+engine.build_loss = nan_on_rank_1
 summary = engine.train(load_config(sys.argv[1]), sys.argv[2])
 torch.save(models[0].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 print("summary", summary["iteration"], summary["best_map"])
-"""
+""".replace("NAN_AT", str(NAN_AT))
 
 
 def launch(world: int, args: list[str], tmp_path: Path) -> list[subprocess.CompletedProcess]:
@@ -79,13 +92,19 @@ def test_ranks_end_with_identical_parameters(ddp_run):
     assert saved["iteration"] == MAX_ITER
     assert all(torch.equal(saved["model"][k], v) for k, v in rank0.items())
     assert all(bool(v == 2) for k, v in rank0.items() if k.endswith("num_batches_tracked"))  # precise BN: 2 batches
+    # each rank saved its own random state (their streams differ after the model is built) and resumes from it
+    rng = saved["rng"]["ranks"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
     rows = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss" in r]
     assert [r["iter"] for r in losses] == list(range(1, MAX_ITER + 1))  # one row per iteration: rank 0's
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in losses)
+    # rank 1's NaN loss skipped the step on both ranks (identical weights: test above); the logged terms are the ranks' mean
+    assert [r["skipped"] for r in losses] == [int(i == NAN_AT) for i in range(1, MAX_ITER + 1)]
+    assert [r["loss"] is None for r in losses] == [i == NAN_AT for i in range(1, MAX_ITER + 1)]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in losses if r["loss"] is not None)
     (evaluation,) = [r for r in rows if "map" in r]
     assert evaluation["iter"] == MAX_ITER and 0.0 <= evaluation["map"] <= 1.0
     assert load_checkpoint(ddp_run / "best.pt")["iteration"] == MAX_ITER

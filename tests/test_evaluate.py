@@ -209,8 +209,8 @@ def test_a_normalize_then_bilinear_checkpoint_evaluates_on_what_detector_predict
     cfg = from_dict(Config, {"model": MODEL, "data": {"val": {"format": "voc", "root": str(odd_sizes), "split": "val",
                                                              "classes": SHAPES_CLASSES}, "num_workers": 0}})  # fmt: skip
     dataset, predictions = predict_checkpoint(cfg, str(tmp_path / "tv.pt"), "cpu", batch_size=2)
-    detector = Detector.from_checkpoint(tmp_path / "tv.pt", device="cpu", score_thresh=0.01, batch_size=2, fuse=False,
-                                        channels_last=False)  # fmt: skip
+    # both in their default memory format: channels_last on the CPU (train.channels_last auto, Detector's None)
+    detector = Detector.from_checkpoint(tmp_path / "tv.pt", device="cpu", score_thresh=0.01, batch_size=2, fuse=False)
     assert len({rec.width for rec in dataset.records}) == 5
     for rec, got in zip(dataset.records, detector([rec.path for rec in dataset.records]), strict=True):
         expected = predictions[rec.image_id]

@@ -286,7 +286,7 @@ def test_finetuning_sees_the_converted_models_features(converted, tmp_path, kind
     batch = collate([{"image": resized, "boxes": boxes, "labels": labels, "image_id": "x", "orig_size": image.shape[:2]}])
     trained_on = capture_features(model.eval())
     with torch.no_grad():
-        model(normalize_batch(batch["images"], cfg.model.preprocess))
+        model(normalize_batch(batch["images"], cfg.model.preprocess).contiguous())  # NCHW, as the Detector below
 
     # the converted model as ssd predict runs it
     detector = Detector.from_checkpoint(path, device="cpu", fuse=False, channels_last=False)

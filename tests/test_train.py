@@ -431,6 +431,8 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, monkeypatch, caplog):
+    # the skip is decided on the device (the fused optimizer's found_inf): the step still counts as an
+    # iteration, and the host logs it at the next log step with its iteration and images
     snapshots = []
 
     def nan_at_3_and_4(call, losses):
@@ -440,8 +442,8 @@ def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, m
 
     models = patch_loss(monkeypatch, nan_at_3_and_4)
     with caplog.at_level(logging.WARNING, logger="ssd.train"):
-        summary = train(config(shapes, max_iter=4, eval_period=100), tmp_path / "run")
-    assert summary["iteration"] == 4 and len(snapshots) == 6  # two extra batches for the two skipped steps
+        summary = train(config(shapes, max_iter=6, eval_period=100), tmp_path / "run")
+    assert summary["iteration"] == 6 and len(snapshots) == 6
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # no update
     assert not torch.equal(snapshots[1], snapshots[2]) and not torch.equal(snapshots[4], snapshots[5])
     assert torch.isfinite(flat_parameters(models[0])).all()
@@ -449,31 +451,42 @@ def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, m
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 2
     batches = []
-    for message in warnings:
-        assert re.match(r"iteration 2: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message)
+    for iteration, message in zip((3, 4), warnings):
+        assert re.match(rf"iteration {iteration}: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message)
         batches.append(re.findall(r"'(train_\d{6})'", message))
     assert [len(set(b)) for b in batches] == [8, 8] and batches[0] != batches[1]
 
-    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2, 3, 4]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in loss_rows(tmp_path / "run"))
+    rows = loss_rows(tmp_path / "run")
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["skipped"] for r in rows] == [0, 0, 1, 1, 0, 0]
+    assert [r["loss"] is None for r in rows] == [False, False, True, True, False, False]  # log_period 1: nothing to average
+    assert all(math.isfinite(r["loss"]) for r in rows if r["loss"] is not None)
     optimizer_state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["state"]
     assert {int(s["step"]) for s in optimizer_state.values()} == {4}  # AdamW stepped 4 times, not 6
 
 
 def test_consecutive_non_finite_losses_stop_training_without_nan_weights(shapes, tmp_path, monkeypatch, capsys):
+    snapshots = []
+
     def inf_from_3(call, losses):
+        snapshots.append(flat_parameters(models[0]))
         if call >= 3:
             losses["conf"] = losses["conf"] + float("inf")
 
-    patch_loss(monkeypatch, inf_from_3)
+    models = patch_loss(monkeypatch, inf_from_3)
     cfg = run_dict(shapes, checkpoint_period=2, max_bad_steps=3)
-    with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive iterations \(last: 2\); stopping without"):
+    with pytest.raises(TrainingError, match=r"non-finite for 3 consecutive iterations \(last: 5\); stopping without"):
         train(from_dict(Config, cfg), tmp_path / "run")
+    # last.pt at iteration 4 (two skipped steps, below max_bad_steps) holds the weights of iteration 2
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["iteration"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2]
+    assert last["iteration"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert torch.equal(torch.cat([v.flatten() for k, v in last["model"].items() if k in dict(models[0].named_parameters())]),
+                       torch.cat([p.detach().flatten() for p in models[0].parameters()]))  # fmt: skip
+    assert torch.equal(snapshots[2], flat_parameters(models[0]))
+    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2, 3, 4]
 
     # the CLI: one clear line and exit status 1 (not a user-input error, not a traceback)
+    monkeypatch.undo()
+    patch_loss(monkeypatch, inf_from_3)
     assert main(["train", str(write_config(tmp_path / "run.yaml", cfg)), "--output-dir", str(tmp_path / "cli")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ssd train: training stopped: the loss was non-finite for 3 consecutive")

@@ -146,8 +146,10 @@ def build_dataset(cfg: DatasetConfig, transform: Callable | None, train: bool, o
 
 
 def stack_images(images: list[np.ndarray]) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]``."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    """``[H, W, 3]`` uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]``, NHWC in memory
+    (``channels_last``): one copy, no transpose; the network runs NHWC on the CPU and CUDA, and
+    ``.contiguous()`` gives NCHW where it is wanted."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -29,6 +29,7 @@ generators are seeded from OS entropy when built; forked DataLoader workers inhe
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -209,10 +210,18 @@ def normalize_batch(images: Tensor, preprocess: PreprocessConfig, dtype: torch.d
     """uint8 RGB ``Tensor[B, 3, H, W]`` -> network input ``(x * pixel_scale - mean) / std`` in ``dtype``.
 
     Channels are reversed first for ``channel_order: bgr`` (``mean``/``std`` are in network order).
-    Runs on the images' device; meant for the whole batch on the GPU, after the loader.
+    Runs on the images' device (meant for the whole batch on the GPU, after the loader), keeps their
+    memory format (NHWC batches from :func:`ssd.data.dataset.collate` stay NHWC), and takes ``mean``
+    and ``std`` from a per-device cache: building them is a host-to-device copy, which must not
+    happen in every training step.
     """
     if preprocess.channel_order == "bgr":
         images = images.flip(1)
-    mean = torch.tensor(preprocess.mean, dtype=dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=dtype, device=images.device).view(1, 3, 1, 1)
+    mean, std = _normalization_constants(tuple(preprocess.mean), tuple(preprocess.std), dtype, images.device)
     return images.to(dtype, copy=True).mul_(preprocess.pixel_scale).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization_constants(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1))  # fmt: skip

@@ -252,9 +252,10 @@ def variant_config(config_path, overrides: list[str], variant: Variant, base_lr:
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """``(training rows, evaluation rows)`` of a run's metrics.jsonl (absent file: none)."""
+    """``(training rows, evaluation rows)`` of a run's metrics.jsonl (absent file: none). Training rows
+    without a loss (every step of the window skipped for a non-finite loss) are left out."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [r for r in rows if "loss" in r], [r for r in rows if "map" in r]
+    return [r for r in rows if r.get("loss") is not None], [r for r in rows if "map" in r]
 
 
 def throughput(train_rows: list[dict], batch_size: int) -> float | None:

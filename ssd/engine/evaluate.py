@@ -31,6 +31,7 @@ from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import Config, DatasetConfig, ModelConfig, PreprocessConfig, TrainConfig, load_config
 from ssd.data.dataset import DetectionDataset, build_dataset, collate
 from ssd.data.loader import build_dataloader
+from ssd.device import use_channels_last
 from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evalset import EvalSet, evaluate_predictions, evaluate_voc, resolve_metric, safe_name  # noqa: F401 (re-exported)
 from ssd.engine.evalset import class_label_map, relabel_predictions
@@ -109,8 +110,7 @@ def predict_loader(
         if not batch["image_ids"]:
             continue
         images = batch_input(batch, preprocess, size, device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(images)
         dets = postprocessor(out, priors, tuple(images.shape[-2:]), batch["orig_sizes"])
@@ -213,18 +213,19 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> 
     """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
 
     The training loop's evaluation, reproduced: :func:`evaluate_model` with the checkpoint's preprocessing
-    and the precision and memory format ``cfg.train`` gives on this device (autocast and ``channels_last``
-    on CUDA, fp32 on the CPU), so ``ssd eval CONFIG --weights last.pt`` prints the run's last logged mAP.
+    and the precision and memory format ``cfg.train`` gives on this device (autocast on CUDA, fp32 on the
+    CPU; ``train.channels_last``), so ``ssd eval CONFIG --weights last.pt`` prints the run's last logged mAP.
     """
-    device_type = resolve_device(device_name).type  # checked before joining a process group
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device_type = resolve_device(device_name, world_size=world).type  # checked before joining a process group
     ctx = init_distributed(device_type)
-    device = resolve_device(device_name, ctx.local_rank)
+    device = resolve_device(device_name, ctx.local_rank, world_size=ctx.world_size)
     model, ckpt = model_from_checkpoint(weights)
     model_cfg = checkpoint_model_config(ckpt, weights)
     dataset = build_eval_set(cfg, model_cfg)
     label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
     loader = build_eval_loader(dataset, model_cfg, batch_size, cfg.data.num_workers, pin_memory=device.type == "cuda")
-    channels_last = cfg.train.channels_last and device.type == "cuda"  # as training's evaluation
+    channels_last = use_channels_last(cfg.train.channels_last, device)  # as training's evaluation
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     predictions = evaluate_model(model, model_cfg, loader, build_postprocess(cfg.postprocess, model_cfg), device,
                                  amp_dtype(cfg.train, device), channels_last)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -11,8 +12,17 @@ from torch import nn
 from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint
 from ssd.config import Config, to_dict
 
+log = logging.getLogger("ssd.train")
 
-def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict) -> dict:
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random state: torch's CPU generator and, on CUDA, its own GPU's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict,
+                   rng_states: list[dict]) -> dict:  # fmt: skip
+    """``rng_states``: :func:`rng_state` of every rank, in rank order (each restores its own)."""
     ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
     ckpt.update(
         full_config=to_dict(cfg),
@@ -21,12 +31,12 @@ def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, it
         scaler=scaler.state_dict(),
         iteration=iteration,
         best=best,
-        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        rng={"ranks": rng_states},
     )
     return ckpt
 
 
-def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+def restore_state(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int = 0) -> tuple[int, dict]:
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "iteration" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
@@ -34,9 +44,14 @@ def restore_state(path: Path, model, optimizer, scheduler, scaler) -> tuple[int,
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    rng = ckpt["rng"]
+    ranks = rng.get("ranks") or [{"torch": rng["torch"], "cuda": None}]  # checkpoints before per-rank states: rank 0's
+    if rank >= len(ranks):
+        log.warning("%s was saved by %d process(es); rank %d continues rank 0's random state", path, len(ranks), rank)
+    mine = ranks[rank] if rank < len(ranks) else ranks[0]
+    torch.set_rng_state(mine["torch"])
+    if mine.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
     return int(ckpt["iteration"]), dict(ckpt.get("best", {}))
 
 

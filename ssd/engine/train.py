@@ -8,6 +8,7 @@ progress bar in :mod:`ssd.engine.monitor`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -27,22 +28,20 @@ from ssd.config import Config, ConfigError, TrainConfig, save_config
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, normalize_batch
+from ssd.device import use_channels_last
 from ssd.engine import bn as bn_tools
-from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed, resolve_device
+from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.finetune import adopt_source_config, init_weights_from
 from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
-from ssd.engine.state import restore_state, training_state, trim_metrics, unwrap
+from ssd.engine.state import restore_state, rng_state, training_state, trim_metrics, unwrap
+from ssd.engine.step import TrainingError, TrainStep, fused_optimizer_ok, prime_momentum  # noqa: F401 (TrainingError: re-exported)
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
 
 log = logging.getLogger("ssd.train")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
 
 
 # --- small builders -------------------------------------------------------------------------------
@@ -78,7 +77,8 @@ def retain_freed_memory() -> bool:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (paper) or AdamW; optionally no weight decay on BN and bias parameters."""
+    """SGD (paper) or AdamW; optionally no weight decay on BN and bias parameters. Fused kernels where
+    torch has them (CPU, CUDA): one kernel per step, and the on-device skip of :mod:`ssd.engine.step`."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -88,9 +88,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = fused_optimizer_ok(decay + no_decay) or None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+        prime_momentum(optimizer)
+        return optimizer
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
 def lr_factor(it: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -130,7 +133,7 @@ def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> d
 def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     cfg = adopt_source_config(cfg)  # model.init's preprocessing and priors, before anything is built or saved
     tcfg = cfg.train
-    device = resolve_device(tcfg.device, ctx.local_rank, key="train.device")
+    device = resolve_device(tcfg.device, ctx.local_rank, key="train.device", world_size=ctx.world_size)
     if tcfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {tcfg.batch_size} must be divisible by the {ctx.world_size} processes")
     if tcfg.schedule_by_time and ctx.enabled:  # each rank's clock differs: their learning rates would too
@@ -174,7 +177,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         loaded += init_weights_from(model, cfg.model.init, backbone_only=False)["loaded"]
     # before restore_state: a resumed run loads the same init files first, so it freezes the same layers
     frozen = bn_tools.frozen_bn_layers(model, tcfg.bn, loaded)
-    channels_last = tcfg.channels_last and device.type == "cuda"
+    if ctx.enabled:  # the ranks built the same weights from one seed; from here their random streams differ (dropout)
+        torch.manual_seed(tcfg.seed + ctx.rank)
+    channels_last = use_channels_last(tcfg.channels_last, device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if tcfg.bn == "sync" and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -192,13 +197,14 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if resume:
         if not last_path.exists():
             raise FileNotFoundError(f"{last_path}: nothing to resume (train without --resume to start)")
-        iteration, best = restore_state(last_path, model, optimizer, scheduler, scaler)
+        iteration, best = restore_state(last_path, model, optimizer, scheduler, scaler, device, ctx.rank)
         if ctx.is_main:
             trim_metrics(out / "metrics.jsonl", iteration)
         log.info("resumed from %s at iteration %d", last_path, iteration)
 
     net = model
-    if ctx.enabled:
+    if ctx.enabled:  # the priors are a constant of the config: no broadcast of them in every forward
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["priors"])
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile:
         net = torch.compile(net)
@@ -206,9 +212,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
 
     def forward_images(m: nn.Module, batch: dict) -> dict:
+        # the loader's batches are NHWC in memory: channels_last costs no copy, NCHW one
         images = normalize_batch(batch["images"].to(device, non_blocking=pin), cfg.model.preprocess)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return m(images)
 
@@ -230,11 +236,11 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
+    step = TrainStep(net, model, criterion, optimizer, scaler, forward_images, tcfg, ctx.enabled)
     state = dict(iteration=iteration, best=best, clock=clock)
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
-        stopped = _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images,
-                              evaluate, train_set.classes, out, metrics_file, tensorboard, state)  # fmt: skip
+        stopped = _train_loop(cfg, ctx, step, loader, scheduler, evaluate, train_set.classes, out, metrics_file, tensorboard, state)
     finally:
         tensorboard.close()
         if metrics_file:
@@ -242,29 +248,53 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped}
 
 
-def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, scaler, forward_images, evaluate,
-                classes, out: Path, metrics_file, tensorboard: TensorBoard, state: dict) -> str:  # fmt: skip
+def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes, out: Path, metrics_file,
+                tensorboard: TensorBoard, state: dict) -> str:  # fmt: skip
     tcfg = cfg.train
-    device = next(model.parameters()).device
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
     it = state["iteration"]
     per_epoch = len(loader)
-    bad_steps, skipped_images, stop_reason = 0, 0, None
-    window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+    skipped_images, stop_reason = 0, None
+    window = {"n": 0, "images": 0, "t": time.perf_counter()}
     t_start = time.perf_counter()
     progress = progress_bar(tcfg.max_iter, it, ctx)
+    sync_debug = tcfg.sync_debug and step.device.type == "cuda"
 
     def save_last() -> None:
         # last.pt and best.pt hold the weights the evaluation scored (the model itself, BN statistics
         # included). Should averaged weights (EMA) be evaluated one day, the checkpoint must say which
         # weights its logged mAP belongs to.
+        step.check()  # the pending steps' skips first: max_bad_steps stops before a save
+        rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
-            save_checkpoint(training_state(net, optimizer, scheduler, scaler, cfg, classes, it, state["best"]), out / "last.pt")
+            save_checkpoint(training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states),
+                            out / "last.pt")  # fmt: skip
         barrier()
 
     def write_metrics(row: dict) -> None:
         if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
+
+    def log_row() -> None:
+        """The log step: the one synchronisation of a log period (:meth:`TrainStep.take_window`)."""
+        nonlocal window
+        dt = time.perf_counter() - window["t"]
+        row = {"iter": it, **step.take_window().row(), "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
+        if scaler.is_enabled():
+            row["grad_scale"] = scaler.get_scale()
+        write_metrics(row)
+        tensorboard.train_row(row)
+        if row["loss"] is None:  # every step since the last row was skipped: TrainStep.check warned about each
+            pass
+        elif progress is not None:
+            progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
+                                 lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
+        elif ctx.is_main:
+            log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s", it, tcfg.max_iter,
+                     row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"])  # fmt: skip
+        window = {"n": 0, "images": 0, "t": time.perf_counter()}
 
     def run_eval(final: bool = False) -> None:
         res = evaluate(it, final)
@@ -287,54 +317,17 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
             loader.sampler.skip = offset * loader.batch_size  # resume mid-epoch on the same batches
             for batch in loader:
                 skipped_images += len(batch["errors"])
-                outputs = forward_images(net, batch)
-                losses = criterion(outputs, batch["boxes"].to(device), batch["labels"].to(device), unwrap(model).priors)
-                loss = losses["loc"] + losses["conf"]
-                if not all_true(bool(torch.isfinite(loss)), device):
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s",
-                                it, float(losses["loc"].detach()), float(losses["conf"].detach()), batch["image_ids"])  # fmt: skip
-                    if bad_steps >= tcfg.max_bad_steps:
-                        raise TrainingError(
-                            f"the loss was non-finite for {bad_steps} consecutive iterations (last: {it}); stopping without "
-                            f"writing NaN weights. Lower train.lr, raise train.warmup_iters, or set train.clip_grad_norm. "
-                            f"{out / 'last.pt'} holds the last good state."
-                        )
-                    continue
-                bad_steps = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tcfg.clip_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                # steady state (after the first log row) must not synchronise: train.sync_debug makes a sync raise
+                with sync_debug_mode("error" if sync_debug and it >= tcfg.log_period else "default", sync_debug):
+                    step(batch, it + 1)
                 if tcfg.schedule_by_time:
                     state["clock"]["fraction"] = (time.perf_counter() - t_start) / tcfg.time_limit
                 scheduler.step()
                 it += 1
                 state["iteration"] = it
-
-                window["loss"] += float(loss.detach())
-                window["loc"] += float(losses["loc"].detach())
-                window["conf"] += float(losses["conf"].detach())
-                window["n"] += 1
                 window["images"] += len(batch["image_ids"]) * ctx.world_size
                 if it % tcfg.log_period == 0 or it == tcfg.max_iter:
-                    dt = time.perf_counter() - window["t"]
-                    row = {"iter": it, "loss": window["loss"] / window["n"], "loc": window["loc"] / window["n"],
-                           "conf": window["conf"] / window["n"], "lr": optimizer.param_groups[0]["lr"],
-                           "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
-                    write_metrics(row)
-                    tensorboard.train_row(row)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
-                                             lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
-                    elif ctx.is_main:
-                        log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s", it, tcfg.max_iter,
-                                 row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"])  # fmt: skip
-                    window = {"loss": 0.0, "loc": 0.0, "conf": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+                    log_row()
                 if progress is not None:
                     progress.update(1)
 
@@ -344,9 +337,10 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 if it % tcfg.checkpoint_period == 0:  # after the evaluation: last.pt's "best" includes it
                     save_last()
                 window["t"] += time.perf_counter() - t_pause  # images/s counts training time only
+                # host-side checks every step (no device value): a signal or the time limit ends the run within one iteration
                 out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
-                if not all_true(stop.received is None and not out_of_time, device):  # every rank stops together
-                    stop_reason = "time_limit" if all_true(stop.received is None, device) else "signal"
+                if not all_true(stop.received is None and not out_of_time):  # every rank stops together
+                    stop_reason = "time_limit" if all_true(stop.received is None) else "signal"
                     break
                 if it >= tcfg.max_iter:
                     break
@@ -362,6 +356,20 @@ def _train_loop(cfg, ctx, net, model, loader, criterion, optimizer, scheduler, s
                 break
     if progress is not None:
         progress.close()
+    step.check()
     run_eval(final=True)  # precise BN first (train.precise_bn_batches)
     save_last()  # the evaluated weights, BN statistics included: the last logged mAP is ssd eval's of last.pt
     return "done" if it >= tcfg.max_iter else "time_limit"
+
+
+@contextlib.contextmanager
+def sync_debug_mode(mode: str, enabled: bool):
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside the block when ``enabled`` (``train.sync_debug``)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

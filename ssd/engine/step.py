@@ -1,0 +1,158 @@
+"""One training step with no host-device synchronisation, and the steps' record read at log steps.
+
+A GPU runs ahead of the Python that queues its work only as long as the host never waits for a
+device value. So a step here queues everything and reads nothing back:
+
+- the batch goes to the device with ``non_blocking`` copies (pinned memory) before the forward;
+  matching and the loss have fixed shapes (:mod:`ssd.loss`);
+- a non-finite loss skips the update *on the device*: the fused optimizers (``torch.optim`` SGD /
+  AdamW with ``fused=True``, CPU and CUDA) take a ``found_inf`` flag and leave the weights and their
+  state untouched when it is set; under fp16 the GradScaler, which hands the fused optimizer its own
+  flag, sees the non-finite loss as NaN gradients (the backward is seeded with NaN);
+- each step's loss terms and skip flag stay on the device in :attr:`TrainStep.pending`; :meth:`TrainStep.check`
+  reads them all at once (one synchronisation per log period), logs the skipped steps with their
+  iteration and image ids, and stops training after ``train.max_bad_steps`` consecutive ones.
+
+A skipped step still counts as an iteration (the host learns about it later); its batch is used up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ssd.config import TrainConfig
+
+log = logging.getLogger("ssd.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and where."""
+
+
+def fused_optimizer_ok(params: list[nn.Parameter]) -> bool:
+    """Whether ``torch.optim``'s fused SGD / AdamW kernels (and their on-device skip) take these parameters."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give fused SGD zero momentum buffers before its first step.
+
+    Fused SGD creates them uninitialised (``empty_like``) in its first step and relies on that step to
+    fill them; a first step skipped through ``found_inf`` would leave them holding garbage. A zero buffer
+    gives the same first update (``0.9 * 0 + g = g``)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] and group.get("fused"):
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+@dataclass
+class Window:
+    """Host-side sums over the steps :meth:`TrainStep.check` has read since the last log row."""
+
+    loss: float = 0.0
+    loc: float = 0.0
+    conf: float = 0.0
+    good: int = 0
+    skipped: int = 0
+    amp_skipped: int = 0
+    skipped_iterations: list[int] = field(default_factory=list)
+
+    def row(self) -> dict:
+        """The log row's loss terms: means over the steps that updated the weights (None if none did)."""
+        mean = (lambda v: v / self.good) if self.good else (lambda v: None)
+        return {"loss": mean(self.loss), "loc": mean(self.loc), "conf": mean(self.conf), "skipped": self.skipped}
+
+
+class TrainStep:
+    """``step(batch, iteration)`` runs forward, loss, backward and the optimizer update without reading a
+    device value; :meth:`check` reads the record of the steps since the last call."""
+
+    def __init__(self, net: nn.Module, model: nn.Module, criterion, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, forward_images, tcfg: TrainConfig, distributed: bool) -> None:  # fmt: skip
+        self.net, self.model, self.criterion, self.optimizer, self.scaler = net, model, criterion, optimizer, scaler
+        self.forward_images, self.tcfg, self.distributed = forward_images, tcfg, distributed
+        self.device = next(model.parameters()).device
+        self.fused = all(group.get("fused") for group in optimizer.param_groups)
+        self.pending: list[tuple[int, Tensor, list]] = []  # (iteration, [loc, conf, skipped, amp skipped], image ids)
+        self.window = Window()
+        self.bad_run = 0  # consecutive skipped steps, across windows
+
+    def __call__(self, batch: dict, iteration: int) -> None:
+        device, pin = self.device, self.device.type == "cuda"
+        gt_boxes = batch["boxes"].to(device, non_blocking=pin)  # queued before the forward, overlapping it
+        gt_labels = batch["labels"].to(device, non_blocking=pin)
+        outputs = self.forward_images(self.net, batch)
+        losses = self.criterion(outputs, gt_boxes, gt_labels, self.model.priors)
+        loss = losses["loc"] + losses["conf"]
+        bad = (~torch.isfinite(loss)).float()
+        if self.distributed and not self.scaler.is_enabled():  # every rank skips together (fp16: DDP's NaN gradients agree)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            # a NaN seed makes every gradient NaN, so the scaler skips this step as it skips an overflow
+            self.scaler.scale(loss * torch.where(bad > 0, torch.nan, 1.0)).backward()
+        else:
+            loss.backward()
+        if self.tcfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
+        amp_skipped = self._update(bad)
+        record = torch.stack([losses["loc"].detach(), losses["conf"].detach(), bad, amp_skipped])
+        self.pending.append((iteration, record, batch["image_ids"]))
+
+    def _update(self, bad: Tensor) -> Tensor:
+        """The optimizer step, skipped on the device when ``bad``; returns the GradScaler's own skip flag."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # fused: the scaler hands the optimizer its found_inf, no sync
+            found = sum(self.scaler._found_inf_per_device(self.optimizer).values())
+            self.scaler.update()
+            return found.to(bad.device).reshape(())
+        if self.fused:
+            self.optimizer.found_inf = bad  # read by the fused kernels: a set flag leaves weights and state as they are
+            self.optimizer.step()
+        elif not bad.item():  # a device without fused kernels: decide on the host (one synchronisation)
+            self.optimizer.step()
+        return torch.zeros((), device=bad.device)
+
+    def check(self) -> None:
+        """Read the pending steps (one synchronisation; under DDP the logged terms are averaged over the
+        ranks), log the skipped ones, add the rest to :attr:`window`; raise :class:`TrainingError` after
+        ``max_bad_steps`` consecutive skipped steps."""
+        if not self.pending:
+            return
+        values = torch.stack([record for _, record, _ in self.pending])
+        if self.distributed:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()  # the skip flags agree on every rank: 1 stays 1
+        w = self.window
+        for (iteration, _, image_ids), (loc, conf, bad, amp_skipped) in zip(self.pending, values.tolist()):
+            w.amp_skipped += int(amp_skipped > 0)
+            if bad > 0:
+                w.skipped += 1
+                w.skipped_iterations.append(iteration)
+                self.bad_run += 1
+                log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s", iteration, loc, conf, image_ids)
+                if self.bad_run >= self.tcfg.max_bad_steps:
+                    self.pending = []
+                    raise TrainingError(
+                        f"the loss was non-finite for {self.bad_run} consecutive iterations (last: {iteration}); stopping "
+                        "without writing NaN weights (skipped steps leave them as they were; last.pt holds the last saved "
+                        "state). Lower train.lr, raise train.warmup_iters, or set train.clip_grad_norm."
+                    )
+                continue
+            self.bad_run = 0
+            w.loss, w.loc, w.conf, w.good = w.loss + loc + conf, w.loc + loc, w.conf + conf, w.good + 1
+        self.pending = []
+
+    def take_window(self) -> Window:
+        self.check()
+        window, self.window = self.window, Window()
+        return window
