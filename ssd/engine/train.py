@@ -88,12 +88,20 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    fused = fused_optimizer_ok(decay + no_decay) or None
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
-        prime_momentum(optimizer)
-        return optimizer
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    def make(fused: bool | None) -> torch.optim.Optimizer:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+    optimizer = None
+    if fused_optimizer_ok(decay + no_decay):
+        try:
+            optimizer = make(True)
+        except RuntimeError as e:  # a torch without this device's fused kernel: the step then decides skips on the host
+            log.debug("fused %s unavailable (%s); using the default implementation", cfg.optimizer, e)
+    optimizer = optimizer or make(None)
+    prime_momentum(optimizer)
+    return optimizer
 
 
 def lr_factor(it: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
