@@ -506,12 +506,14 @@ def check_config(check: Check) -> dict:
     cfg["model"].update(
         num_classes=len(SHAPES_CLASSES) + 1, **(TINY_MODEL if check.cpu else {})
     )
-    data = {"format": "voc", "root": str(check.shapes), "classes": SHAPES_CLASSES}
-    cfg["data"] = {
-        "train": {**data, "split": "train"},
-        "val": {**data, "split": "val"},
-        "num_workers": check.s.workers,
-    }
+    cfg["data"] = {"num_workers": check.s.workers}
+    for split in ("train", "val"):  # a list each: no YAML anchors in the written config
+        data = {
+            "format": "voc",
+            "root": str(check.shapes),
+            "classes": list(SHAPES_CLASSES),
+        }
+        cfg["data"][split] = {**data, "split": split}
     cfg["train"].update(
         max_iter=check.s.iters,
         batch_size=check.s.batch,
