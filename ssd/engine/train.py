@@ -288,10 +288,11 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         """The log step: the one synchronisation of a log period (:meth:`TrainStep.take_window`)."""
         nonlocal window
         dt = time.perf_counter() - window["t"]
-        row = {"iter": it, **step.take_window().row(), "lr": optimizer.param_groups[0]["lr"],
+        steps = step.take_window()
+        row = {"iter": it, **steps.row(), "lr": optimizer.param_groups[0]["lr"],
                "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
-        if scaler.is_enabled():
-            row["grad_scale"] = scaler.get_scale()
+        if scaler.is_enabled():  # fp16: the scale, and the steps the GradScaler skipped for overflowing gradients
+            row["grad_scale"], row["amp_skipped"] = scaler.get_scale(), steps.amp_skipped
         write_metrics(row)
         tensorboard.train_row(row)
         if row["loss"] is None:  # every step since the last row was skipped: TrainStep.check warned about each
