@@ -21,7 +21,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """scripts/gpu_check.py as a module (registered: its dataclasses look themselves up there)."""
+    """scripts/gpu_check.py as a module (it puts scripts/ on sys.path for its package, scripts/gpucheck/,
+    and re-exports the names tested here)."""
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module
