@@ -1,37 +1,52 @@
-"""Timing helpers shared by the bench rows."""
+"""Timing helpers shared by the bench rows.
+
+``cuda=True`` brackets each timed call with ``torch.cuda.synchronize()``: CUDA work is queued
+asynchronously, so without it a timer measures how fast Python queues kernels, not how fast they run.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable, Mapping
+
+import torch
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> float:
+def timeit(fn: Callable[[], object], repeats: int, cuda: bool = False) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(elapsed(fn, cuda) for _ in range(repeats))
 
 
-def elapsed(fn: Callable[[], object]) -> float:
+def elapsed(fn: Callable[[], object], cuda: bool = False) -> float:
+    """Wall time of one call of ``fn`` (seconds); with ``cuda``, until the GPU has finished it."""
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def best_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def best_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    before: Mapping[str, Callable[[], object]] | None = None,
+    cuda: bool = False,
+) -> dict[str, float]:
     """Fastest of ``repeats`` calls of each function (seconds), the calls alternating between them.
 
     The minimum, not the median: a forward pass takes seconds and the machine is shared, so most runs
     are slowed by whatever else runs; the fastest one is the least disturbed (measured here under load:
-    the same SSD300 forward took 0.49 to 1.05 s per image from one run to the next)."""
+    the same SSD300 forward took 0.49 to 1.05 s per image from one run to the next).
+    ``before[name]``, if given, runs untimed before each call of ``fns[name]`` (e.g. to put weights back).
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(elapsed(fn))
+            if before and k in before:
+                before[k]()
+            times[k].append(elapsed(fn, cuda))
     return {k: min(v) for k, v in times.items()}

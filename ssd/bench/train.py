@@ -1,0 +1,423 @@
+"""The ``train_step`` bench row: one SGD training step of SSD300, ours vs torchvision's ``ssd300_vgg16``.
+
+A step is forward, loss, backward and optimizer step on a fixed batch of 300 px images and targets.
+Ours: the default ``Config().model`` (VGG16 SSD300 without BatchNorm) + ``build_loss`` + ``build_optimizer``,
+from the uint8 batch our loader makes (normalised inside the step, as the training loop does). Peer:
+torchvision's model in train mode, whose ``forward(images, targets)`` normalises the float [0, 1] images
+its references' loader makes and returns the losses; their sum is back-propagated and
+``torch.optim.SGD`` steps. Both use the paper's SGD (lr 1e-3, momentum 0.9, weight decay 5e-4).
+
+Checked: every step checked has finite losses and changes every trainable parameter, and
+:func:`check_equivalence` shows that our model, loss and optimizer reproduce torchvision's training step
+on torchvision's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ssd.bench.augment import synthetic_jpegs
+from ssd.bench.model import ssd300_case, torchvision_ssd
+from ssd.bench.timing import best_interleaved
+from ssd.checkpoint import load_state_strict
+from ssd.config import Config, LossConfig, ModelConfig, TrainConfig
+from ssd.convert.torchvision import (
+    convert_torchvision,
+    torchvision_key_map,
+    torchvision_model_config,
+)
+from ssd.data.transforms import normalize_batch
+from ssd.engine.train import build_optimizer
+from ssd.loss import build_loss, pad_targets
+from ssd.model import build_ssd
+
+# the paper's SGD (Sec. 3; TrainConfig's defaults)
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+SIZE = 300
+CHANNELS_LAST, NCHW = torch.channels_last, torch.contiguous_format
+
+
+def train_batch(batch: int, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """The inputs of one training step at 300 px.
+
+    ``images``: uint8 ``Tensor[B, 3, 300, 300]``, NHWC in memory as our loader's batches (synthetic
+    500x375 JPEGs decoded and resized). ``targets``: torchvision's (boxes in pixels, labels 1..20);
+    ``gt_boxes`` / ``gt_labels``: the same, padded and normalised for our loss. The boxes are drawn by
+    :func:`ssd300_case` free of IoU ties with torchvision's anchors, not from the pictures' rectangles:
+    a step costs the same wherever the objects are, and a tie would make :func:`check_equivalence` a
+    coin toss.
+    """
+    pictures = []
+    for jpeg, _, _ in synthetic_jpegs(batch, seed):
+        bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        pictures.append(cv2.resize(rgb, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
+    images = torch.from_numpy(np.stack(pictures)).to(device)
+    images = images.permute(0, 3, 1, 2)  # [B, 3, H, W], NHWC in memory
+    _, _, targets, _ = ssd300_case(batch, seed=seed)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    gt_boxes, gt_labels = pad_targets(
+        [t["boxes"] / SIZE for t in targets], [t["labels"] for t in targets]
+    )
+    return {
+        "images": images,
+        "targets": targets,
+        "gt_boxes": gt_boxes,
+        "gt_labels": gt_labels,
+    }
+
+
+class RepeatableStep:
+    """One training step of ``model`` on fixed inputs, repeatable from the same weights.
+
+    ``losses_fn()`` runs the forward and returns the named loss terms; :meth:`step` adds the backward
+    and the optimizer step (through ``scaler``, a ``GradScaler``, for fp16) and returns the detached
+    terms. :meth:`reset` puts the weights back to what they were at construction, so every timed step
+    does the same arithmetic: torchvision's randomly initialised model sees its input in 0..255 units
+    and diverges within a few SGD steps at lr 1e-3 (loss 114, 3e3, 1e7, ...). The optimizer keeps its
+    momentum buffers, so a step after the first is a steady-state step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        losses_fn: Callable[[], dict[str, Tensor]],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.losses_fn = losses_fn
+        self.scaler = scaler
+        self.initial = [p.detach().clone() for p in model.parameters()]
+
+    def step(self) -> dict[str, Tensor]:
+        losses = self.losses_fn()
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(self.model.parameters(), self.initial):
+                p.copy_(p0)
+
+
+def check_step(step: RepeatableStep, name: str, tries: int = 10) -> dict[str, float]:
+    """Run one step and check it: finite losses, a gradient for every trainable parameter, and every
+    trainable parameter changed, except one that is zero with a zero gradient (a bias of a level no
+    matched or mined prior fell on: SGD with weight decay rightly leaves it at zero).
+
+    A step that a ``GradScaler`` skipped (non-finite fp16 gradients at its current scale, which it then
+    lowers) is run again, up to ``tries`` times, as training would. Returns the losses; raises
+    ``AssertionError`` naming what failed.
+    """
+    params = [(n, p) for n, p in step.model.named_parameters() if p.requires_grad]
+    before = [p.detach().clone() for _, p in params]
+    for _ in range(tries):
+        scale = step.scaler.get_scale() if step.scaler is not None else None
+        losses = {k: float(v) for k, v in step.step().items()}
+        if scale is None or step.scaler.get_scale() >= scale:
+            break
+    bad = [k for k, v in losses.items() if not np.isfinite(v)]
+    assert not bad, f"{name}: non-finite loss {', '.join(bad)}: {losses}"
+    no_grad = [n for n, p in params if p.grad is None]
+    assert not no_grad, (
+        f"{name}: no gradient reached {len(no_grad)} parameters: {', '.join(no_grad[:5])}"
+    )
+    same = [
+        n
+        for (n, p), p0 in zip(params, before)
+        if torch.equal(p.detach(), p0) and (bool(p0.any()) or bool(p.grad.any()))
+    ]
+    assert not same, (
+        f"{name}: the step left {len(same)} of {len(params)} trainable parameters "
+        f"unchanged: {', '.join(same[:5])}"
+    )
+    return losses
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` (bf16 / fp16), or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def our_step(
+    model_cfg: ModelConfig, batch: dict, memory_format: torch.memory_format, dtype=None
+) -> RepeatableStep:
+    """Our model (``model_cfg``), loss and SGD, from the uint8 batch as the training loop runs them
+    (the loop puts the network under autocast, the loss outside)."""
+    device = batch["images"].device
+    torch.manual_seed(0)
+    model = build_ssd(model_cfg).to(device, memory_format=memory_format).train()
+    criterion = build_loss(LossConfig(), model_cfg)
+    optimizer = build_optimizer(TrainConfig(optimizer="sgd", **SGD), model)
+    images = batch["images"].contiguous(memory_format=memory_format)
+
+    def losses() -> dict[str, Tensor]:
+        x = normalize_batch(images, model_cfg.preprocess)
+        with autocast(device, dtype):
+            outputs = model(x)
+        return criterion(outputs, batch["gt_boxes"], batch["gt_labels"], model.priors)
+
+    return RepeatableStep(model, optimizer, losses, grad_scaler(device, dtype))
+
+
+def random_torchvision_ssd() -> nn.Module:
+    """torchvision's ``ssd300_vgg16``, 21 classes as ours, random weights (seed 0)."""
+    torch.manual_seed(0)
+    return torchvision_ssd(21)
+
+
+def peer_step(
+    batch: dict,
+    memory_format: torch.memory_format,
+    dtype=None,
+    tv: nn.Module | None = None,
+) -> RepeatableStep:
+    """torchvision's ``ssd300_vgg16`` (a copy of ``tv``, default :func:`random_torchvision_ssd`) in
+    train mode, with ``torch.optim.SGD``."""
+    device = batch["images"].device
+    model = copy.deepcopy(tv) if tv is not None else random_torchvision_ssd()
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), **SGD)
+    # float [0, 1] CHW images, as the references' loader hands them over (ToDtype(float, scale=True))
+    images = [im.contiguous().float().div_(255.0) for im in batch["images"]]
+
+    def losses() -> dict[str, Tensor]:
+        with autocast(device, dtype):
+            return model(images, batch["targets"])
+
+    return RepeatableStep(model, optimizer, losses, grad_scaler(device, dtype))
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+# --- equivalence: our stack on torchvision's weights ---------------------------------------------
+
+
+def check_equivalence(batch: dict, tv: nn.Module | None = None) -> dict[str, float]:
+    """Our model, loss and SGD on torchvision's weights reproduce torchvision's training step.
+
+    torchvision's randomly initialised ``ssd300_vgg16`` (21 classes) is converted into ours
+    (``convert_torchvision``: ``torchvision_model_config``, no dropout, its priors and preprocessing).
+    Checked, in fp32 on the CPU:
+
+    - preprocessing: our ``normalize_batch`` of the uint8 batch equals torchvision's transform of the
+      float images to 1e-4 (a float32 ulp of values up to 255: ``x * (1/255)`` vs ``x / 255``);
+    - one step each on the same network input: loss terms within rtol 1e-5, atol 1e-5 (``loc`` =
+      ``bbox_regression``, ``conf`` = ``classification``), and every parameter's SGD update within
+      1e-4 of that parameter's largest update (measured: 2e-6).
+
+    Why the same input, and both in NCHW: on this network (random weights, input in 0..255 units,
+    through L2Norm) the gradients of the layers below conv4_3 are so conditioned that any change in
+    the order of a sum moves them by ~1e-3 of their largest entry. Measured at batch 2: NCHW and
+    channels_last steps each differ from a float64 one by 1e-3 to 9e-3 there, and from each other by
+    up to 6e-3; our preprocessing's one-ulp difference, which moves the logits by ~1e-6, also swaps
+    near-tied hard negatives at the mining cut-off (2.8e-3). The loss values agree to ~1e-7 in every
+    case. Where both sides do the same arithmetic the updates agree to 2e-6, which is what this
+    checks; the timed channels_last step is checked by :func:`check_step`.
+    ``tv``: the 21-class torchvision model to start from (copied, not changed; default: a new random
+    one). Returns the largest differences found.
+    """
+    tv = copy.deepcopy(tv) if tv is not None else random_torchvision_ssd()
+    tv.train()
+    cfg = torchvision_model_config(21)
+    ours = build_ssd(cfg)
+    load_state_strict(
+        ours, convert_torchvision(tv.state_dict())["model"], "torchvision ssd300_vgg16"
+    )
+    ours.train()
+    images = [im.contiguous().float().div_(255.0) for im in batch["images"]]
+    with torch.no_grad():
+        x_tv = tv.transform(images, None)[0].tensors
+    x_ours = normalize_batch(batch["images"], cfg.preprocess)
+    preprocess_diff = float((x_ours - x_tv).abs().max())
+    assert preprocess_diff <= 1e-4, (
+        f"preprocessing differs from torchvision's by {preprocess_diff}"
+    )
+
+    criterion = build_loss(LossConfig(), cfg)
+    mine = RepeatableStep(
+        ours,
+        build_optimizer(TrainConfig(optimizer="sgd", **SGD), ours),
+        lambda: criterion(
+            ours(x_tv), batch["gt_boxes"], batch["gt_labels"], ours.priors
+        ),
+    )
+    theirs = RepeatableStep(
+        tv,
+        torch.optim.SGD(tv.parameters(), **SGD),
+        lambda: tv(images, batch["targets"]),
+    )
+    lo, lt = mine.step(), theirs.step()
+    loss_diff = 0.0
+    for a, b in (
+        (lo["loc"], lt["bbox_regression"]),
+        (lo["conf"], lt["classification"]),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        loss_diff = max(loss_diff, float((a - b).abs()))
+    return {
+        "preprocess_max_abs_diff": preprocess_diff,
+        "loss_max_abs_diff": loss_diff,
+        "update_max_rel_diff": compare_updates(mine, theirs),
+    }
+
+
+def compare_updates(
+    ours: RepeatableStep, tv: RepeatableStep, tolerance: float = 1e-4
+) -> float:
+    """Largest difference between our and torchvision's update of a parameter (weights after the step
+    minus before), relative to the largest entry of torchvision's update; asserts <= ``tolerance``."""
+    key_map = torchvision_key_map(6)
+    mine = {
+        n: (p, p0) for (n, p), p0 in zip(ours.model.named_parameters(), ours.initial)
+    }
+    worst = 0.0
+    for (name, p), p0 in zip(tv.model.named_parameters(), tv.initial):
+        q, q0 = mine.pop(key_map[name])
+        theirs, own = p.detach() - p0, q.detach() - q0
+        diff, scale = float((own - theirs).abs().max()), float(theirs.abs().max())
+        if scale == 0:  # a zero bias no gradient reached: ours must stay put as well
+            rel = 0.0 if diff == 0 else float("inf")
+        else:
+            rel = diff / scale
+        assert rel <= tolerance, (
+            f"{key_map[name]}: update differs from torchvision's {name} by {rel:.2e}"
+        )
+        worst = max(worst, rel)
+    assert not mine, f"parameters torchvision's model does not have: {sorted(mine)}"
+    return worst
+
+
+# --- the rows ------------------------------------------------------------------------------------
+
+
+def time_steps(
+    steps: dict[str, RepeatableStep], rounds: int, cuda: bool = False
+) -> dict[str, float]:
+    """Fastest of ``rounds`` interleaved steps of each, every one from the same weights (seconds)."""
+    fns = {k: s.step for k, s in steps.items()}
+    return best_interleaved(
+        fns, rounds, before={k: s.reset for k, s in steps.items()}, cuda=cuda
+    )
+
+
+def make_steps(
+    model_cfg: ModelConfig, data: dict, dtype=None, tv: nn.Module | None = None
+) -> dict[str, RepeatableStep]:
+    """Ours in channels_last (and NCHW: what channels_last buys), torchvision (copies of ``tv``)
+    in both formats."""
+    tv = tv if tv is not None else random_torchvision_ssd()
+    return {
+        "ours": our_step(model_cfg, data, CHANNELS_LAST, dtype),
+        "ours_nchw": our_step(model_cfg, data, NCHW, dtype),
+        "peer_nchw": peer_step(data, NCHW, dtype, tv),
+        "peer_channels_last": peer_step(data, CHANNELS_LAST, dtype, tv),
+    }
+
+
+def step_row(
+    name: str, per_image: dict[str, float], batch: int, target: float | None
+) -> dict:
+    """A row from per-image step times: the peer in its faster memory format."""
+    peer_format = min(("peer_nchw", "peer_channels_last"), key=per_image.get)
+    return {
+        "name": name,
+        "ours_s": per_image["ours"],
+        "peer": f"torchvision 0.29 ssd300_vgg16 train step, {peer_format[len('peer_') :]}",
+        "peer_s": per_image[peer_format],
+        "target": target,
+        "batch": batch,
+        "ours_nchw_s": per_image["ours_nchw"],
+        "peer_nchw_s": per_image["peer_nchw"],
+        "peer_channels_last_s": per_image["peer_channels_last"],
+    }
+
+
+def formats_note(per_image: dict[str, float]) -> str:
+    ms = {k: v * 1e3 for k, v in per_image.items()}
+    return (
+        f"ours NCHW {ms['ours_nchw']:.1f} ms; torchvision NCHW {ms['peer_nchw']:.1f} ms, "
+        f"channels_last {ms['peer_channels_last']:.1f} ms"
+    )
+
+
+def bench_train_step(repeats: int, batch: int = 8) -> dict:
+    """One training step of SSD300 at batch 8, fp32 on the CPU, per image (step time / batch), each
+    side in its best memory format: ours channels_last, torchvision timed in NCHW and channels_last
+    and the faster counted. The four steps alternate; the fastest of each is kept. Checks: the
+    equivalence on torchvision's weights (2 images), and each timed step's first run (the warm-up)."""
+    model_cfg = Config().model
+    assert not model_cfg.batch_norm, (
+        f"the default model has BatchNorm in {model_cfg.batch_norm}"
+    )
+    tv = (
+        random_torchvision_ssd()
+    )  # built once (its VGG16 classifier alone is 120M weights), copied
+    equivalence = check_equivalence(train_batch(min(batch, 2), seed=1), tv)
+    steps = make_steps(model_cfg, train_batch(batch), tv=tv)
+    del tv
+    losses = {name: check_step(s, name) for name, s in steps.items()}
+    t = time_steps(steps, max(2, min(repeats, 5)))
+    per_image = {k: v / batch for k, v in t.items()}
+    row = step_row("train_step", per_image, batch, 1.15)
+    note = (
+        f"per image, steps of {batch}; {formats_note(per_image)}; on torchvision's weights our step "
+        f"equals its step (losses within {equivalence['loss_max_abs_diff']:.1e}, "
+        f"updates within {equivalence['update_max_rel_diff']:.1e} relative)"
+    )
+    return {**row, "losses": losses, "equivalence": equivalence, "note": note}
+
+
+def bench_train_step_cuda(repeats: int, batch: int = 32) -> list[dict]:
+    """``train_step`` on the GPU at batch 32 under autocast, bf16 and fp16 (a GradScaler on both
+    sides), per image; the fastest of ``max(10, 3 * repeats)`` interleaved steps after 3 warm-up
+    steps each (cuDNN's algorithm search runs in the first, as ``train`` sets ``cudnn.benchmark``).
+    Each row also carries the GPU report (:func:`ssd.bench.cuda.gpu_report`) of our rate."""
+    from ssd.bench.cuda import describe, gpu_report, matmul_tflops
+
+    model_cfg = Config().model
+    data = train_batch(batch, device="cuda")
+    matmul = matmul_tflops()
+    rows = []
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            steps = make_steps(model_cfg, data, dtype)
+            losses = {
+                name: check_step(s, f"{name} {label}") for name, s in steps.items()
+            }
+            time_steps(steps, 2, cuda=True)  # more warm-up
+            t = time_steps(steps, max(10, 3 * repeats), cuda=True)
+            per_image = {k: v / batch for k, v in t.items()}
+            report = gpu_report(1.0 / per_image["ours"], matmul)
+            # no target on the GPU: the issue's target is the CPU's
+            row = step_row(f"train_step_{label}", per_image, batch, None)
+            note = f"autocast {label}, per image, steps of {batch}; {formats_note(per_image)}; {describe(report)}"
+            rows.append({**row, **report, "losses": losses, "note": note})
+            del steps
+            torch.cuda.empty_cache()
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return rows
