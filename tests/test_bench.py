@@ -10,7 +10,14 @@ import torch
 from ssd.bench import main
 from ssd.bench.cuda import loop_images_per_s, peak_bf16_tflops, train_tflops
 from ssd.bench.loader import bench_loader, check_boxes
-from ssd.bench.train import RepeatableStep, check_equivalence, check_step, train_batch
+from ssd.bench.train import (
+    RepeatableStep,
+    check_equivalence,
+    check_step,
+    step_row,
+    time_steps,
+    train_batch,
+)
 from ssd.loss import MultiBoxLoss
 from ssd.model import build_ssd
 
@@ -96,6 +103,30 @@ def test_step_check_passes_a_real_step_and_reset_restores_the_weights(make_tiny_
     # the same weights, the same inputs: the same losses
     again = check_step(step, "tiny")
     assert again == pytest.approx(first, rel=1e-6)
+
+
+def test_timed_steps_start_from_the_same_weights_and_the_row_takes_the_faster_peer(
+    make_tiny_config,
+):
+    steps = {name: tiny_step(make_tiny_config, lr=1e-3) for name in ("a", "b")}
+    first = {name: s.step() for name, s in steps.items()}
+    times = time_steps(steps, 2)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    for (
+        name,
+        s,
+    ) in steps.items():  # reset before each timed step: still one step from the start
+        s.reset()
+        torch.testing.assert_close(s.step(), first[name])
+    per_image = {
+        "ours": 1.0,
+        "ours_nchw": 1.3,
+        "peer_nchw": 1.5,
+        "peer_channels_last": 1.2,
+    }
+    row = step_row("train_step", per_image, 8, 1.15)
+    assert row["peer_s"] == 1.2 and row["peer"].endswith("channels_last")
+    assert row["ours_nchw_s"] == 1.3 and row["peer_nchw_s"] == 1.5
 
 
 def test_step_check_fails_when_the_step_changes_nothing(make_tiny_config):

@@ -365,20 +365,20 @@ def formats_note(per_image: dict[str, float]) -> str:
 def bench_train_step(repeats: int, batch: int = 8) -> dict:
     """One training step of SSD300 at batch 8, fp32 on the CPU, per image (step time / batch), each
     side in its best memory format: ours channels_last, torchvision timed in NCHW and channels_last
-    and the faster counted. The four steps alternate; the fastest of each is kept. Checks: the
-    equivalence on torchvision's weights (2 images), and each timed step's first run (the warm-up)."""
+    and the faster counted. ``repeats`` steps of each of the four (at least 3, at most 6; a step
+    takes ~7 s here): the first checked and not timed (:func:`check_step`; it also warms up), the
+    others alternating, the fastest kept. Before them, :func:`check_equivalence` on 2 images."""
     model_cfg = Config().model
     assert not model_cfg.batch_norm, (
         f"the default model has BatchNorm in {model_cfg.batch_norm}"
     )
-    tv = (
-        random_torchvision_ssd()
-    )  # built once (its VGG16 classifier alone is 120M weights), copied
+    # built once and copied: its VGG16 classifier alone, built and dropped, is 120M weights
+    tv = random_torchvision_ssd()
     equivalence = check_equivalence(train_batch(min(batch, 2), seed=1), tv)
     steps = make_steps(model_cfg, train_batch(batch), tv=tv)
     del tv
     losses = {name: check_step(s, name) for name, s in steps.items()}
-    t = time_steps(steps, max(2, min(repeats, 5)))
+    t = time_steps(steps, min(max(repeats, 3), 6) - 1)
     per_image = {k: v / batch for k, v in t.items()}
     row = step_row("train_step", per_image, batch, 1.15)
     note = (
