@@ -315,6 +315,7 @@ SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("fp16", "bf16", "none")
 BN_MODES = ("train", "frozen", "sync")
 CHANNELS_LAST = ("auto", "true", "false")
+FREEZE_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
 @dataclass
@@ -328,7 +329,9 @@ class TrainConfig:
     ``bn``: ``train`` (batch statistics), ``frozen`` (the BN layers whose running statistics came from
     ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the others train), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
     population statistics of the training BN layers over that many training batches (its own loader)
-    after training and before every evaluation with ``precise_bn_before_eval``."""
+    after training and before every evaluation with ``precise_bn_before_eval``. ``freeze`` lists VGG16
+    blocks that do not train (Caffe SSD's ``freeze_layers``: conv1 and conv2 when fine-tuning from
+    ImageNet weights); a frozen prefix of the network also gets no backward pass."""
 
     max_iter: int = 120000
     batch_size: int = 32
@@ -347,6 +350,7 @@ class TrainConfig:
     channels_last: str | bool = "auto"  # auto | true | false (read as the strings "true" / "false")
     compile: bool = False
     sync_debug: bool = False
+    freeze: list[str] = field(default_factory=list)  # e.g. [conv1, conv2] (the paper's Caffe recipe)
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -367,6 +371,8 @@ class TrainConfig:
         if isinstance(self.channels_last, bool):  # YAML `channels_last: true`, and configs written before "auto"
             self.channels_last = str(self.channels_last).lower()
         _check_choice("train.channels_last", self.channels_last, CHANNELS_LAST)
+        for block in self.freeze:
+            _check_choice("train.freeze", block, FREEZE_BLOCKS)
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.amp", self.amp, AMP_MODES)

@@ -123,3 +123,37 @@ def test_the_network_sees_the_memory_format_the_setting_gives(setting, tmp_path,
     training = [(x, w) for is_training, x, w in seen if is_training]
     assert len(training) == 2 and len(seen) > 2  # two steps, then the evaluation
     assert all(x.is_contiguous(memory_format=fmt) and w.is_contiguous(memory_format=fmt) for _, x, w in seen)
+
+
+def test_frozen_blocks_do_not_train_and_get_no_backward(tmp_path, monkeypatch, caplog):
+    # Caffe SSD's recipe: conv1_x and conv2_x frozen when fine-tuning. Their weights and BN statistics stay,
+    # they leave the optimizer, no gradient reaches them, and a block nothing loaded is warned about
+    generate_shapes(tmp_path / "shapes", 8, 2, size=64, seed=0)
+    dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
+    cfg = from_dict(Config, {
+        "model": {"num_classes": 5, "input_size": 64, "width": 0.125, "batch_norm": "all",
+                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "optimizer": "sgd", "lr": 0.01,
+                  "freeze": ["conv1", "conv2"], "tensorboard": False},
+    })  # fmt: skip
+    models, build_ssd = [], engine.build_ssd
+    monkeypatch.setattr(engine, "build_ssd", lambda model_cfg: models.append(build_ssd(model_cfg)) or models[-1])
+    with caplog.at_level("WARNING", logger="ssd.train"):
+        engine.train(cfg, tmp_path / "run")
+    (model,) = models
+    torch.manual_seed(cfg.train.seed)
+    start = build_ssd(cfg.model).state_dict()  # the same seed builds the same initial weights
+    end = model.state_dict()
+    frozen = [k for k in end if k.startswith(("backbone.conv1.", "backbone.conv2."))]
+    assert frozen and all(torch.equal(end[k], start[k]) for k in frozen if "num_batches_tracked" not in k)
+    assert not torch.equal(end["backbone.conv3.0.conv.weight"], start["backbone.conv3.0.conv.weight"])
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("backbone.conv1.", "backbone.conv2.")))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("backbone.conv3."))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]
+    trainable = sum(1 for n, p in model.named_parameters() if not n.startswith(("backbone.conv1.", "backbone.conv2.")))
+    assert sum(len(g["params"]) for g in state["param_groups"]) == trainable
+    warnings = [r.getMessage() for r in caplog.records if "train.freeze" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0].startswith("train.freeze: conv1 was not loaded")
+    with pytest.raises(ConfigError, match="train.freeze: invalid value 'fc'"):
+        from_dict(TrainConfig, {"freeze": ["fc"]})

@@ -1,6 +1,10 @@
 """The ``train_step`` bench row: one SGD training step of SSD300, ours vs torchvision's ``ssd300_vgg16``.
 
-A step is forward, loss, backward and optimizer step on a fixed batch of 300 px images and targets.
+A step is forward, loss, backward and optimizer step on a fixed batch of 300 px images and targets,
+each side as its own recipe fine-tunes SSD300 from ImageNet VGG16 weights: ours as
+``configs/ssd300_vgg16_voc0712.yaml`` (no dropout, ``train.freeze: [conv1, conv2]``, Caffe SSD's
+``freeze_layers``), torchvision with conv1 frozen (``ssd300_vgg16``'s ``trainable_backbone_layers=4``,
+its default with a pretrained backbone). Both with every layer training are timed too.
 Ours: the default ``Config().model`` (VGG16 SSD300 without BatchNorm) + ``build_loss`` + ``build_optimizer``,
 from the uint8 batch our loader makes (normalised inside the step, as the training loop does). Peer:
 torchvision's model in train mode, whose ``forward(images, targets)`` normalises the float [0, 1] images
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import cv2
@@ -34,12 +39,14 @@ from ssd.convert.torchvision import (
     torchvision_model_config,
 )
 from ssd.data.transforms import normalize_batch
+from ssd.engine.finetune import freeze_blocks
 from ssd.engine.train import build_optimizer
 from ssd.loss import build_loss, pad_targets
 from ssd.model import build_ssd
 
 # the paper's SGD (Sec. 3; TrainConfig's defaults)
 SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+OUR_FREEZE = ["conv1", "conv2"]  # configs/ssd300_vgg16_voc0712.yaml (Caffe SSD's freeze_layers)
 SIZE = 300
 CHANNELS_LAST, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -159,13 +166,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def our_step(
-    model_cfg: ModelConfig, batch: dict, memory_format: torch.memory_format, dtype=None
+    model_cfg: ModelConfig, batch: dict, memory_format: torch.memory_format, dtype=None, freeze: list[str] = ()
 ) -> RepeatableStep:
     """Our model (``model_cfg``), loss and SGD, from the uint8 batch as the training loop runs them
-    (the loop puts the network under autocast, the loss outside)."""
+    (the loop puts the network under autocast, the loss outside); ``freeze``: ``train.freeze``."""
     device = batch["images"].device
     torch.manual_seed(0)
     model = build_ssd(model_cfg).to(device, memory_format=memory_format).train()
+    freeze_blocks(model, list(freeze))
     criterion = build_loss(LossConfig(), model_cfg)
     optimizer = build_optimizer(TrainConfig(optimizer="sgd", **SGD), model)
     images = batch["images"].contiguous(memory_format=memory_format)
@@ -190,13 +198,20 @@ def peer_step(
     memory_format: torch.memory_format,
     dtype=None,
     tv: nn.Module | None = None,
+    freeze_conv1: bool = False,
 ) -> RepeatableStep:
     """torchvision's ``ssd300_vgg16`` (a copy of ``tv``, default :func:`random_torchvision_ssd`) in
-    train mode, with ``torch.optim.SGD``."""
+    train mode, with ``torch.optim.SGD``. ``freeze_conv1``: what its ``trainable_backbone_layers=4``
+    (the default with a pretrained backbone) freezes: the layers before the first max-pool."""
     device = batch["images"].device
     model = copy.deepcopy(tv) if tv is not None else random_torchvision_ssd()
     model = model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), **SGD)
+    if freeze_conv1:
+        features = model.backbone.features
+        first_pool = next(i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d))
+        for p in features[:first_pool].parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **SGD)
     # float [0, 1] CHW images, as the references' loader hands them over (ToDtype(float, scale=True))
     images = [im.contiguous().float().div_(255.0) for im in batch["images"]]
 
@@ -325,14 +340,17 @@ def time_steps(
 def make_steps(
     model_cfg: ModelConfig, data: dict, dtype=None, tv: nn.Module | None = None
 ) -> dict[str, RepeatableStep]:
-    """Ours in channels_last (and NCHW: what channels_last buys), torchvision (copies of ``tv``)
-    in both formats."""
+    """Each side's fine-tuning recipe (module docstring): ours in channels_last (and NCHW: what
+    channels_last buys), torchvision (copies of ``tv``) in both formats; and both in channels_last
+    with every layer training (``*_all_layers``)."""
     tv = tv if tv is not None else random_torchvision_ssd()
     return {
-        "ours": our_step(model_cfg, data, CHANNELS_LAST, dtype),
-        "ours_nchw": our_step(model_cfg, data, NCHW, dtype),
-        "peer_nchw": peer_step(data, NCHW, dtype, tv),
-        "peer_channels_last": peer_step(data, CHANNELS_LAST, dtype, tv),
+        "ours": our_step(model_cfg, data, CHANNELS_LAST, dtype, OUR_FREEZE),
+        "ours_nchw": our_step(model_cfg, data, NCHW, dtype, OUR_FREEZE),
+        "peer_nchw": peer_step(data, NCHW, dtype, tv, freeze_conv1=True),
+        "peer_channels_last": peer_step(data, CHANNELS_LAST, dtype, tv, freeze_conv1=True),
+        "ours_all_layers": our_step(model_cfg, data, CHANNELS_LAST, dtype),
+        "peer_all_layers": peer_step(data, CHANNELS_LAST, dtype, tv),
     }
 
 
@@ -351,6 +369,8 @@ def step_row(
         "ours_nchw_s": per_image["ours_nchw"],
         "peer_nchw_s": per_image["peer_nchw"],
         "peer_channels_last_s": per_image["peer_channels_last"],
+        "ours_all_layers_s": per_image.get("ours_all_layers"),
+        "peer_all_layers_s": per_image.get("peer_all_layers"),
     }
 
 
@@ -358,17 +378,19 @@ def formats_note(per_image: dict[str, float]) -> str:
     ms = {k: v * 1e3 for k, v in per_image.items()}
     return (
         f"ours NCHW {ms['ours_nchw']:.1f} ms; torchvision NCHW {ms['peer_nchw']:.1f} ms, "
-        f"channels_last {ms['peer_channels_last']:.1f} ms"
+        f"channels_last {ms['peer_channels_last']:.1f} ms; every layer training (channels_last): ours "
+        f"{ms['ours_all_layers']:.1f} ms, torchvision {ms['peer_all_layers']:.1f} ms "
+        f"({ms['peer_all_layers'] / ms['ours_all_layers']:.2f}x)"
     )
 
 
 def bench_train_step(repeats: int, batch: int = 8) -> dict:
     """One training step of SSD300 at batch 8, fp32 on the CPU, per image (step time / batch), each
-    side in its best memory format: ours channels_last, torchvision timed in NCHW and channels_last
-    and the faster counted. ``repeats`` steps of each of the four (at least 3, at most 6; a step
+    side as its recipe fine-tunes (module docstring) and in its best memory format: ours channels_last,
+    torchvision timed in NCHW and channels_last and the faster counted. ``repeats`` steps of each of the six (at least 3, at most 6; a step
     takes ~7 s here): the first checked and not timed (:func:`check_step`; it also warms up), the
     others alternating, the fastest kept. Before them, :func:`check_equivalence` on 2 images."""
-    model_cfg = Config().model
+    model_cfg = dataclasses.replace(Config().model, dropout=0.0)  # the paper's SSD300 (its configs: no dropout)
     assert not model_cfg.batch_norm, (
         f"the default model has BatchNorm in {model_cfg.batch_norm}"
     )
@@ -396,7 +418,7 @@ def bench_train_step_cuda(repeats: int, batch: int = 32) -> list[dict]:
     Each row also carries the GPU report (:func:`ssd.bench.cuda.gpu_report`) of our rate."""
     from ssd.bench.cuda import describe, gpu_report, matmul_tflops
 
-    model_cfg = Config().model
+    model_cfg = dataclasses.replace(Config().model, dropout=0.0)
     data = train_batch(batch, device="cuda")
     matmul = matmul_tflops()
     rows = []

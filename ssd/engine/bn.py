@@ -34,10 +34,10 @@ def freeze_bn(model: nn.Module, names: Collection[str] | None = None) -> int:
 
 
 def set_train_mode(model: nn.Module, bn_mode: str, frozen: Collection[str] | None = None) -> None:
-    """``model.train()``, then with ``bn_mode == "frozen"`` freeze the BN layers named in ``frozen``
-    (default: all; the training loop passes :func:`frozen_bn_layers`)."""
+    """``model.train()``, then freeze the BN layers named in ``frozen`` (with ``bn_mode == "frozen"``,
+    default: all; the training loop passes :func:`frozen_bn_layers` and those of ``train.freeze`` blocks)."""
     model.train()
-    if bn_mode == "frozen":
+    if bn_mode == "frozen" or frozen:
         freeze_bn(model, frozen)
 
 

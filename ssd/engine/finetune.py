@@ -228,3 +228,29 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
              path, len(report["loaded"]), len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-",
              len(report["ignored"]), ", ".join(report["ignored"][:6]) or "-")  # fmt: skip
     return report
+
+
+def freeze_blocks(model: nn.Module, blocks: list[str]) -> list[str]:
+    """``train.freeze``: the VGG16 blocks (``conv1`` ... ``conv5``) whose parameters do not train.
+
+    Caffe SSD, the paper's code, fine-tunes from ImageNet VGG16 with ``conv1_x`` and ``conv2_x`` frozen
+    ("no backward": ``freeze_layers`` in ``ssd_pascal.py``). Their parameters stop requiring gradients,
+    so they get no weight gradient, leave the optimizer, and when they are a prefix of the network autograd
+    runs no backward through them at all (on SSD300 conv1 and conv2 are 8.4 of the 34.9 GMAC of the forward).
+    Their BatchNorm layers, if any, keep their running statistics. Returns the names of those BN layers
+    (the caller freezes them after every ``model.train()``)."""
+    prefixes = tuple(f"backbone.{block}." for block in blocks)
+    frozen = [p for name, p in model.named_parameters() if name.startswith(prefixes)]
+    for p in frozen:
+        p.requires_grad_(False)
+    if blocks:
+        log.info("train.freeze: %s do not train (%d parameters)", ", ".join(blocks), sum(p.numel() for p in frozen))
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and name.startswith(prefixes)]
+
+
+def warn_frozen_untrained(blocks: list[str], loaded_keys: list[str]) -> None:
+    """Warn for each ``train.freeze`` block that nothing loaded: it keeps its random initialisation."""
+    for block in blocks:
+        if not any(key.startswith(f"backbone.{block}.") for key in loaded_keys):
+            log.warning("train.freeze: %s was not loaded from model.init or model.init_backbone, so it stays at its random "
+                        "initialisation; freeze only blocks that come with trained weights", block)  # fmt: skip

@@ -33,7 +33,7 @@ from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
-from ssd.engine.finetune import adopt_source_config, init_weights_from
+from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
 from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
 from ssd.engine.state import restore_state, rng_state, training_state, trim_metrics, unwrap
 from ssd.engine.step import TrainingError, TrainStep, fused_optimizer_ok, prime_momentum  # noqa: F401 (TrainingError: re-exported)
@@ -185,6 +185,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         loaded += init_weights_from(model, cfg.model.init, backbone_only=False)["loaded"]
     # before restore_state: a resumed run loads the same init files first, so it freezes the same layers
     frozen = bn_tools.frozen_bn_layers(model, tcfg.bn, loaded)
+    frozen += [name for name in freeze_blocks(model, tcfg.freeze) if name not in frozen]
+    warn_frozen_untrained(tcfg.freeze, loaded)
     if ctx.enabled:  # the ranks built the same weights from one seed; from here their random streams differ (dropout)
         torch.manual_seed(tcfg.seed + ctx.rank)
     channels_last = use_channels_last(tcfg.channels_last, device)
