@@ -1,4 +1,5 @@
-"""Matching and MultiBox loss: torchvision parity, empty/degenerate targets, batching, hard negatives."""
+"""Matching and MultiBox loss: torchvision parity, empty/degenerate targets, batching, hard negatives,
+equality with the pre-fixed-shape loss (tests/loss_reference.py), no host sync (one compiled graph, CUDA sync debug)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from loss_reference import reference_multibox_loss
 
 from ssd.loss import MultiBoxLoss, match, pad_targets
 from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
@@ -271,3 +273,203 @@ def test_zero_area_box_is_not_forced_onto_prior_zero(tv_priors):
     assert not (idx == 0).any()
     assert (idx == 1).sum() >= 1
     assert idx[0, 0] == -1
+
+
+# --- the fixed-shape loss equals the pre-rewrite one (nonzero + topk(k), tests/loss_reference.py) ---
+
+
+def random_case(seed: int) -> dict:
+    """A small random batch: 1-4 images of 0-5 objects (junk boxes in the padding rows), 4-200 random priors.
+
+    Every fourth seed has few priors and a low IoU threshold: many positives, so ``num_neg`` is capped by
+    the background priors left.
+    """
+    g = torch.Generator().manual_seed(seed)
+    crowded = seed % 4 == 3
+    b = int(torch.randint(1, 5, (1,), generator=g))
+    p = int(torch.randint(4, 12 if crowded else 200, (1,), generator=g))
+    c = int(torch.randint(2, 8, (1,), generator=g))
+    priors = torch.cat((torch.rand(p, 2, generator=g), torch.rand(p, 2, generator=g) * 0.5 + 0.05), dim=1)
+    boxes, labels = [], []
+    for _ in range(b):
+        n = int(torch.randint(0, 6, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 0.8
+        boxes.append(torch.cat((xy, xy + torch.rand(n, 2, generator=g) * 0.5 + 0.02), dim=1).clamp(max=1))
+        labels.append(torch.randint(1, c, (n,), generator=g))
+    gt_boxes, gt_labels = pad_targets(boxes, labels)
+    junk = torch.rand(gt_boxes.shape, generator=g) * 2 - 0.5  # boxes of any shape, even x2 < x1
+    return {
+        "outputs": {"loc": torch.randn(b, p, 4, generator=g) * 2, "conf": torch.randn(b, p, c, generator=g) * 3},
+        "gt_boxes": torch.where(gt_labels[..., None] > 0, gt_boxes, junk),
+        "gt_labels": gt_labels,
+        "priors": priors,
+        "kwargs": {"iou_threshold": 0.1 if crowded else (0.5, 0.3)[seed % 2], "neg_pos_ratio": (3.0, 1.0, 0.5, 10.0)[seed % 4]},
+    }
+
+
+def loss_and_grads(fn, case: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    loc = case["outputs"]["loc"].clone().requires_grad_()
+    conf = case["outputs"]["conf"].clone().requires_grad_()
+    out = fn({"loc": loc, "conf": conf}, case["gt_boxes"], case["gt_labels"], case["priors"])
+    (out["loc"] + out["conf"]).backward()
+    return {k: v.detach() for k, v in out.items()}, loc.grad, conf.grad
+
+
+def ours(outputs, gt_boxes, gt_labels, priors, **kwargs):
+    return MultiBoxLoss(**kwargs)(outputs, gt_boxes, gt_labels, priors)
+
+
+def num_pos_neg(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives and negatives per image, ``[B]`` each, by the rule of the reference loss."""
+    pos = match(case["gt_boxes"], case["gt_labels"], case["priors"], case["kwargs"]["iou_threshold"]) >= 0
+    num_pos = pos.sum(dim=1)
+    return num_pos, torch.minimum((case["kwargs"]["neg_pos_ratio"] * num_pos).long(), pos.shape[1] - num_pos)
+
+
+def assert_equals_reference(case: dict, ties: bool = False) -> None:
+    """Loss terms and gradients equal to the reference to 1e-5; with tied losses, gradients up to which tied prior got it."""
+    kw = case["kwargs"]
+    out, loc_grad, conf_grad = loss_and_grads(lambda *a: ours(*a, **kw), case)
+    ref, ref_loc_grad, ref_conf_grad = loss_and_grads(lambda *a: reference_multibox_loss(*a, **kw), case)
+    for key in ("loc", "conf"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loc_grad, ref_loc_grad, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(loc_grad).all() and torch.isfinite(conf_grad).all()
+    # exactly num_pos + num_neg priors of each image get a classification gradient
+    num_pos, num_neg = num_pos_neg(case)
+    assert torch.equal(conf_grad.ne(0).any(dim=2).sum(dim=1), num_pos + num_neg)
+    if ties:  # the same multiset of per-prior gradients in each image
+        conf_grad, ref_conf_grad = conf_grad.flatten(1).sort(dim=1).values, ref_conf_grad.flatten(1).sort(dim=1).values
+    torch.testing.assert_close(conf_grad, ref_conf_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_equals_reference_on_random_cases():
+    seen = {"image without objects": 0, "num_neg capped by the background": 0, "no negatives": 0, "threshold positives": 0}
+    for seed in range(50):
+        case = random_case(seed)
+        assert_equals_reference(case)
+        num_pos, num_neg = num_pos_neg(case)
+        seen["image without objects"] += int(((case["gt_labels"] > 0).sum(1) == 0).sum())
+        seen["num_neg capped by the background"] += int((case["kwargs"]["neg_pos_ratio"] * num_pos > num_neg).sum())
+        seen["no negatives"] += int(((num_neg == 0) & (num_pos > 0)).sum())
+        seen["threshold positives"] += int((num_pos > (case["gt_labels"] > 0).sum(1)).sum())
+    assert all(n >= 3 for n in seen.values()), seen
+
+
+def test_loss_equals_reference_with_tied_losses():
+    cut_in_ties = 0
+    for seed in range(12):
+        case = random_case(seed)
+        b, p, c = case["outputs"]["conf"].shape
+        g = torch.Generator().manual_seed(seed)
+        # the same logits at every prior: all background losses tie, any num_neg of them is a valid choice
+        case["outputs"]["conf"] = torch.randn(c, generator=g).expand(b, p, c).clone()
+        assert_equals_reference(case, ties=True)
+        # logits on a coarse grid: groups of ties, cut at the num_neg-th
+        case["outputs"]["conf"] = torch.randint(-2, 3, (b, p, c), generator=g).float()
+        assert_equals_reference(case, ties=True)
+        num_pos, num_neg = num_pos_neg(case)
+        cut_in_ties += int(((num_neg > 0) & (num_neg < p - num_pos)).sum())
+    assert cut_in_ties >= 5
+
+
+@pytest.mark.parametrize("padding", ["junk", "nan", "inf"])
+def test_batch_without_positives_equals_reference(padding):
+    case = random_case(1)
+    case["gt_labels"] = torch.zeros_like(case["gt_labels"])  # every row padding
+    case["gt_boxes"] = {
+        "junk": case["gt_boxes"],
+        "nan": torch.full_like(case["gt_boxes"], float("nan")),
+        "inf": torch.full_like(case["gt_boxes"], float("inf")),
+    }[padding]
+    out, loc_grad, conf_grad = loss_and_grads(lambda *a: ours(*a, **case["kwargs"]), case)
+    assert out["loc"].item() == 0.0 and out["conf"].item() == 0.0
+    assert not loc_grad.any() and not conf_grad.any()
+    assert_equals_reference(case)
+
+
+@pytest.mark.parametrize("padding", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_padding_boxes_do_not_leak(padding):
+    # the target of an unmatched prior is encoded from gt row 0, which is padding in an image without objects
+    for seed in range(8):
+        case = random_case(seed)
+        case["gt_boxes"] = torch.where(case["gt_labels"][..., None] > 0, case["gt_boxes"], padding)
+        assert_equals_reference(case)
+
+
+def test_overflowing_box_predictions_off_the_positives_are_ignored():
+    # fp16 outputs can overflow to inf; as before, only the positives' box predictions count
+    for seed in range(8):
+        case = random_case(seed)
+        pos = match(case["gt_boxes"], case["gt_labels"], case["priors"], case["kwargs"]["iou_threshold"]) >= 0
+        case["outputs"]["loc"] = torch.where(pos[..., None], case["outputs"]["loc"], float("inf"))
+        assert_equals_reference(case)
+
+
+def test_every_prior_positive_leaves_no_negatives():
+    case = random_case(9)  # one image without objects, two with
+    case["kwargs"] = {"iou_threshold": 0.0, "neg_pos_ratio": 3.0}  # IoU >= 0 matches every prior of an image with objects
+    num_pos, num_neg = num_pos_neg(case)
+    has_objects = (case["gt_labels"] > 0).any(dim=1)
+    assert torch.equal(num_pos, has_objects * case["priors"].shape[0]) and torch.equal(num_neg, torch.zeros_like(num_neg))
+    assert has_objects.any() and not has_objects.all()
+    assert_equals_reference(case)
+
+
+# --- no host sync: fixed shapes all the way ---
+
+
+def test_match_and_loss_compile_to_one_graph():
+    """A proxy for "no host sync" on CPU: a data-dependent shape or a value read back (``nonzero``,
+    ``int(tensor)``) breaks the graph, which ``fullgraph=True`` turns into an error."""
+    case = random_case(5)
+    criterion = MultiBoxLoss(**case["kwargs"])
+
+    def fn(loc, conf, gt_boxes, gt_labels, priors):
+        out = criterion({"loc": loc, "conf": conf}, gt_boxes, gt_labels, priors)
+        return out["loc"], out["conf"]
+
+    def loss_and_grads_of(f):
+        loc = case["outputs"]["loc"].clone().requires_grad_()
+        conf = case["outputs"]["conf"].clone().requires_grad_()
+        loc_loss, conf_loss = f(loc, conf, case["gt_boxes"], case["gt_labels"], case["priors"])
+        return (loc_loss.detach(), conf_loss.detach(), *torch.autograd.grad(loc_loss + conf_loss, (loc, conf)))
+
+    torch._dynamo.reset()
+    try:
+        compiled = loss_and_grads_of(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+        # the proxy can fail: the pre-rewrite loss (nonzero, int(num_neg.max())) does not compile to one graph
+        with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+            torch.compile(reference_multibox_loss, fullgraph=True, backend="aot_eager")(
+                case["outputs"], case["gt_boxes"], case["gt_labels"], case["priors"], **case["kwargs"]
+            )
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, loss_and_grads_of(fn)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_match_and_loss_do_not_sync_on_cuda():
+    case = random_case(6)
+    loc = case["outputs"]["loc"].cuda().requires_grad_()
+    conf = case["outputs"]["conf"].cuda().requires_grad_()
+    gt_boxes, gt_labels, priors = case["gt_boxes"].cuda(), case["gt_labels"].cuda(), case["priors"].cuda()
+    criterion = MultiBoxLoss(**case["kwargs"])
+
+    def step():
+        match(gt_boxes, gt_labels, priors)
+        out = criterion({"loc": loc, "conf": conf}, gt_boxes, gt_labels, priors)
+        (out["loc"] + out["conf"]).backward()
+        return out
+
+    step()  # one-time initialisation (kernels, handles) may synchronise; the steps after must not
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = reference_multibox_loss(case["outputs"], case["gt_boxes"], case["gt_labels"], case["priors"], **case["kwargs"])
+    torch.testing.assert_close(out["loc"].cpu(), ref["loc"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["conf"].cpu(), ref["conf"], rtol=1e-4, atol=1e-5)
