@@ -38,10 +38,12 @@ def match(gt_boxes: Tensor, gt_labels: Tensor, priors_cxcywh: Tensor, iou_thresh
     b, g = gt_labels.shape
     p = priors_cxcywh.shape[0]
     valid = gt_labels > 0  # [B, G]
-    iou = box_iou(gt_boxes, cxcywh_to_xyxy(priors_cxcywh))  # [B, G, P]
-    iou.masked_fill_(~valid[..., None], -1.0)
+    # padding rows become empty boxes (whatever they held, NaN included): IoU 0 with every prior, below any valid
+    # box's IoU or tied with it (max takes the first, and pad_targets puts the objects first); a prior whose best
+    # row is padding is background, and padding is never forced (gt_index below). Cheaper than masking [B, G, P].
+    iou = box_iou(gt_boxes.masked_fill(~valid[..., None], 0.0), cxcywh_to_xyxy(priors_cxcywh))  # [B, G, P]
     best_gt_iou, best_gt = iou.max(dim=1)  # [B, P]
-    matched = torch.where(best_gt_iou >= iou_threshold, best_gt, -1)
+    matched = torch.where((best_gt_iou >= iou_threshold) & valid.gather(1, best_gt), best_gt, -1)
     best_prior_iou, best_prior = iou.max(dim=2)  # [B, G]
     # a box overlapping no prior at all (zero area, off the image) is not forced onto prior 0
     gt_index = torch.arange(g, device=gt_labels.device).expand(b, g).masked_fill(~valid | (best_prior_iou <= 0), -1)
@@ -72,6 +74,7 @@ class MultiBoxLoss(nn.Module):
         self.neg_pos_ratio = neg_pos_ratio
         self.variances = tuple(variances)
         self.box_weight = box_weight
+        self.static_shapes: bool | None = None  # None: decided per call (_static_shapes)
 
     def forward(self, outputs: dict[str, Tensor], gt_boxes: Tensor, gt_labels: Tensor, priors_cxcywh: Tensor) -> dict[str, Tensor]:
         loc, conf = outputs["loc"].float(), outputs["conf"].float()
@@ -98,16 +101,27 @@ class MultiBoxLoss(nn.Module):
 
         ce = F.cross_entropy(conf.reshape(-1, conf.shape[-1]), labels.reshape(-1), reduction="none").view_as(labels)
         # hard negative mining: the num_neg highest-loss background priors of each image. topk takes one k for the
-        # batch (and a k read back from the device is a host sync), so each row is padded with P - num_neg entries
-        # of +inf and num_neg of -inf: the top P of a padded row are then the +inf and the row's num_neg highest
-        # losses (ties: any of the equal losses; the count and the sum are exact). sorted=False selects in O(P),
-        # ~3x faster on CPU than ranking by a sort.
+        # batch, so each row is padded with k - num_neg entries of +inf and num_neg of -inf: the top k of a padded
+        # row are then the +inf and the row's num_neg highest losses (ties: any of the equal losses; the count and
+        # the sum are exact). sorted=False selects in O(P), ~3x faster on CPU than ranking by a sort. k is P, a
+        # shape, on an accelerator and under torch.compile (reading the batch's largest num_neg back would be a
+        # host sync); in eager mode on the CPU, where the value is already on the host, it is that largest num_neg
+        # (the same selection, ~3x cheaper).
         p = pos.shape[1]
         num_neg = torch.minimum((self.neg_pos_ratio * num_pos_img).long(), p - num_pos_img)  # [B, 1]
-        padding = torch.where(torch.arange(p, device=pos.device) < p - num_neg, float("inf"), -float("inf"))  # [B, P]
-        top = torch.cat((ce.masked_fill(pos, -float("inf")), padding), dim=1).topk(p, dim=1, sorted=False)  # of [B, 2P]
+        k = p if self._static_shapes(conf) else int(num_neg.max())
+        padding = torch.where(torch.arange(k, device=pos.device) < k - num_neg, float("inf"), -float("inf"))  # [B, k]
+        top = torch.cat((ce.masked_fill(pos, -float("inf")), padding), dim=1).topk(k, dim=1, sorted=False)  # of [B, P + k]
         conf_loss = torch.where(pos, ce, 0.0).sum() + torch.where(top.indices < p, top.values, 0.0).sum()
         return {"loc": self.box_weight * loc_loss / normalizer, "conf": conf_loss / normalizer}
+
+
+    def _static_shapes(self, t: Tensor) -> bool:
+        """Whether every shape must follow from the inputs' shapes: off the CPU, and while compiling
+        (``static_shapes``, when set, decides instead: the tests run the accelerator's path on the CPU)."""
+        if self.static_shapes is not None:
+            return self.static_shapes
+        return t.device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def build_loss(loss_cfg: LossConfig, model_cfg: ModelConfig) -> MultiBoxLoss:

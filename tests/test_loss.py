@@ -3,6 +3,8 @@ equality with the pre-fixed-shape loss (tests/loss_reference.py), no host sync (
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,8 +317,21 @@ def loss_and_grads(fn, case: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
     return {k: v.detach() for k, v in out.items()}, loc.grad, conf.grad
 
 
+STATIC_SHAPES = None  # MultiBoxLoss.static_shapes of ours(): None (on the CPU: k read back), or True (the GPU's path)
+
+
 def ours(outputs, gt_boxes, gt_labels, priors, **kwargs):
-    return MultiBoxLoss(**kwargs)(outputs, gt_boxes, gt_labels, priors)
+    criterion = MultiBoxLoss(**kwargs)
+    criterion.static_shapes = STATIC_SHAPES
+    return criterion(outputs, gt_boxes, gt_labels, priors)
+
+
+@pytest.fixture(params=[None, True], ids=["cpu-k", "static-k"])
+def both_paths(request, monkeypatch):
+    """Run a test on both selections of hard negatives: k = the batch's largest num_neg (eager, CPU) and k = P
+    (the accelerator's and torch.compile's fixed shapes)."""
+    monkeypatch.setattr(sys.modules[__name__], "STATIC_SHAPES", request.param)
+    return request.param
 
 
 def num_pos_neg(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +358,7 @@ def assert_equals_reference(case: dict, ties: bool = False) -> None:
     torch.testing.assert_close(conf_grad, ref_conf_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_loss_equals_reference_on_random_cases():
+def test_loss_equals_reference_on_random_cases(both_paths):
     seen = {"image without objects": 0, "num_neg capped by the background": 0, "no negatives": 0, "threshold positives": 0}
     for seed in range(50):
         case = random_case(seed)
@@ -356,7 +371,7 @@ def test_loss_equals_reference_on_random_cases():
     assert all(n >= 3 for n in seen.values()), seen
 
 
-def test_loss_equals_reference_with_tied_losses():
+def test_loss_equals_reference_with_tied_losses(both_paths):
     cut_in_ties = 0
     for seed in range(12):
         case = random_case(seed)
@@ -374,7 +389,7 @@ def test_loss_equals_reference_with_tied_losses():
 
 
 @pytest.mark.parametrize("padding", ["junk", "nan", "inf"])
-def test_batch_without_positives_equals_reference(padding):
+def test_batch_without_positives_equals_reference(padding, both_paths):
     case = random_case(1)
     case["gt_labels"] = torch.zeros_like(case["gt_labels"])  # every row padding
     case["gt_boxes"] = {
@@ -406,7 +421,7 @@ def test_overflowing_box_predictions_off_the_positives_are_ignored():
         assert_equals_reference(case)
 
 
-def test_every_prior_positive_leaves_no_negatives():
+def test_every_prior_positive_leaves_no_negatives(both_paths):
     case = random_case(9)  # one image without objects, two with
     case["kwargs"] = {"iou_threshold": 0.0, "neg_pos_ratio": 3.0}  # IoU >= 0 matches every prior of an image with objects
     num_pos, num_neg = num_pos_neg(case)
