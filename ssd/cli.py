@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="side-by-side speed against the peer implementations (same as scripts/bench.py)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of scripts/bench.py: --only ROW..., --json OUT, --repeats N")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of scripts/bench.py: --only ROW..., --json OUT, --repeats N, --device cpu|cuda")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bn-report", help="BatchNorm diagnostics: running vs batch statistics, train/eval gap, stale layers")
