@@ -29,6 +29,7 @@ from ssd.checkpoint import (
 from ssd.cli import main
 from ssd.config import Config, from_dict
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.device import full_fp32
 from ssd.engine.train import train
 from ssd.model import build_ssd
 
@@ -141,20 +142,7 @@ def assert_trained(
     return rows
 
 
-class tf32_off:
-    """Full fp32 matmuls and cuDNN convolutions inside the block (TF32 off), flags restored after."""
-
-    def __enter__(self):
-        self.saved = (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-        )
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (
-            self.saved
-        )
+tf32_off = full_fp32
 
 
 @pytest.fixture(autouse=True)

@@ -99,16 +99,21 @@ def test_a_fixed_gpu_under_torchrun_is_refused():
     assert resolve_device("cpu", 1, world_size=2) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("setting", ["auto", "false"])
-def test_the_network_sees_the_memory_format_the_setting_gives(setting, tmp_path, monkeypatch):
+def tiny_run(tmp_path, **train_options) -> Config:
+    """Two iterations of a width-1/8, 64 px model with BN everywhere on 8 generated images."""
     generate_shapes(tmp_path / "shapes", 8, 2, size=64, seed=0)
     dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
-    cfg = from_dict(Config, {
+    return from_dict(Config, {
         "model": {"num_classes": 5, "input_size": 64, "width": 0.125, "batch_norm": "all",
                   "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "channels_last": setting, "tensorboard": False},
+        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "tensorboard": False, **train_options},
     })  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", ["auto", "false"])
+def test_the_network_sees_the_memory_format_the_setting_gives(setting, tmp_path, monkeypatch):
+    cfg = tiny_run(tmp_path, channels_last=setting)
     seen, build_ssd = [], engine.build_ssd
 
     def build_and_watch(model_cfg):
@@ -128,15 +133,7 @@ def test_the_network_sees_the_memory_format_the_setting_gives(setting, tmp_path,
 def test_frozen_blocks_do_not_train_and_get_no_backward(tmp_path, monkeypatch, caplog):
     # Caffe SSD's recipe: conv1_x and conv2_x frozen when fine-tuning. Their weights and BN statistics stay,
     # they leave the optimizer, no gradient reaches them, and a block nothing loaded is warned about
-    generate_shapes(tmp_path / "shapes", 8, 2, size=64, seed=0)
-    dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
-    cfg = from_dict(Config, {
-        "model": {"num_classes": 5, "input_size": 64, "width": 0.125, "batch_norm": "all",
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "optimizer": "sgd", "lr": 0.01,
-                  "freeze": ["conv1", "conv2"], "tensorboard": False},
-    })  # fmt: skip
+    cfg = tiny_run(tmp_path, optimizer="sgd", lr=0.01, freeze=["conv1", "conv2"])
     models, build_ssd = [], engine.build_ssd
     monkeypatch.setattr(engine, "build_ssd", lambda model_cfg: models.append(build_ssd(model_cfg)) or models[-1])
     with caplog.at_level("WARNING", logger="ssd.train"):

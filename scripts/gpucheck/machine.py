@@ -143,21 +143,8 @@ def step_cuda(check: Check) -> dict:
     return numbers
 
 
-class tf32_off:
-    """TF32 off for matmuls and cuDNN convolutions inside the block (full fp32 on Ampere and newer)."""
+def tf32_off():
+    """TF32 off inside the block (``ssd.device.full_fp32``; imported here, when torch is known to be there)."""
+    from ssd.device import full_fp32
 
-    def __enter__(self):
-        import torch
-
-        self.saved = (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-        )
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (
-            self.saved
-        )
+    return full_fp32()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import cv2
 import numpy as np
 import torch
@@ -13,6 +11,7 @@ from ssd.bench.augment import synthetic_jpegs
 from ssd.bench.timing import best_interleaved, elapsed, timeit
 from ssd.config import PostprocessConfig
 from ssd.convert.torchvision import torchvision_model_config
+from ssd.device import full_fp32
 from ssd.loss import MultiBoxLoss, pad_targets
 from ssd.model.priors import make_priors, resolve_prior_layout
 from ssd.ops.boxes import cxcywh_to_xyxy
@@ -185,18 +184,6 @@ def matmul_gflops(
     return 2 * n**3 / best / 1e9
 
 
-@contextlib.contextmanager
-def strict_fp32():
-    """No TF32 in cuDNN convolutions (PyTorch's default allows it) nor cuBLAS matmuls while outputs
-    are compared: TF32's 1e-3 rounding would differ between the two sides' memory formats."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def same_detections(expected: list[dict], got: list[dict]) -> None:
     """Every detection of ``expected`` is in ``got`` (same label, IoU >= 0.999, score within 1e-4) and
     the counts agree; compared as sets because near-equal scores may swap places."""
@@ -249,7 +236,7 @@ def bench_predict(repeats: int, device: torch.device | str = "cpu") -> dict:
     def ours():
         return det(images)
 
-    with strict_fp32():
+    with full_fp32():
         # Detector returns its detections on the CPU
         same_detections([{k: v.cpu() for k, v in d.items()} for d in peer()], ours())
     layout = torch.channels_last if det.channels_last else torch.contiguous_format
