@@ -203,6 +203,7 @@ def check_config(check: Check) -> dict:
         batch_size=check.s.batch,
         device=check.device,
         log_period=1,
+        freeze=[],  # no ImageNet backbone here: every layer trains (frozen random conv1-2 would teach nothing)
         eval_period=10**6,
         checkpoint_period=10**6,
         tensorboard=False,
