@@ -28,6 +28,7 @@ from torch import nn
 
 from ssd.checkpoint import CheckpointError, checkpoint_model_config, load_checkpoint
 from ssd.config import Config, ConfigError, ModelConfig, is_user_set
+from ssd.engine.bn import bn_layers
 from ssd.model.priors import resolve_prior_layout
 
 log = logging.getLogger("ssd.train")
@@ -245,7 +246,7 @@ def freeze_blocks(model: nn.Module, blocks: list[str]) -> list[str]:
         p.requires_grad_(False)
     if blocks:
         log.info("train.freeze: %s do not train (%d parameters)", ", ".join(blocks), sum(p.numel() for p in frozen))
-    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and name.startswith(prefixes)]
+    return [name for name, _ in bn_layers(model) if name.startswith(prefixes)]
 
 
 def warn_frozen_untrained(blocks: list[str], loaded_keys: list[str]) -> None:

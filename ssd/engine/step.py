@@ -19,7 +19,7 @@ A skipped step still counts as an iteration (the host learns about it later); it
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,6 @@ class Window:
     good: int = 0
     skipped: int = 0
     amp_skipped: int = 0
-    skipped_iterations: list[int] = field(default_factory=list)
 
     def row(self) -> dict:
         """The log row's loss terms: means over the steps that updated the weights (None if none did)."""
@@ -137,7 +136,6 @@ class TrainStep:
             w.amp_skipped += int(amp_skipped > 0)
             if bad > 0:
                 w.skipped += 1
-                w.skipped_iterations.append(iteration)
                 self.bad_run += 1
                 log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s", iteration, loc, conf, image_ids)
                 if self.bad_run >= self.tcfg.max_bad_steps:

@@ -265,7 +265,7 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
     it = state["iteration"]
     per_epoch = len(loader)
     skipped_images, stop_reason = 0, None
-    window = {"n": 0, "images": 0, "t": time.perf_counter()}
+    window = {"images": 0, "t": time.perf_counter()}
     t_start = time.perf_counter()
     progress = progress_bar(tcfg.max_iter, it, ctx)
     sync_debug = tcfg.sync_debug and step.device.type == "cuda"
@@ -298,14 +298,15 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         write_metrics(row)
         tensorboard.train_row(row)
         if row["loss"] is None:  # every step since the last row was skipped: TrainStep.check warned about each
-            pass
-        elif progress is not None:
+            window = {"images": 0, "t": time.perf_counter()}
+            return
+        if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
                                  lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
         elif ctx.is_main:
             log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s", it, tcfg.max_iter,
                      row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"])  # fmt: skip
-        window = {"n": 0, "images": 0, "t": time.perf_counter()}
+        window = {"images": 0, "t": time.perf_counter()}
 
     def run_eval(final: bool = False) -> None:
         res = evaluate(it, final)
