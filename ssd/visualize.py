@@ -17,11 +17,16 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: list[str],
                     score_threshold: float = 0.3) -> np.ndarray:  # fmt: skip
-    """A copy of RGB ``image`` with boxes and ``name score`` labels (on a filled tab, readable on any background)."""
+    """A copy of RGB ``image`` with boxes and ``name score`` labels (on a filled tab, readable on any background).
+
+    Drawn in increasing score order, so where boxes or tabs overlap the highest-scored one is on top.
+    """
     out = np.ascontiguousarray(image.copy())
     scale = max(0.35, min(out.shape[:2]) / 800)
     thick = max(2, int(round(scale * 3)))
-    for box, score, label in zip(boxes, scores, labels):
+    scores = np.asarray(scores, dtype=np.float64)
+    for i in np.argsort(scores, kind="stable"):
+        box, score, label = boxes[i], scores[i], labels[i]
         if score < score_threshold:
             continue
         color = class_color(int(label))

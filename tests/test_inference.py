@@ -335,6 +335,19 @@ def test_class_colours_are_distinct_and_labels_are_drawn():
     assert text.sum() > 10
 
 
+def test_highest_score_is_drawn_on_top():
+    image = np.full((120, 160, 3), 255, np.uint8)
+    boxes = np.array([[30, 40, 130, 110], [30, 40, 130, 110]], np.float32)  # two classes on one object
+    names = ["cat", "d"]  # the higher-scored tab is the wider one, so it can cover the other entirely
+    out = draw_detections(image, boxes, np.array([0.9, 0.6]), np.array([1, 2]), names)
+    tab = out[20:40, 30:130].reshape(-1, 3)
+    assert (tab == class_color(1)).all(-1).sum() > 100  # the cat tab's fill
+    assert not (tab == class_color(2)).all(-1).any()  # the dog tab is under it
+    assert (out[75, 30] == class_color(1)).all()  # so is the dog box's edge
+    flipped = draw_detections(image, boxes[::-1], np.array([0.6, 0.9]), np.array([2, 1]), names)
+    assert np.array_equal(flipped, out)  # the input order does not matter
+
+
 def test_labels_stay_inside_the_image():
     image = np.zeros((60, 80, 3), np.uint8)
     out = draw_detections(image, np.array([[50, 0, 80, 30]], np.float32), np.array([0.5]), np.array([3]), ["a", "b", "long name"])
