@@ -43,9 +43,13 @@ def make_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, classes: l
     }
 
 
-def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
     """Write ``obj`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
-    A crash at any point leaves either the previous file or the new one, never a torn file."""
+    A crash at any point leaves either the previous file or the new one, never a torn file.
+
+    ``keep_previous``: once the new file is on disk, the file ``path`` held becomes this one (a hard
+    link renamed over it, so ``path`` exists at every instant; where the filesystem has no hard links,
+    ``path`` is renamed, and only ``keep_previous`` holds a checkpoint until the new file takes its place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,6 +61,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            _keep_as(path, Path(keep_previous))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +72,17 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _keep_as(path: Path, previous: Path) -> None:
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links here (some network and FUSE filesystems)
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
 
 
 def load_file(path: str | os.PathLike) -> Any:
