@@ -12,7 +12,9 @@ The preprocessing the weights expect (channel order, scale, mean, std, resize) i
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +93,30 @@ def load_file(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle warns before it fails; the error says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with foreign objects, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({first})") from None
+        raise CheckpointError(f"{path}: cannot read as a PyTorch weights file: {_why_unreadable(path, e)}") from None
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """One plain clause for a failed ``torch.load``, without torch's advice to drop ``weights_only``."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        return "not a file written by torch.save"
+    text = str(error)
+    if "Unsupported operand" in text:  # a pickle, not torch.save's layout
+        return "not a file written by torch.save"
+    if "Weights only load failed" in text:  # a pickled Python object the weights-only unpickler refuses to run
+        name = re.search(r"GLOBAL (\S+)", text)
+        return (f"it holds a Python object{f' ({name.group(1)})' if name else ''}; checkpoints are read as tensors and "
+                "plain containers only (torch.load with weights_only=True): save a state_dict instead")  # fmt: skip
+    first = text.strip().split(". ")[0].splitlines()[0] if text.strip() else type(error).__name__
+    return f"truncated or corrupt ({first})"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
