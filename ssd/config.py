@@ -23,6 +23,7 @@ from ssd.config_io import (  # noqa: F401  (re-exported: ``from ssd.config impor
     from_dict,
     is_user_set,
     key_record,
+    load_yaml,
     read_yaml_dict,
     recorded_keys,
     save_config,
@@ -419,7 +420,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     (``cfg.user_keys``; ask with :func:`ssd.config_io.is_user_set`): every key written in the
     file counts, so loading a run's resolved ``config.yaml`` sets every key.
     """
-    return from_dict(Config, read_yaml_dict(path, overrides))
+    return load_yaml(Config, path, overrides)  # an error in the file names it and the line
 
 
 def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:

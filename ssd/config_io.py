@@ -24,7 +24,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the key and what is valid."""
+    """A user-facing configuration error; the message names the key and what is valid.
+
+    ``key``: the dotted key at fault (``"model.extras[0].mid"``, or the section of a cross-field check),
+    where :func:`from_dict` knows it; :func:`load_yaml` uses it to point at the file's line.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept it
@@ -50,6 +58,54 @@ def read_yaml_dict(path: str | os.PathLike | None, overrides: list[str] | tuple[
     for item in overrides:
         apply_override(data, item)
     return data
+
+
+def load_yaml(cls: type, path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """``from_dict(cls, read_yaml_dict(path, overrides))``; an error the file makes on its own names it
+    and the key's line (``configs/x.yaml, line 4: unknown config key 'model.num_clases' ...``).
+
+    An error the overrides make (the file alone builds, or fails otherwise) is raised as it is: it
+    already names the dotted key the override wrote.
+    """
+    data = read_yaml_dict(path, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if path is None or (overrides and not _fails_alone(cls, path, e)):
+            raise
+        line = yaml_key_line(Path(path).read_text(), e.key)
+        raise ConfigError(f"{path}{f', line {line}' if line else ''}: {e}", e.key) from None
+
+
+def _fails_alone(cls: type, path: str | os.PathLike, error: ConfigError) -> bool:
+    """Whether the YAML file without the overrides fails with ``error`` (only asked on the error path)."""
+    try:
+        from_dict(cls, read_yaml_dict(path))
+    except ConfigError as alone:
+        return str(alone) == str(error)
+    return False
+
+
+def yaml_key_line(text: str, key: str | None) -> int | None:
+    """The 1-based line of dotted ``key`` (``model.extras[0].mid``) in YAML ``text``, or of its deepest
+    section there; None when not even the first part is found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key or ""):
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part]
+            if not found:
+                break
+            line, node = found[-1][0].start_mark.line + 1, found[-1][1]  # the last duplicate wins, as in safe_load
+        elif isinstance(node, yaml.SequenceNode) and part.startswith("[") and int(part[1:-1]) < len(node.value):
+            node = node.value[int(part[1:-1])]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -144,8 +200,12 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1)
             extra = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
-            raise ConfigError(f"unknown config key {dotted!r}{extra}; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+            raise ConfigError(f"unknown config key {dotted!r}{extra}; valid keys here: {', '.join(names)}", dotted)
+        try:
+            kwargs[key] = _coerce(hints[key], value, dotted)
+        except ConfigError as e:  # a bad value, or a section's cross-field check: the innermost key names it
+            e.key = e.key or dotted
+            raise
     for f in dataclasses.fields(cls):
         if f.metadata.get("record"):
             kwargs[f.name] = frozenset(user_keys(data, prefix))
@@ -168,8 +228,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]  # as it is: it names the innermost key
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,39 @@ def test_file_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_an_error_in_the_file_names_the_file_and_the_line(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("# my run\nmodel:\n  arch: ssd300\n  num_clases: 5\ntrain:\n  lr: 0.1\n")
+    typo = f"{path}, line 4: unknown config key 'model.num_clases' (did you mean model.num_classes?); valid keys here: arch,"
+    for overrides in ([], ["train.lr=0.2"]):  # an override elsewhere does not hide where the mistake is
+        with pytest.raises(ConfigError) as err:
+            load_config(path, overrides)
+        assert str(err.value).startswith(typo) and err.value.key == "model.num_clases"
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ssd train: error: {typo}") and not (tmp_path / "run").exists()
+
+    nested = write_yaml(tmp_path / "nested.yaml", {"model": {"extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": "x"}]}})
+    with pytest.raises(ConfigError, match=re.escape(f"{nested}, line 6: model.extras[1].out: expected an integer, got 'x'")):
+        load_config(nested)  # safe_dump writes one key per line: model, extras, - mid, out, - mid, out
+
+    section = write_yaml(tmp_path / "section.yaml", {"model": {"num_classes": 5}, "train": {"schedule_by_time": True}})
+    with pytest.raises(ConfigError) as err:
+        load_config(section)  # a cross-field check points at its section
+    assert str(err.value) == f"{section}, line 3: train.schedule_by_time needs train.time_limit (seconds)"
+    assert load_config(section, ["train.time_limit=60"]).train.time_limit == 60  # an override may complete the file
+
+
+def test_an_error_an_override_makes_names_the_key_not_the_file(tmp_path):
+    path = write_yaml(tmp_path / "ok.yaml", {"train": {"lr": 0.1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.lr=x"])
+    assert str(err.value) == "train.lr: expected a number, got 'x'"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.lr=-1"])  # a cross-field check the file alone passes
+    assert str(err.value) == "train.lr must be > 0, got -1.0"
 
 
 def test_saved_config_loads_back_equal(tmp_path):
