@@ -10,10 +10,12 @@ import torch
 from ssd.bench import main
 from ssd.bench.cuda import loop_images_per_s, peak_bf16_tflops, train_tflops
 from ssd.bench.loader import bench_loader, check_boxes
+from ssd.bench.timing import paired_speedup
 from ssd.bench.train import (
     RepeatableStep,
     check_equivalence,
     check_step,
+    formats_note,
     step_row,
     time_steps,
     train_batch,
@@ -111,22 +113,39 @@ def test_timed_steps_start_from_the_same_weights_and_the_row_takes_the_faster_pe
     steps = {name: tiny_step(make_tiny_config, lr=1e-3) for name in ("a", "b")}
     first = {name: s.step() for name, s in steps.items()}
     times = time_steps(steps, 2)
-    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert set(times) == {"a", "b"}
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
     for (
         name,
         s,
     ) in steps.items():  # reset before each timed step: still one step from the start
         s.reset()
         torch.testing.assert_close(s.step(), first[name])
-    per_image = {
-        "ours": 1.0,
-        "ours_nchw": 1.3,
-        "peer_nchw": 1.5,
-        "peer_channels_last": 1.2,
+    # seconds per step of 8 in three rounds; the machine slows down in round 2 for both sides
+    times = {
+        "ours": [8.0, 16.0, 9.6],
+        "ours_nchw": [10.4, 20.8, 11.0],
+        "peer_nchw": [12.0, 24.0, 13.0],
+        "peer_channels_last": [9.6, 20.8, 12.8],
+        "ours_all_layers": [8.8, 17.6, 9.0],
+        "peer_all_layers": [10.0, 20.0, 10.4],
     }
-    row = step_row("train_step", per_image, 8, 1.15)
-    assert row["peer_s"] == 1.2 and row["peer"].endswith("channels_last")
+    row = step_row("train_step", times, 8, 1.15)
+    # per image, the fastest step of each
+    assert row["ours_s"] == 1.0 and row["peer_s"] == 1.2
+    assert row["peer"].endswith("channels_last")
     assert row["ours_nchw_s"] == 1.3 and row["peer_nchw_s"] == 1.5
+    # speedup: median of the paired ratios 1.2, 1.3, 1.333; the fastest steps' ratio beside it
+    assert row["speedup"] == pytest.approx(1.3)
+    assert row["fastest_ratio"] == pytest.approx(1.2) and row["rounds"] == 3
+    assert "median of 3 paired per-round ratios (fastest steps: 1.20x)" in formats_note(row)
+
+
+def test_paired_speedup_is_the_median_of_round_ratios_and_needs_paired_rounds():
+    # ratios 1.1, 1.2, 1.3, 1.25: the median of four is the mean of the middle two
+    assert paired_speedup([1.0, 2.0, 1.0, 1.0], [1.1, 2.4, 1.3, 1.25]) == pytest.approx(1.225)
+    with pytest.raises(ValueError):
+        paired_speedup([1.0, 2.0], [1.0])
 
 
 def test_step_check_fails_when_the_step_changes_nothing(make_tiny_config):

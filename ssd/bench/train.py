@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ssd.bench.augment import synthetic_jpegs
 from ssd.bench.model import ssd300_case, torchvision_ssd
-from ssd.bench.timing import best_interleaved
+from ssd.bench.timing import interleaved, paired_speedup
 from ssd.checkpoint import load_state_strict
 from ssd.config import Config, LossConfig, ModelConfig, TrainConfig
 from ssd.convert.torchvision import (
@@ -40,7 +40,7 @@ from ssd.convert.torchvision import (
 )
 from ssd.data.transforms import normalize_batch
 from ssd.engine.finetune import freeze_blocks
-from ssd.engine.train import build_optimizer
+from ssd.engine.train import build_optimizer, retain_freed_memory
 from ssd.loss import build_loss, pad_targets
 from ssd.model import build_ssd
 
@@ -329,10 +329,11 @@ def compare_updates(
 
 def time_steps(
     steps: dict[str, RepeatableStep], rounds: int, cuda: bool = False
-) -> dict[str, float]:
-    """Fastest of ``rounds`` interleaved steps of each, every one from the same weights (seconds)."""
+) -> dict[str, list[float]]:
+    """Times (seconds) of ``rounds`` rounds of interleaved steps, every one from the same weights:
+    ``times[name][i]`` is that step's time in round ``i``."""
     fns = {k: s.step for k, s in steps.items()}
-    return best_interleaved(
+    return interleaved(
         fns, rounds, before={k: s.reset for k, s in steps.items()}, cuda=cuda
     )
 
@@ -355,15 +356,21 @@ def make_steps(
 
 
 def step_row(
-    name: str, per_image: dict[str, float], batch: int, target: float | None
+    name: str, times: dict[str, list[float]], batch: int, target: float | None
 ) -> dict:
-    """A row from per-image step times: the peer in its faster memory format."""
+    """A row from the rounds' step times (:func:`time_steps`): each side's fastest step per image, the
+    peer in its faster memory format, and ``speedup`` the median of the paired per-round ratios
+    (:func:`ssd.bench.timing.paired_speedup`); ``fastest_ratio`` is the ratio of the fastest steps."""
+    per_image = {k: min(v) / batch for k, v in times.items()}
     peer_format = min(("peer_nchw", "peer_channels_last"), key=per_image.get)
     return {
         "name": name,
         "ours_s": per_image["ours"],
         "peer": f"torchvision 0.29 ssd300_vgg16 train step, {peer_format[len('peer_') :]}",
         "peer_s": per_image[peer_format],
+        "speedup": paired_speedup(times["ours"], times[peer_format]),
+        "fastest_ratio": per_image[peer_format] / per_image["ours"],
+        "rounds": len(times["ours"]),
         "target": target,
         "batch": batch,
         "ours_nchw_s": per_image["ours_nchw"],
@@ -374,10 +381,14 @@ def step_row(
     }
 
 
-def formats_note(per_image: dict[str, float]) -> str:
-    ms = {k: v * 1e3 for k, v in per_image.items()}
+STEP_KEYS = ("ours_nchw_s", "peer_nchw_s", "peer_channels_last_s", "ours_all_layers_s", "peer_all_layers_s")
+
+
+def formats_note(row: dict) -> str:
+    ms = {k[: -len("_s")]: row[k] * 1e3 for k in STEP_KEYS}
     return (
-        f"ours NCHW {ms['ours_nchw']:.1f} ms; torchvision NCHW {ms['peer_nchw']:.1f} ms, "
+        f"speedup = median of {row['rounds']} paired per-round ratios (fastest steps: "
+        f"{row['fastest_ratio']:.2f}x); ours NCHW {ms['ours_nchw']:.1f} ms; torchvision NCHW {ms['peer_nchw']:.1f} ms, "
         f"channels_last {ms['peer_channels_last']:.1f} ms; every layer training (channels_last): ours "
         f"{ms['ours_all_layers']:.1f} ms, torchvision {ms['peer_all_layers']:.1f} ms "
         f"({ms['peer_all_layers'] / ms['ours_all_layers']:.2f}x)"
@@ -387,9 +398,13 @@ def formats_note(per_image: dict[str, float]) -> str:
 def bench_train_step(repeats: int, batch: int = 8) -> dict:
     """One training step of SSD300 at batch 8, fp32 on the CPU, per image (step time / batch), each
     side as its recipe fine-tunes (module docstring) and in its best memory format: ours channels_last,
-    torchvision timed in NCHW and channels_last and the faster counted. ``repeats`` steps of each of the six (at least 3, at most 6; a step
-    takes ~7 s here): the first checked and not timed (:func:`check_step`; it also warms up), the
-    others alternating, the fastest kept. Before them, :func:`check_equivalence` on 2 images."""
+    torchvision timed in NCHW and channels_last and the faster counted. ``repeats`` steps of each of
+    the six (at least 3, at most 8; a step takes ~7 s here): the first checked and not timed
+    (:func:`check_step`; it also warms up), the others in alternating rounds (:func:`step_row` makes the
+    figures). Before them, :func:`check_equivalence` on 2 images. The process runs with the training
+    engine's allocator setting (``train.retain_host_memory``, on by default: freed memory stays in the
+    process), for both sides."""
+    retain_freed_memory()
     model_cfg = dataclasses.replace(Config().model, dropout=0.0)  # the paper's SSD300 (its configs: no dropout)
     assert not model_cfg.batch_norm, (
         f"the default model has BatchNorm in {model_cfg.batch_norm}"
@@ -400,11 +415,10 @@ def bench_train_step(repeats: int, batch: int = 8) -> dict:
     steps = make_steps(model_cfg, train_batch(batch), tv=tv)
     del tv
     losses = {name: check_step(s, name) for name, s in steps.items()}
-    t = time_steps(steps, min(max(repeats, 3), 6) - 1)
-    per_image = {k: v / batch for k, v in t.items()}
-    row = step_row("train_step", per_image, batch, 1.15)
+    times = time_steps(steps, min(max(repeats, 3), 8) - 1)
+    row = step_row("train_step", times, batch, 1.15)
     note = (
-        f"per image, steps of {batch}; {formats_note(per_image)}; on torchvision's weights our step "
+        f"per image, steps of {batch}; {formats_note(row)}; on torchvision's weights our step "
         f"equals its step (losses within {equivalence['loss_max_abs_diff']:.1e}, "
         f"updates within {equivalence['update_max_rel_diff']:.1e} relative)"
     )
@@ -431,12 +445,11 @@ def bench_train_step_cuda(repeats: int, batch: int = 32) -> list[dict]:
                 name: check_step(s, f"{name} {label}") for name, s in steps.items()
             }
             time_steps(steps, 2, cuda=True)  # more warm-up
-            t = time_steps(steps, max(10, 3 * repeats), cuda=True)
-            per_image = {k: v / batch for k, v in t.items()}
-            report = gpu_report(1.0 / per_image["ours"], matmul)
+            times = time_steps(steps, max(10, 3 * repeats), cuda=True)
             # no target on the GPU: the issue's target is the CPU's
-            row = step_row(f"train_step_{label}", per_image, batch, None)
-            note = f"autocast {label}, per image, steps of {batch}; {formats_note(per_image)}; {describe(report)}"
+            row = step_row(f"train_step_{label}", times, batch, None)
+            report = gpu_report(1.0 / row["ours_s"], matmul)
+            note = f"autocast {label}, per image, steps of {batch}; {formats_note(row)}; {describe(report)}"
             rows.append({**row, **report, "losses": losses, "note": note})
             del steps
             torch.cuda.empty_cache()
