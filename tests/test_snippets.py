@@ -3,14 +3,14 @@
 The rules a doc's author needs to know:
 
 - **One block, one run.** Each block runs alone (blocks share nothing) in a fresh namespace, with a new,
-  empty working directory that holds a link to the repository's ``configs/``. A failure names the
+  empty working directory that holds a copy of the repository's ``configs/``. A failure names the
   doc and the line of the block (the test id is ``doc:line``; the traceback points into the doc).
-- **File names are not substituted.** Each string literal in the block that ends in a suffix of
-  :data:`STAND_INS` is a file prepared at exactly that relative path before the block runs: ``.pt`` /
-  ``.pth`` a random checkpoint with the full SSD300 layout at width 1/8 (300 px input, 8732 priors, the 20
-  VOC classes, BatchNorm everywhere), ``.onnx`` that checkpoint exported, ``.jpg`` / ``.jpeg`` / ``.png`` a
-  160x120 picture. A block that mentions ``data/shapes`` gets a small shapes dataset there (VOC layout,
-  8 train and 4 val images). Other files the block must make itself.
+- **File names are not substituted.** Each string literal in the block that is a relative path (no
+  ``..``) ending in a suffix of :data:`STAND_INS` is a file prepared at exactly that path before the
+  block runs: ``.pt`` / ``.pth`` a random checkpoint with the full SSD300 layout at width 1/8 (300 px
+  input, 8732 priors, the 20 VOC classes, BatchNorm everywhere), ``.onnx`` that checkpoint exported,
+  ``.jpg`` / ``.jpeg`` / ``.png`` a 160x120 picture. A block that mentions ``data/shapes`` gets a small
+  shapes dataset there (VOC layout, 8 train and 4 val images). Other files the block must make itself.
 - **Placeholders.** Names in :data:`PLACEHOLDERS` stand for the reader's own data and are defined
   before the block runs (``rgb_array``, ``chw_tensor``); any other undefined name fails.
 - **Skips**, always visible in the doc: a line ``# snippet: skip (reason)`` skips the block with that
@@ -93,7 +93,8 @@ def skip_reason(code: str) -> str | None:
 def named_files(code: str) -> list[str]:
     """The string literals of a block that name a stand-in file (``"runs/x/best.pt"``, ``"street.jpg"``)."""
     literals = [n.value for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-    return list(dict.fromkeys(s for s in literals if "\n" not in s and s.lower().endswith(STAND_INS)))
+    relative = [s for s in literals if "\n" not in s and not Path(s).is_absolute() and ".." not in Path(s).parts]
+    return list(dict.fromkeys(s for s in relative if s.lower().endswith(STAND_INS)))
 
 
 class Stock:
@@ -174,7 +175,7 @@ def stock(tmp_path_factory) -> Stock:
 def test_snippet_runs_as_written(doc, line, code, stock, tmp_path, monkeypatch):
     if reason := skip_reason(code):
         pytest.skip(f"{doc}:{line}: {reason}")
-    (tmp_path / "configs").symlink_to(REPO / "configs")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # a copy: a block may write next to them
     for name in named_files(code):
         stock.place(name, tmp_path)
     if "data/shapes" in code:
@@ -220,6 +221,7 @@ def test_blocks_are_found_with_their_doc_lines():
     assert blocks[1][1].startswith("import onnxruntime_not_installed_here\n")  # the list's indent removed
     assert blocks[2][1] == "# snippet: skip (needs a 24 GB GPU)\n```"  # a longer fence holds a shorter one
     assert named_files(blocks[0][1]) == ["runs/x/best.pt"] and named_files(blocks[1][1]) == ["a.jpg"]
+    assert named_files('f("/abs/a.pt", "../up.jpg", "b.PNG", "b.PNG")') == ["b.PNG"]
 
 
 def test_skip_rules():
