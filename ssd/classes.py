@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -60,3 +62,22 @@ def match_classes(model_classes: list[str], data_classes: list[str]) -> tuple[di
             raise ValueError(f"class name(s) {', '.join(map(repr, twice))} appear twice in the {side} classes; cannot match by name")
     data_label = {key: label for label, key in enumerate(data_keys, 1)}
     return {label: data_label[key] for label, key in enumerate(model_keys, 1) if key in data_label}, "name"
+
+
+def unlisted_class_hint(name: str, classes: list[str], skip_hint: bool = True) -> str:
+    """The tail of an "object class X is not in classes" error: the closest listed name, and the two
+    ways on (``ignore_other_classes`` drops such objects, ``data.on_error=skip`` skips them as problems)."""
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
+    if not close:  # case and surrounding spaces are not a spelling difference
+        close = [c for c in classes if class_key(c) == class_key(name)][:1]
+    text = f" (did you mean {close[0]!r}?)" if close else ""
+    text += "; to train on the listed classes only, set ignore_other_classes: true on this dataset (e.g. data.train.ignore_other_classes=true)"
+    return text + (", or data.on_error=skip to skip such objects as counted problems" if skip_hint else "")
+
+
+def unlisted_kind(name: str | int) -> str:
+    """The repair kind (``Problems.fix``) of an object dropped because its class is not in ``classes``
+    (``ignore_other_classes``): one kind per class, so the check and the build log count them per class
+    (YOLO: per class id)."""
+    what = f"id {name}" if isinstance(name, int) else repr(name)
+    return f"object of unlisted class {what} dropped (ignore_other_classes)"

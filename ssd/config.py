@@ -211,7 +211,7 @@ class PostprocessConfig:
 
 # --- data --------------------------------------------------------------------------------
 
-DATA_FORMATS = ("voc", "coco")
+DATA_FORMATS = ("voc", "coco", "yolo")
 ON_ERROR = ("auto", "raise", "skip")
 
 
@@ -223,8 +223,13 @@ class DatasetConfig:
     ``ImageSets/Main/<split>.txt``); several roots with one split each concatenate (VOC07+12):
     ``root: [VOC2007, VOC2012]``, ``split: [trainval, trainval]`` (one split applies to all roots).
     COCO (``format: coco``): ``images`` folder and ``annotations`` instances JSON.
-    ``classes``: foreground class names in label order (None: the 20 VOC classes, or the COCO
-    file's categories sorted by id).
+    YOLO (``format: yolo``): ``root`` as VOC's; ``split`` is a ``data.yaml`` key (``train``, ``val``), a
+    folder ``images/<split>`` or ``<split>/images`` (labels in the matching ``labels`` folder), or a list
+    file ``<split>.txt`` of image paths; see :mod:`ssd.data.yolo`.
+    ``classes``: foreground class names in label order (None: the 20 VOC classes, the COCO file's
+    categories sorted by id, YOLO's ``data.yaml`` ``names`` or ``classes.txt``; YOLO class id k is
+    ``classes[k]``). ``ignore_other_classes``: objects of classes not in ``classes`` are dropped and
+    counted (VOC, COCO by name; YOLO ids beyond the list) instead of being an error.
     """
 
     format: str = "voc"
@@ -235,6 +240,7 @@ class DatasetConfig:
     classes: list[str] | None = None
     keep_difficult: bool = False  # VOC difficult objects (always kept for evaluation)
     keep_empty: bool = True  # images without (usable) objects
+    ignore_other_classes: bool = False  # train on a subset of the file's classes
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)

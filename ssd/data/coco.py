@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssd.classes import unlisted_class_hint, unlisted_kind
 from ssd.data.records import DatasetError, ImageRecord, Problems, sanitize_boxes
 
 
@@ -38,28 +39,35 @@ def coco_classes(coco) -> list[str]:
     return [c["name"] for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])]
 
 
-def category_mapping(coco, classes: list[str], where: str) -> dict[int, int]:
-    """COCO category id -> contiguous label (1-based index in ``classes``)."""
+def category_mapping(coco, classes: list[str], where: str, ignore_other_classes: bool = False) -> dict[int, int]:
+    """COCO category id -> contiguous label (1-based index in ``classes``), matched by name.
+
+    A category not in ``classes`` raises, or with ``ignore_other_classes`` has no label."""
     by_name = {name: i + 1 for i, name in enumerate(classes)}
     mapping = {}
     for cat in coco.loadCats(coco.getCatIds()):
-        if cat["name"] not in by_name:
-            raise DatasetError(f"{where}: category {cat['name']!r} (id {cat['id']}) is not in classes {classes[:5]}...")
-        mapping[cat["id"]] = by_name[cat["name"]]
+        if cat["name"] in by_name:
+            mapping[cat["id"]] = by_name[cat["name"]]
+        elif not ignore_other_classes:
+            raise DatasetError(f"{where}: category {cat['name']!r} (id {cat['id']}) is not in classes {classes[:5]}"
+                               f"{'...' if len(classes) > 5 else ''}{unlisted_class_hint(cat['name'], classes, skip_hint=False)}")  # fmt: skip
     return mapping
 
 
 def label_to_category_id(coco, classes: list[str]) -> dict[int, int]:
-    """Contiguous label -> the file's own category id (for COCO results files)."""
-    return {label: cid for cid, label in category_mapping(coco, classes, "categories").items()}
+    """Contiguous label -> the file's own category id (for COCO results files and ``catIds``), by name:
+    a label whose name the file lacks has none, a category not in ``classes`` is not scored."""
+    return {label: cid for cid, label in category_mapping(coco, classes, "categories", ignore_other_classes=True).items()}
 
 
 def index_coco(images: str | os.PathLike, annotations: str | os.PathLike, classes: list[str] | None,
-               problems: Problems) -> tuple[list[ImageRecord], list[str]]:  # fmt: skip
-    """Index a COCO split. Returns ``(records, classes)``."""
+               problems: Problems, ignore_other_classes: bool = False) -> tuple[list[ImageRecord], list[str]]:  # fmt: skip
+    """Index a COCO split. Returns ``(records, classes)``. With ``ignore_other_classes`` the objects of
+    categories not in ``classes`` are dropped and counted per class; without it such a category raises."""
     coco = load_coco(annotations)
     classes = list(classes) if classes else coco_classes(coco)
-    cat_to_label = category_mapping(coco, classes, str(annotations))
+    cat_to_label = category_mapping(coco, classes, str(annotations), ignore_other_classes)
+    unlisted = {cid: cat["name"] for cid, cat in coco.cats.items() if cid not in cat_to_label}
     img_dir = Path(images)
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: COCO images folder not found")
@@ -81,6 +89,9 @@ def index_coco(images: str | os.PathLike, annotations: str | os.PathLike, classe
             bbox = ann.get("bbox")
             if bbox is None or len(bbox) != 4:
                 problems.report("malformed annotation", where, f"annotation {ann.get('id')} has bbox {bbox!r}")
+                continue
+            if ann.get("category_id") in unlisted:
+                problems.fix(unlisted_kind(unlisted[ann["category_id"]]), where)
                 continue
             if ann.get("category_id") not in cat_to_label:
                 problems.report("unknown class", where, f"annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}")

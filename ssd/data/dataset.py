@@ -15,6 +15,7 @@ from ssd.config import ConfigError, DatasetConfig
 from ssd.data.coco import index_coco
 from ssd.data.records import DatasetError, ImageRecord, Problems
 from ssd.data.voc import index_voc
+from ssd.data.yolo import index_yolo, yolo_classes
 from ssd.loss import pad_targets
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,11 @@ def read_image(path: str) -> np.ndarray:
 
 
 def dataset_roots(cfg: DatasetConfig, key: str) -> list[tuple[str, str]]:
-    """VOC (root, split) pairs; one split applies to every root."""
+    """VOC / YOLO (root, split) pairs; one split applies to every root."""
     roots = [cfg.root] if isinstance(cfg.root, str) else list(cfg.root or [])
     splits = [cfg.split] * len(roots) if isinstance(cfg.split, str) else list(cfg.split)
     if not roots:
-        raise ConfigError(f"{key}.root: a VOC dataset needs a root folder (or a list of them)")
+        raise ConfigError(f"{key}.root: a {cfg.format.upper()} dataset needs a root folder (or a list of them)")
     if len(splits) != len(roots):
         raise ConfigError(f"{key}.split: {len(splits)} splits for {len(roots)} roots; give one split or one per root")
     return list(zip(roots, splits))
@@ -60,11 +61,17 @@ def index_dataset(cfg: DatasetConfig, problems: Problems, key: str = "data") -> 
         classes = list(cfg.classes) if cfg.classes else list(VOC_CLASSES)
         records = []
         for root, split in dataset_roots(cfg, key):
-            records += index_voc(root, split, classes, problems)
+            records += index_voc(root, split, classes, problems, ignore_other_classes=cfg.ignore_other_classes)
+    elif cfg.format == "yolo":
+        pairs = dataset_roots(cfg, key)
+        classes = yolo_classes([root for root, _ in pairs], cfg.classes)
+        records = []
+        for root, split in pairs:
+            records += index_yolo(root, split, classes, problems, cfg.ignore_other_classes)
     else:
         if not cfg.images or not cfg.annotations:
             raise ConfigError(f"{key}: a COCO dataset needs both 'images' (folder) and 'annotations' (JSON file)")
-        records, classes = index_coco(cfg.images, cfg.annotations, cfg.classes, problems)
+        records, classes = index_coco(cfg.images, cfg.annotations, cfg.classes, problems, cfg.ignore_other_classes)
     return records, classes
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssd.classes import unlisted_class_hint, unlisted_kind
 from ssd.data.records import ImageRecord, Problems, sanitize_boxes
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ def image_size_from_header(path: str) -> tuple[int, int]:
         return im.size
 
 
-def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems: Problems, use_cache: bool = True) -> list[ImageRecord]:
-    """Index one VOC (root, split). Labels are 1-based positions in ``classes``."""
+def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems: Problems, use_cache: bool = True,
+              ignore_other_classes: bool = False) -> list[ImageRecord]:  # fmt: skip
+    """Index one VOC (root, split). Labels are 1-based positions in ``classes``. An object of a class
+    not in ``classes`` is a problem, or with ``ignore_other_classes`` dropped and counted per class."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: VOC root folder not found (expected Annotations/, JPEGImages/, ImageSets/Main/)")
@@ -159,7 +162,11 @@ def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems:
         boxes, labels, difficult = [], [], []
         for name, diff, coords in parsed["objects"]:
             if name not in label_of:
-                problems.report("unknown class", str(xml), f"object class {name!r} is not in classes {classes[:5]}{'...' if len(classes) > 5 else ''}")
+                if ignore_other_classes:
+                    problems.fix(unlisted_kind(name), str(xml))
+                else:
+                    problems.report("unknown class", str(xml), f"object class {name!r} is not in classes "
+                                    f"{classes[:5]}{'...' if len(classes) > 5 else ''}{unlisted_class_hint(name, classes)}")  # fmt: skip
                 continue
             boxes.append(coords)
             labels.append(label_of[name])

@@ -6,7 +6,10 @@ The annotation file's frame, the one detection files use (``detections.json``, `
   loader's conversion; py-faster-rcnn writes its detections the same way); its COCO-results
   ``bbox`` is ``[xmin, ymin, xmax - xmin, ymax - ymin]``, ``image_id`` the split file's id string
   and ``category_id`` the 1-based index in ``classes``.
-- COCO-format data: the file's own ``[x, y, w, h]``, image ids and category ids.
+- YOLO-format data: as VOC-format data, the pixel boxes written in VOC's numbers (``xmin = x1 + 1``),
+  image ids the image paths relative to the root without extension (see :mod:`ssd.data.yolo`).
+- COCO-format data: the file's own ``[x, y, w, h]``, image ids and category ids; only the categories
+  of ``classes`` are scored (matched by name; a subset with ``ignore_other_classes``).
 Labels are the data's (1-based index in ``dataset.classes``); a model with other classes (a converted
 torchvision COCO model's 90 names with ``N/A`` gaps on a file with 80 or fewer categories) is
 matched by name first: :func:`class_label_map`, :func:`relabel_predictions`.
@@ -82,6 +85,8 @@ class EvalSet:
             self.coco_gt = load_coco(annotations)
             self.result_image_ids = [rec.coco_id for rec in records]
             self.category_of_label = label_to_category_id(self.coco_gt, self.classes)
+            if not self.category_of_label:
+                raise ValueError(f"{annotations}: none of the classes {self.classes[:5]} is a category of the file")
         else:
             self.coco_gt = None  # built on first use: COCO metrics on VOC-format data
             self.result_image_ids = [rec.image_id for rec in records]
@@ -148,8 +153,9 @@ class EvalSet:
     def _evaluate_coco(self, detections: list[dict]) -> dict:
         if self.coco_gt is None:
             self.coco_gt = self._coco_from_records()
+        # only the categories of the listed classes are scored (a `classes` subset with ignore_other_classes)
         res = coco_eval(self.coco_gt, self.results(detections), list(self.record_of_image_id) if self.coco_format else
-                        list(range(1, len(self.dataset.records) + 1)))  # fmt: skip
+                        list(range(1, len(self.dataset.records) + 1)), sorted(self.label_of_category))  # fmt: skip
         out = {"metric": "coco", "map": res["stats"]["AP"], "per_class": {}, "num_gt": {}, "curves": {}}
         thresholds = [round(float(t), 2) for t in res["iou_thresholds"]]
         for label, name in enumerate(self.classes, 1):

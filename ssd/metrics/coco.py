@@ -59,8 +59,9 @@ def load_results(coco_gt, results: list[dict]):
         return coco_gt.loadRes([dict(r) for r in results])
 
 
-def coco_eval(coco_gt, results: list[dict], image_ids: list[int] | None = None) -> dict:
-    """Evaluate ``results`` against ``coco_gt`` on ``image_ids`` (default: every image of ``coco_gt``).
+def coco_eval(coco_gt, results: list[dict], image_ids: list[int] | None = None, cat_ids: list[int] | None = None) -> dict:
+    """Evaluate ``results`` against ``coco_gt`` on ``image_ids`` (default: every image of ``coco_gt``)
+    and the categories ``cat_ids`` (default: all; a subset leaves the others out of every number).
 
     Returns ``{"stats": {name: value} (COCO_STATS order), "per_class": {category id: AP .50:.95},
     "curves": {category id: (recall [R], precision [T, R])} (NaN where undefined), "iou_thresholds":
@@ -73,6 +74,8 @@ def coco_eval(coco_gt, results: list[dict], image_ids: list[int] | None = None) 
     evaluator = COCOeval(coco_gt, coco_dt, "bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
+    if cat_ids is not None:
+        evaluator.params.catIds = sorted(cat_ids)
     with quiet_pycocotools():
         evaluator.evaluate()
         evaluator.accumulate()
