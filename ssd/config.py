@@ -230,6 +230,10 @@ class DatasetConfig:
     categories sorted by id, YOLO's ``data.yaml`` ``names`` or ``classes.txt``; YOLO class id k is
     ``classes[k]``). ``ignore_other_classes``: objects of classes not in ``classes`` are dropped and
     counted (VOC, COCO by name; YOLO ids beyond the list) instead of being an error.
+    Relative ``root``, ``images`` and ``annotations`` (and ``model.init`` paths) are resolved against the
+    working directory, not the config file's folder: an override ``data.train.root=...`` then means what
+    the shell means, the shipped configs' ``data/...`` work from the repository root, and a run's saved
+    ``config.yaml`` works from where the run started. Paths inside a dataset follow its own rules.
     """
 
     format: str = "voc"

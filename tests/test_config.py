@@ -163,6 +163,25 @@ def test_an_error_an_override_makes_names_the_key_not_the_file(tmp_path):
     assert str(err.value) == "train.lr must be > 0, got -1.0"
 
 
+def test_relative_data_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    from ssd.data.dataset import build_dataset
+    from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+
+    generate_shapes(tmp_path / "shapes", 0, 3, size=64, seed=0)
+    (tmp_path / "configs").mkdir()  # the config's own folder has no shapes/: it is not where paths start
+    path = write_yaml(tmp_path / "configs" / "c.yaml", {"data": {"val": {"root": "shapes", "split": "val", "classes": list(SHAPES_CLASSES)}}})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert len(build_dataset(cfg.data.val, None, train=False, key="data.val")) == 3
+    (tmp_path / "runs").mkdir()
+    save_config(cfg, tmp_path / "runs" / "x.yaml")
+    again = load_config("runs/x.yaml")  # a run's saved config keeps the path as written: same directory, same data
+    assert again.data.val.root == "shapes" and len(build_dataset(again.data.val, None, train=False, key="data.val")) == 3
+    monkeypatch.chdir(tmp_path / "configs")
+    with pytest.raises(FileNotFoundError, match="^shapes: VOC root folder not found"):
+        build_dataset(load_config("c.yaml").data.val, None, train=False, key="data.val")
+
+
 def test_saved_config_loads_back_equal(tmp_path):
     cfg = load_config(None, ["model.input_size=64", "model.extras=[{mid: 8, out: 16}]", "train.lr=0.01", "data.train.root=[a, b]"])
     save_config(cfg, tmp_path / "config.yaml")
