@@ -277,6 +277,17 @@ def test_perfect_predictions_score_1_on_yolo_data(shapes_yolo):
         assert result["map"] == pytest.approx(1.0), metric
 
 
+def test_val_subset_of_a_yolo_split_keeps_the_first_images_and_their_ids(shapes_yolo, tmp_path):
+    from ssd.engine.bn_study import val_subset
+
+    cfg = yolo_cfg(shapes_yolo[1], "val")
+    full = build_dataset(cfg, None, train=False, key="data.val").records
+    sub = build_dataset(val_subset(cfg, 3, tmp_path / "subset"), None, train=False, key="data.val").records
+    assert [r.image_id for r in sub] == [r.image_id for r in full[:3]] == [f"images/val/val_00000{i}" for i in range(3)]
+    for a, b in zip(sub, full):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+
+
 def test_cli_data_check_on_a_yolo_tree(shapes_yolo, capsys):
     voc_root, yolo_root = shapes_yolo
     args = ["data", "check", str(CONFIG), "data.train.format=yolo", f"data.train.root={yolo_root}", "data.val.format=yolo",

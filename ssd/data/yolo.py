@@ -192,6 +192,23 @@ def label_path(image: Path) -> Path:
     return Path(*folders, parts[-1]).with_suffix(".txt")
 
 
+def subset_lists(pairs: list[tuple[str, str]], num_images: int, out: Path) -> tuple[list[str], list[str]]:
+    """``(roots, splits)`` for the first ``num_images`` images of YOLO (root, split) pairs: a list file per
+    root under ``out``, absolute paths under the resolved root (so the image ids stay the same)."""
+    roots, splits, left = [], [], num_images
+    for i, (root, split) in enumerate(pairs):
+        if left <= 0:
+            break
+        root = Path(root).resolve()
+        images = [image for source in split_sources(root, split) for image in list_images(source)][:left]
+        left -= len(images)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"yolo{i}.txt").write_text("".join(f"{image}\n" for image in images))
+        roots.append(str(root))
+        splits.append(str(out / f"yolo{i}.txt"))
+    return roots, splits
+
+
 # --- label files --------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from ssd.data.dataset import build_dataset, dataset_roots, stack_images
 from ssd.data.shapes import SHAPES_CLASSES, ensure_shapes
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.data.voc import read_split
+from ssd.data.yolo import subset_lists
 from ssd.demo import DEMO_DATA
 from ssd.engine.train import TrainingError, init_weights_from, seed_everything, train
 from ssd.model import build_ssd
@@ -110,7 +111,8 @@ def val_subset(ds: DatasetConfig, num_images: int, out: Path) -> DatasetConfig:
     """``ds`` restricted to its first ``num_images`` images (0: all), without touching the data folder.
 
     VOC: a view folder per root under ``out`` with symlinked ``Annotations``/``JPEGImages`` and a
-    shortened split file; COCO: a JSON with the first images of the file and their annotations.
+    shortened split file; COCO: a JSON with the first images of the file and their annotations;
+    YOLO: a list file per root.
     """
     if num_images <= 0:
         return ds
@@ -125,6 +127,9 @@ def val_subset(ds: DatasetConfig, num_images: int, out: Path) -> DatasetConfig:
         path = out / "instances_val_subset.json"
         path.write_text(json.dumps(subset))
         return dataclasses.replace(ds, annotations=str(path))
+    if ds.format == "yolo":
+        roots, splits = subset_lists(dataset_roots(ds, "data.val"), num_images, out)
+        return dataclasses.replace(ds, root=roots, split=splits)
     roots, splits, left = [], [], num_images
     for i, (root, split) in enumerate(dataset_roots(ds, "data.val")):
         if left <= 0:
