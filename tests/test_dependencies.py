@@ -7,11 +7,14 @@ import ast
 import importlib.metadata
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -66,3 +69,22 @@ def test_the_docs_table_gives_the_floors_of_pyproject(project):
     for name, req in requirements(project["dependencies"]).items():
         floors = [s.version for s in req.specifier if s.operator == ">="]
         assert table.get(name) == floors[0], f"{name}: pyproject says >={floors[0]}, docs/dependencies.md {table.get(name)}"
+
+
+def test_the_license_is_an_spdx_expression_setuptools_reads_without_warnings():
+    """PEP 639's ``license = "MIT"``: the TOML-table form (``{text = "MIT"}``) printed a setuptools
+    deprecation warning on every install; the build floor is the first setuptools that reads it (77)."""
+    setuptools = pytest.importorskip("setuptools")
+    if Version(setuptools.__version__) < Version("77"):
+        pytest.skip(f"setuptools {setuptools.__version__} predates PEP 639 (the build requires >= 77)")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))  # reads, builds nothing
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+    assert dist.metadata.license_expression == "MIT" and [Path(f).name for f in dist.metadata.license_files] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    (build,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert Requirement(build).name == "setuptools" and Requirement(build).specifier == SpecifierSet(">=77")
