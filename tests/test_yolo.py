@@ -4,6 +4,7 @@ the raise / skip policy naming file and line, ``ssd data check``, evaluation and
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_unknown_split_lists_what_was_tried_and_what_exists(tmp_path):
 
 
 @pytest.mark.parametrize("declared", ["yaml list", "yaml map", "classes.txt", "config"])
-def test_class_names_sources(tmp_path, declared):
+def test_class_names_sources(tmp_path, declared, caplog):
     root = make_yolo(tmp_path / "yolo", {"a": "1 0.5 0.5 0.2 0.2\n"})
     if declared == "yaml list":
         (root / "data.yaml").write_text("names: [cat, dog]\n")
@@ -139,8 +140,11 @@ def test_class_names_sources(tmp_path, declared):
     else:
         (root / "data.yaml").write_text("names: [x, y]\n")  # the config's classes win
     cfg = yolo_cfg(root, classes=["cat", "dog"] if declared == "config" else None)
-    (rec,), classes = index_dataset(cfg, Problems("raise"))
+    with caplog.at_level(logging.WARNING, logger="ssd"):
+        (rec,), classes = index_dataset(cfg, Problems("raise"))
     assert classes == ["cat", "dog"] and rec.labels.tolist() == [2]
+    warned = f"{root}: the config's classes ['cat', 'dog'] differ from the names the dataset declares ['x', 'y']" in caplog.text
+    assert warned == (declared == "config")
 
 
 @pytest.mark.parametrize(("files", "message"), [
@@ -185,6 +189,15 @@ def test_line_problem_raises_naming_file_and_line_or_is_counted(tmp_path, line, 
     (rec,) = index_yolo(root, "train", ["cat", "dog"], problems)
     assert problems.counts == Counter({kind: 1}) and not problems.fixed
     assert len(rec.boxes) == 2  # only the planted line is lost
+
+
+def test_non_finite_coordinates_are_a_problem(tmp_path):
+    root = make_yolo(tmp_path / "yolo", {"a": f"{GOOD}\n0 nan 0.5 0.2 0.2\n"})
+    with pytest.raises(DatasetError, match=re.escape(f"{root / 'labels/train/a.txt'}: 1 box(es) with non-finite coordinates")):
+        index_yolo(root, "train", ["cat"], Problems("raise"))
+    problems = Problems("skip")
+    (rec,) = index_yolo(root, "train", ["cat"], problems)
+    assert problems.counts == Counter({"non-finite box": 1}) and len(rec.boxes) == 1
 
 
 def test_repairs_clip_within_the_tolerance_and_skip_polygons_without_raising(tmp_path):

@@ -222,44 +222,49 @@ def parse_label_file(path: Path, classes: list[str], problems: Problems,
         return [], []
     ids, corners = [], []
     for lineno, line in enumerate(lines, 1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            values = [float(t) for t in tokens]
-        except ValueError:
-            problems.report("malformed label line", where, f"{line.strip()!r:.80} is not numbers; expected 'class cx cy w h'")
-            continue
-        if len(values) >= 7 and len(values) % 2 == 1:  # class x1 y1 x2 y2 x3 y3 ...: a polygon, not a box
-            problems.fix("polygon (segmentation) line skipped", where)
-            continue
-        if len(values) != 5:
-            problems.report("malformed label line", where, f"{len(values)} values in {line.strip()!r:.80}; "
-                            "expected 5: class cx cy w h (normalised to [0, 1])")  # fmt: skip
-            continue
-        if not values[0].is_integer():
-            problems.report("malformed label line", where, f"class id {tokens[0]!r} is not an integer")
-            continue
-        class_id = int(values[0])
-        if not 0 <= class_id < len(classes):
-            if ignore_other_classes and class_id >= len(classes):
-                problems.fix(unlisted_kind(class_id), where)
-            else:
-                shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-                problems.report("class id out of range", where, f"class id {class_id} is not in 0..{len(classes) - 1} "
-                                f"({len(classes)} classes: {shown})")  # fmt: skip
-            continue
-        cx, cy, w, h = values[1:]
-        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-        if all(map(math.isfinite, box)) and (min(box) < -BORDER_TOLERANCE or max(box) > 1 + BORDER_TOLERANCE):
-            problems.report("box outside the image", where, f"box (cx, cy, w, h) = {tuple(values[1:])} reaches "
-                            f"({box[0]:.4g}, {box[1]:.4g}, {box[2]:.4g}, {box[3]:.4g}) (x1, y1, x2, y2), more than "
-                            f"{BORDER_TOLERANCE} outside [0, 1]")  # fmt: skip
-            continue
-        ids.append(class_id)
-        corners.append(box)
+        if line.strip():
+            parsed = parse_label_line(line.strip(), f"{path}:{lineno}", classes, problems, ignore_other_classes)
+            if parsed is not None:
+                ids.append(parsed[0])
+                corners.append(parsed[1])
     return ids, corners
+
+
+def parse_label_line(line: str, where: str, classes: list[str], problems: Problems,
+                     ignore_other_classes: bool) -> tuple[int, tuple[float, float, float, float]] | None:  # fmt: skip
+    """``(class id, normalised corners)`` of one ``class cx cy w h`` line, or None (reported or counted at ``where``)."""
+    try:
+        values = [float(t) for t in line.split()]
+    except ValueError:
+        problems.report("malformed label line", where, f"{line!r:.80} is not numbers; expected 'class cx cy w h'")
+        return None
+    if len(values) >= 7 and len(values) % 2 == 1:  # class x1 y1 x2 y2 x3 y3 ...: a polygon, not a box
+        problems.fix("polygon (segmentation) line skipped", where)
+        return None
+    if len(values) != 5:
+        problems.report("malformed label line", where, f"{len(values)} values in {line!r:.80}; "
+                        "expected 5: class cx cy w h (normalised to [0, 1])")  # fmt: skip
+        return None
+    if not values[0].is_integer():
+        problems.report("malformed label line", where, f"class id {line.split()[0]!r} is not an integer")
+        return None
+    class_id = int(values[0])
+    if not 0 <= class_id < len(classes):
+        if ignore_other_classes and class_id >= len(classes):
+            problems.fix(unlisted_kind(class_id), where)
+        else:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            problems.report("class id out of range", where, f"class id {class_id} is not in 0..{len(classes) - 1} "
+                            f"({len(classes)} classes: {shown})")  # fmt: skip
+        return None
+    cx, cy, w, h = values[1:]
+    box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    if all(map(math.isfinite, box)) and (min(box) < -BORDER_TOLERANCE or max(box) > 1 + BORDER_TOLERANCE):
+        problems.report("box outside the image", where, f"box (cx, cy, w, h) = {tuple(values[1:])} reaches "
+                        f"({box[0]:.4g}, {box[1]:.4g}, {box[2]:.4g}, {box[3]:.4g}) (x1, y1, x2, y2), more than "
+                        f"{BORDER_TOLERANCE} outside [0, 1]")  # fmt: skip
+        return None
+    return class_id, box
 
 
 def _image_id(image: Path, root: Path) -> str:
