@@ -32,7 +32,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from ssd.data.shapes import generate_shapes
 
-    summary = generate_shapes(args.out, args.train, args.val, size=args.size, seed=args.seed)
+    summary = generate_shapes(args.out, args.train, args.val, size=args.size, seed=args.seed,
+                              min_side=args.min_side, max_side=args.max_side)  # fmt: skip
     logging.info("wrote the shapes dataset to %s: %s", args.out, summary)
     return 0
 
@@ -40,12 +41,19 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from ssd.data.check import check_dataset, format_report
     from ssd.engine.finetune import adopt_source_config
+    from ssd.priorfit import coverage_function
 
     cfg = adopt_source_config(load_config(args.config, args.overrides))  # the priors a fine-tuning run trains with
-    reports = check_dataset(cfg, args.split, decode_images=not args.no_images)
+    reports = check_dataset(cfg, args.split, decode_images=not args.no_images, coverage=coverage_function(cfg))
     for report in reports:
-        print(format_report(report))
+        print(format_report(report, every=args.all))
     return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_data_fit_priors(args: argparse.Namespace) -> int:
+    from ssd.priorfit_command import run_fit_priors_command
+
+    return run_fit_priors_command(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -181,13 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=300, help="validation images")
     p.add_argument("--size", type=int, default=300, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-side", type=float, default=0.08, help="smallest object side, a fraction of the image side (default 0.08)")
+    p.add_argument("--max-side", type=float, default=0.60, help="largest object side, a fraction of the image side (default 0.60)")
     p.set_defaults(func=cmd_data_shapes)
     p = data_sub.add_parser("check", help="validate a dataset (files, boxes, classes) and the model's prior coverage; exit 1 on problems")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--split", nargs="+", choices=["train", "val"], default=["train", "val"])
     p.add_argument("--no-images", action="store_true", help="skip decoding every image (faster; header checks only)")
+    p.add_argument("--all", action="store_true", help="list every problem and every repaired file, not one per kind")
     p.set_defaults(func=cmd_data_check)
+    p = data_sub.add_parser("fit-priors", help="fit the prior sizes (and, if needed, the input size) to data.train's boxes; write a config")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (kept in the written config)")
+    p.add_argument("--out", help="the config to write (default: CONFIG's name + _fitted.yaml, beside it)")
+    p.add_argument("--max-input", type=int, help="largest input size to try when sizes alone stay below 90%% coverage "
+                   "(multiples of 32; default 2 x model.input_size)")  # fmt: skip
+    p.add_argument("--keep-input", action="store_true", help="keep model.input_size; fit the priors only")
+    p.set_defaults(func=cmd_data_fit_priors)
     return parser
 
 

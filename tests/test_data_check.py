@@ -17,9 +17,10 @@ import torch
 
 from ssd.cli import main
 from ssd.config import load_config
-from ssd.data.check import check_dataset, check_split, coverage_advice, format_report, prior_coverage
-from ssd.data.records import ImageRecord
+from ssd.data.check import check_dataset, check_split, format_report
+from ssd.data.records import ImageRecord, Problems, sanitize_boxes
 from ssd.data.shapes import generate_shapes
+from ssd.priorfit import coverage_advice, coverage_function, prior_coverage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes_tiny.yaml"
@@ -81,7 +82,7 @@ def planted(clean, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 def test_clean_tree_has_no_problems_and_the_generators_counts(clean):
     root, summary = clean
     cfg = load_config(CONFIG, overrides(root))
-    reports = check_dataset(cfg, ["train", "val"])
+    reports = check_dataset(cfg, ["train", "val"], coverage=coverage_function(cfg))
     assert [r.name for r in reports] == ["data.train", "data.val"]
     for report, split in zip(reports, ("train", "val")):
         stats = summary["splits"][split]
@@ -109,12 +110,34 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
     assert train.problems.counts == Counter({"missing image": 1, "unreadable image": 1, "unknown class": 1, "size mismatch": 1})
     assert train.problems.fixed == Counter({"box crossing the image border clipped": 1})
     assert train.num_images == NUM_TRAIN - 1  # only the missing image has no record
+    assert train.coverage is None and val.coverage is None  # no coverage function: the data package never builds the model
     for kind, path in files.items():
         assert train.problems.examples[kind][0].startswith(str(path)), kind
     assert "truncated JPEG" in train.problems.examples["unreadable image"][0]
     assert "'hexagon'" in train.problems.examples["unknown class"][0]
     assert f"image is {SIZE}x{SIZE}, annotation says 120x{SIZE}" in train.problems.examples["size mismatch"][0]
-    assert "  problems:" in format_report(train)
+    text = format_report(train)
+    assert "  problems:" in text
+    assert f"1 x box crossing the image border clipped (repaired), e.g. {files['box crossing the image border clipped']}: 1 box" in text
+
+
+def test_every_repaired_file_is_named_and_all_lists_every_problem():
+    problems = Problems("skip")
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 5, 9], [90, 90, 120, 99]], np.float32)  # fine, degenerate, crossing
+    for name in ("a.xml", "b.xml", "c.xml"):
+        sanitize_boxes(boxes, 100, 100, problems, name)
+    problems.fix("degenerate box dropped (x2 <= x1 or y2 <= y1)", "c.xml")  # a second repair in the same file
+    for name in ("d.xml", "e.xml"):
+        problems.report("unknown class", name, "object class 'hexagon'")
+    short = problems.summary()
+    assert short == ["2 x unknown class, e.g. d.xml: object class 'hexagon' (and 1 more)",
+                     "3 x box crossing the image border clipped (repaired), e.g. a.xml: 1 box (and 2 more)",
+                     "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired), e.g. a.xml: 1 box (and 2 more)"]  # fmt: skip
+    every = problems.summary(every=True)
+    assert every == ["2 x unknown class:", "  d.xml: object class 'hexagon'", "  e.xml: object class 'hexagon'",
+                     "3 x box crossing the image border clipped (repaired):", "  a.xml: 1 box", "  b.xml: 1 box", "  c.xml: 1 box",
+                     "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired):", "  a.xml: 1 box", "  b.xml: 1 box",
+                     "  c.xml: 2 boxes"]  # fmt: skip
 
 
 def test_check_split_without_decoding_misses_only_the_pixel_problems(planted):
@@ -224,6 +247,17 @@ def test_cli_planted_problem_exits_1_naming_the_file(planted, capsys):
     assert re.search(rf"1 x missing image, e\.g\. {re.escape(str(files['missing image']))}: no image for id", out)
     assert f"1 x unknown class, e.g. {files['unknown class']}: object class 'hexagon'" in out
     assert "data.val" not in out
+    assert "  prior coverage (best prior IoU >= 0.5): all " in out  # the CLI brings the coverage (ssd.priorfit)
+
+
+def test_cli_all_lists_every_problem_under_its_kind(planted, capsys):
+    root, files = planted
+    assert main(["data", "check", str(CONFIG), *overrides(root), "--split", "train", "--all"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("    1 x box crossing the image border clipped (repaired):")
+    assert lines[at + 1] == f"      {files['box crossing the image border clipped']}: 1 box"
+    at = lines.index("    1 x unknown class:")
+    assert lines[at + 1].startswith(f"      {files['unknown class']}: object class 'hexagon'")
 
 
 def test_cli_missing_config_exits_2_with_one_line(tmp_path, capsys):

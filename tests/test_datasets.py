@@ -384,8 +384,8 @@ def test_box_repairs_are_applied_and_counted_but_never_raise(tmp_path):
                                       "box outside the image dropped": 1})  # fmt: skip
     assert not problems  # repairs are not problems
     xml = str(root / "Annotations" / "a.xml")
-    assert problems.examples["degenerate box dropped (x2 <= x1 or y2 <= y1)"] == [xml]
-    assert "1 x box crossing the image border clipped (repaired)" in problems.summary()
+    assert problems.examples["degenerate box dropped (x2 <= x1 or y2 <= y1)"] == [f"{xml}: 1 box"]
+    assert f"1 x box crossing the image border clipped (repaired), e.g. {xml}: 1 box" in problems.summary()
 
 
 def test_coco_problems_name_the_file(tmp_path):

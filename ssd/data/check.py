@@ -1,21 +1,15 @@
-"""``ssd data check``: validate a whole dataset and measure how well the model's priors cover its boxes."""
+"""``ssd data check``: validate a whole dataset (files, boxes, classes). How well a model's priors cover
+its boxes is measured in :mod:`ssd.priorfit` (it needs the network; this package never imports it)."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
 
 from ssd.config import Config, DatasetConfig
 from ssd.data.dataset import index_dataset, read_image
 from ssd.data.records import DatasetError, ImageRecord, Problems
-from ssd.ops.boxes import box_iou, cxcywh_to_xyxy
-
-# COCO's size buckets (area in pixels of the network input, i.e. after the eval resize)
-SMALL_AREA, MEDIUM_AREA = 32**2, 96**2
 
 
 @dataclass
@@ -31,52 +25,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def prior_coverage(records: list[ImageRecord], priors_cxcywh: torch.Tensor, input_size: int, iou_threshold: float = 0.5) -> dict:
-    """Best possible recall of the priors: the fraction of (non-difficult) boxes whose best prior has
-    IoU >= ``iou_threshold`` after the eval resize to ``input_size`` squared, overall and per size."""
-    boxes = [r.boxes[~r.difficult] / np.array([r.width, r.height] * 2, np.float32) for r in records]
-    norm = torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
-    priors_xyxy = cxcywh_to_xyxy(priors_cxcywh.float())
-    best = torch.cat([box_iou(chunk, priors_xyxy).max(dim=1).values for chunk in norm.split(2048)]) if len(norm) else torch.zeros(0)
-    wh = (norm[:, 2:] - norm[:, :2]) * input_size
-    area = wh.prod(dim=1)
-    matched = best >= iou_threshold
-    result = {"iou_threshold": iou_threshold, "num_boxes": len(norm), "best_iou_mean": float(best.mean()) if len(best) else math.nan}
-    buckets = {"all": torch.ones_like(matched), "small": area < SMALL_AREA,
-               "medium": (area >= SMALL_AREA) & (area < MEDIUM_AREA), "large": area >= MEDIUM_AREA}  # fmt: skip
-    for name, mask in buckets.items():
-        n = int(mask.sum())
-        result[name] = {"boxes": n, "recall": float(matched[mask].float().mean()) if n else None}
-    miss = ~matched
-    if miss.any():
-        side = area[miss].sqrt()
-        aspect = (wh[miss, 0] / wh[miss, 1].clamp(min=1e-6))
-        aspect = torch.maximum(aspect, 1 / aspect.clamp(min=1e-6))
-        result["unmatched_median_side_px"] = float(side.median())
-        result["unmatched_median_aspect"] = float(aspect.median())
-    return result
-
-
-def coverage_advice(cov: dict, smallest_prior_px: float, input_size: int) -> str | None:
-    """A concrete suggestion when fewer than 90% of the boxes can be matched, else None."""
-    recall = cov["all"]["recall"]
-    if recall is None or recall >= 0.9:
-        return None
-    side, aspect = cov.get("unmatched_median_side_px", 0.0), cov.get("unmatched_median_aspect", 1.0)
-    text = f"only {recall:.1%} of the boxes have a prior with IoU >= {cov['iou_threshold']}; "
-    if side < smallest_prior_px:
-        text += (
-            f"the unmatched boxes are small (median side {side:.0f} px at input {input_size}) while the smallest prior "
-            f"is {smallest_prior_px:.0f} px: lower model.priors.min_sizes (start near {max(4.0, side):.0f} px) "
-            "or raise model.input_size"
-        )
-    elif aspect > 2.5:
-        text += f"the unmatched boxes are elongated (median aspect {aspect:.1f}): add aspect ratios (e.g. 3, 4) to model.priors.aspect_ratios"
-    else:
-        text += f"median unmatched side {side:.0f} px, aspect {aspect:.1f}: adjust model.priors sizes or aspect ratios to the data"
-    return text
 
 
 def check_split(cfg: DatasetConfig, name: str, decode_images: bool = True) -> tuple[CheckReport, list[ImageRecord], list[str]]:
@@ -102,25 +50,25 @@ def check_split(cfg: DatasetConfig, name: str, decode_images: bool = True) -> tu
     return report, records, classes
 
 
-def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True) -> list[CheckReport]:
-    from ssd.model import build_ssd
-    from ssd.model.priors import resolve_prior_layout
-
-    model = build_ssd(cfg.model)
-    smallest = min(resolve_prior_layout(cfg.model, len(model.head.loc))["min_scales"]) * cfg.model.input_size
+def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True,
+                  coverage: Callable[[list[ImageRecord]], dict] | None = None) -> list[CheckReport]:  # fmt: skip
+    """Check each split; ``coverage`` (records -> the dict :func:`format_report` prints) measures the
+    model's priors on each split's boxes: the caller brings it (:func:`ssd.priorfit.coverage_function`),
+    so the data package never builds the network."""
     reports = []
     for split in splits:
         report, records, classes = check_split(getattr(cfg.data, split), f"data.{split}", decode_images)
         if len(classes) + 1 != cfg.model.num_classes:
             report.problems.report("class count", f"data.{split}",
                                    f"{len(classes)} classes + background != model.num_classes {cfg.model.num_classes}")  # fmt: skip
-        report.coverage = prior_coverage(records, model.priors, cfg.model.input_size, cfg.loss.iou_threshold)
-        report.coverage["advice"] = coverage_advice(report.coverage, smallest, cfg.model.input_size)
+        if coverage is not None:
+            report.coverage = coverage(records)
         reports.append(report)
     return reports
 
 
-def format_report(report: CheckReport) -> str:
+def format_report(report: CheckReport, every: bool = False) -> str:
+    """The report as text; ``every`` lists every problem and repaired file instead of one per kind."""
     lines = [f"{report.name}: {report.num_images} images, {sum(report.objects.values())} objects "
              f"({report.difficult} difficult/crowd), {report.empty_images} images without objects"]  # fmt: skip
     width = max([len(k) for k in report.objects] + [5])
@@ -134,7 +82,7 @@ def format_report(report: CheckReport) -> str:
             lines.append(f"  WARNING: {cov['advice']}")
     if report.problems or report.problems.fixed:
         lines.append("  problems:")
-        lines += [f"    {line}" for line in report.problems.summary()]
+        lines += [f"    {line}" for line in report.problems.summary(every)]
     else:
         lines.append("  no problems found")
     return "\n".join(lines)

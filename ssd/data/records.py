@@ -45,39 +45,50 @@ class Problems:
     """Collects data problems under the ``raise`` / ``skip`` policy.
 
     ``raise``: the first problem raises :class:`DatasetError`. ``skip``: problems are counted by
-    kind and kept (first few per kind) for a summary. ``fixed`` counts silent-looking repairs that
-    are always applied and always counted (degenerate boxes dropped, boxes clipped to the image).
+    kind and kept for a summary. ``fixed`` counts silent-looking repairs that are always applied
+    and always counted (degenerate boxes dropped, boxes clipped to the image). ``examples`` holds,
+    per kind, one line for every problem and every repaired file, each naming its file.
     """
 
     policy: str = "raise"
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     fixed: Counter = field(default_factory=Counter)
+    _last_fix: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)  # kind -> (file, boxes) of the last line
 
     def report(self, kind: str, where: str, message: str) -> None:
         text = f"{where}: {message}"
         if self.policy == "raise":
             raise DatasetError(text)
         self.counts[kind] += 1
-        self.examples.setdefault(kind, [])
-        if len(self.examples[kind]) < 5:
-            self.examples[kind].append(text)
+        self.examples.setdefault(kind, []).append(text)
 
     def fix(self, kind: str, where: str, n: int = 1) -> None:
         self.fixed[kind] += n
-        self.examples.setdefault(kind, [])
-        if len(self.examples[kind]) < 5:
-            self.examples[kind].append(where)
+        entries = self.examples.setdefault(kind, [])
+        last_where, last_n = self._last_fix.get(kind, (None, 0))
+        if last_where == where:  # another repair in the same file (one call per object): one line per file
+            n += last_n
+            entries.pop()
+        self._last_fix[kind] = (where, n)
+        entries.append(f"{where}: {n} box{'es' if n > 1 else ''}")
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
-    def summary(self) -> list[str]:
+    def summary(self, every: bool = False) -> list[str]:
+        """One line per kind naming its first file, or with ``every`` a line per kind and one per problem."""
+        kinds = [(kind, n, "") for kind, n in sorted(self.counts.items())]
+        kinds += [(kind, n, " (repaired)") for kind, n in sorted(self.fixed.items())]
         lines = []
-        for kind, n in sorted(self.counts.items()):
-            lines.append(f"{n} x {kind}, e.g. {self.examples[kind][0]}")
-        for kind, n in sorted(self.fixed.items()):
-            lines.append(f"{n} x {kind} (repaired)")
+        for kind, n, repaired in kinds:
+            entries = self.examples[kind]
+            if every:
+                lines.append(f"{n} x {kind}{repaired}:")
+                lines += [f"  {entry}" for entry in entries]
+            else:
+                more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
+                lines.append(f"{n} x {kind}{repaired}, e.g. {entries[0]}{more}")
         return lines
 
     def log_summary(self, what: str) -> None:

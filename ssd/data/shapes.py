@@ -1,8 +1,8 @@
 """A synthetic detection dataset of coloured shapes, written as both a VOC tree and COCO JSON.
 
 Small enough to generate in seconds and train on a CPU in minutes, hard enough to be a real test:
-four shape classes from 8% to 60% of the image side, random colours kept in contrast with what
-lies under them, overlaps that hide at most 30% of an earlier object, and a mildly textured
+four shape classes from 8% to 60% of the image side (``min_side`` / ``max_side`` make a small-object
+set), random colours kept in contrast with what lies under them, overlaps that hide at most 30% of an earlier object, and a mildly textured
 background (gradient, low-frequency blotches, a few thin lines, gaussian noise). A heavily
 cluttered background made a small CPU-trained model fail in a prototype, so the clutter stays mild.
 
@@ -197,14 +197,16 @@ def _place(rng: np.random.Generator, canvas: _Canvas, label: int, side: float) -
     return False
 
 
-def render_image(rng: np.random.Generator, size: int = 300, max_objects: int = 6, textured: bool = True) -> Rendered:
+def render_image(rng: np.random.Generator, size: int = 300, max_objects: int = 6, textured: bool = True,
+                 min_side: float = MIN_SIDE, max_side: float = MAX_SIDE) -> Rendered:  # fmt: skip
     """Draw one image. ``textured=False`` gives a flat grey background without lines or noise
-    (tests use it to check that boxes match the drawn pixels exactly)."""
+    (tests use it to check that boxes match the drawn pixels exactly). Object box sides are drawn
+    log-uniform in ``[min_side, max_side]`` of the image side."""
     canvas = _Canvas(_background(rng, size) if textured else np.full((size, size, 3), FLAT_GREY, np.float32))
     num = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, max_objects + 1))
     labels = rng.integers(0, len(SHAPES_CLASSES), num)
     # log-uniform sides, largest drawn first so small objects sit on top rather than being buried
-    sides = np.sort(np.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE), num)))[::-1] * size
+    sides = np.sort(np.exp(rng.uniform(math.log(min_side), math.log(max_side), num)))[::-1] * size
     placed = [int(label) for label, side in zip(labels, sides) if _place(rng, canvas, int(label), side)]
     image = canvas.image
     if textured:
@@ -256,7 +258,7 @@ def _voc_xml(image_id: str, size: int, boxes_px: np.ndarray, labels: np.ndarray)
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def _write_split(out: Path, split: str, num: int, size: int, seed: int, max_objects: int) -> dict:
+def _write_split(out: Path, split: str, num: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]) -> dict:
     """Write one split's images, XMLs, id list and COCO JSON; returns its summary."""
     coco = {
         "info": {"description": "synthetic shapes", "version": str(GENERATOR_VERSION)},
@@ -268,7 +270,7 @@ def _write_split(out: Path, split: str, num: int, size: int, seed: int, max_obje
     ids, empty = [], 0
     for index in range(num):
         image_id = f"{split}_{index:06d}"
-        r = render_image(_image_rng(seed, split, index), size, max_objects)
+        r = render_image(_image_rng(seed, split, index), size, max_objects, min_side=sides[0], max_side=sides[1])
         jpeg = out / "JPEGImages" / f"{image_id}.jpg"
         if not cv2.imwrite(str(jpeg), r.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
             raise OSError(f"cv2 could not write {jpeg}")
@@ -297,24 +299,33 @@ def _remove_stale(out: Path, split: str, num: int) -> None:
                 path.unlink()
 
 
-def _parameters(num_train: int, num_val: int, size: int, seed: int, max_objects: int) -> dict:
-    return {"version": GENERATOR_VERSION, "classes": SHAPES_CLASSES, "num_train": num_train, "num_val": num_val,
-            "size": size, "seed": seed, "max_objects": max_objects}  # fmt: skip
+def _parameters(num_train: int, num_val: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]) -> dict:
+    params = {"version": GENERATOR_VERSION, "classes": SHAPES_CLASSES, "num_train": num_train, "num_val": num_val,
+              "size": size, "seed": seed, "max_objects": max_objects}  # fmt: skip
+    if sides != (MIN_SIDE, MAX_SIDE):  # only then: the manifests of default datasets written before the option stay valid
+        params["min_side"], params["max_side"] = sides
+    return params
 
 
 def generate_shapes(
-    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6
+    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6,
+    min_side: float = MIN_SIDE, max_side: float = MAX_SIDE,
 ) -> dict:
     """Write the shapes dataset under ``out`` as a VOC tree and COCO JSON describing the same images.
 
     ``out/JPEGImages/<id>.jpg``, ``out/Annotations/<id>.xml``, ``out/ImageSets/Main/{train,val}.txt``,
     ``out/annotations/instances_{train,val}.json`` (COCO ``file_name`` relative to JPEGImages), and
     last ``out/shapes.json`` with the parameters. Ids are ``train_000000``, ``val_000000``, ...
-    Returns a summary: ``{"path", "splits": {split: {"images", "empty_images", "objects", "objects_per_class"}}}``.
+    ``min_side`` / ``max_side``: the range of object box sides as fractions of the image side (e.g.
+    0.03..0.08 for a small-object set). Returns a summary:
+    ``{"path", "splits": {split: {"images", "empty_images", "objects", "objects_per_class"}}}``.
     """
     if size < 32 or max_objects < 0 or num_train < 0 or num_val < 0:
         raise ValueError(f"need size >= 32 and non-negative counts, got size={size}, num_train={num_train}, "
                          f"num_val={num_val}, max_objects={max_objects}")  # fmt: skip
+    if not 0 < min_side <= max_side <= 1 or min_side * size < 2:
+        raise ValueError(f"object sides: need 0 < min_side <= max_side <= 1 and min_side * size >= 2 px, got "
+                         f"min_side={min_side}, max_side={max_side} at size {size}")  # fmt: skip
     out = Path(out)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main", "annotations"):
@@ -323,15 +334,16 @@ def generate_shapes(
     splits = {}
     for split, num in zip(SPLITS, (num_train, num_val)):
         _remove_stale(out, split, num)
-        splits[split] = _write_split(out, split, num, size, seed, max_objects)
-    params = _parameters(num_train, num_val, size, seed, max_objects)
+        splits[split] = _write_split(out, split, num, size, seed, max_objects, (min_side, max_side))
+    params = _parameters(num_train, num_val, size, seed, max_objects, (min_side, max_side))
     (out / MANIFEST).write_text(json.dumps(params, indent=1) + "\n")
     log.info("wrote %d shapes images to %s in %.1f s", num_train + num_val, out, time.perf_counter() - start)
     return {"path": str(out), "splits": splits}
 
 
 def ensure_shapes(
-    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6
+    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6,
+    min_side: float = MIN_SIDE, max_side: float = MAX_SIDE,
 ) -> Path:
     """``out`` holding a complete shapes dataset with these parameters, generated only if it does not yet."""
     out = Path(out)
@@ -339,6 +351,6 @@ def ensure_shapes(
         found = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         found = None
-    if found != _parameters(num_train, num_val, size, seed, max_objects):
-        generate_shapes(out, num_train, num_val, size, seed, max_objects)
+    if found != _parameters(num_train, num_val, size, seed, max_objects, (min_side, max_side)):
+        generate_shapes(out, num_train, num_val, size, seed, max_objects, min_side, max_side)
     return out
