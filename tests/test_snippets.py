@@ -27,6 +27,7 @@ import importlib.util
 import re
 import shutil
 import textwrap
+import traceback
 from pathlib import Path
 
 import cv2
@@ -184,7 +185,14 @@ def test_snippet_runs_as_written(doc, line, code, stock, tmp_path, monkeypatch):
         generate_shapes(tmp_path / "data" / "shapes", 8, 4, size=128, seed=0)
     monkeypatch.chdir(tmp_path)
     program = compile("\n" * (line - 1) + code, str(REPO / doc), "exec")  # line numbers are the doc's
-    exec(program, {"__name__": "__main__", **placeholders()})
+    try:
+        exec(program, {"__name__": "__main__", **placeholders()})
+    except Exception as e:  # Python's own traceback: short, and its frames in the doc show the doc's line
+        in_doc = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(REPO / doc)]
+        failure = f"{doc}:{in_doc[-1] if in_doc else line}: {type(e).__name__}: {e}\n\n" + "".join(traceback.format_exception(e))
+    else:
+        return
+    pytest.fail(failure, pytrace=False)
 
 
 # --- the rules themselves ------------------------------------------------------------------------
