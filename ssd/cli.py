@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -67,9 +68,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as e:  # not a user-input error (exit 2), but one clear line all the same
         print(f"ssd train: training stopped: {e}", file=sys.stderr)
         return 1
-    logging.info("training %s at iteration %d; best mAP %.4f at iteration %d; outputs in %s",
-                 summary["stopped"], summary["iteration"], summary["best_map"], summary["best_iter"], out)  # fmt: skip
-    return 0 if summary["stopped"] in ("done", "time_limit") else 130
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signals: nothing trained yet
+        print("ssd train: interrupted before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if summary["stopped"] == "signal":  # the engine logged the stop and where last.pt is; 130 for SIGINT, 143 for
+        # SIGTERM, as a shell reports them (a torchrun rank that stopped on another rank's signal: 143)
+        return 128 + (signal.Signals[summary["signal"]] if summary["signal"] else signal.SIGTERM)
+    best = f"; best mAP {summary['best_map']:.4f} at iteration {summary['best_iter']}" if summary["best_map"] >= 0 else ""
+    logging.info("training %s at iteration %d%s; outputs in %s", summary["stopped"], summary["iteration"], best, out)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

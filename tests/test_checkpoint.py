@@ -160,6 +160,27 @@ def test_save_overwrites(small_model, saved):
     assert os.listdir(saved.parent) == [saved.name]
 
 
+@pytest.mark.parametrize("hard_links", [True, False], ids=["link", "no-link"])
+def test_save_keeps_the_replaced_file_as_previous(tmp_path, monkeypatch, hard_links):
+    """``keep_previous`` (last.pt -> last.prev.pt): the file replaced is kept, a failed save changes
+    neither file, and no temporary file is left; also where the filesystem has no hard links."""
+    def no_hard_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(dst))
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_hard_links)
+    path, previous = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    save_checkpoint({"n": 1}, path, keep_previous=previous)
+    assert os.listdir(tmp_path) == ["last.pt"]  # nothing to keep yet
+    save_checkpoint({"n": 2}, path, keep_previous=previous)
+    save_checkpoint({"n": 3}, path, keep_previous=previous)
+    assert (torch.load(path)["n"], torch.load(previous)["n"]) == (3, 2)
+    with pytest.raises(Exception, match="pickle"):
+        save_checkpoint({"f": lambda: None}, path, keep_previous=previous)
+    assert (torch.load(path)["n"], torch.load(previous)["n"]) == (3, 2)
+    assert sorted(os.listdir(tmp_path)) == ["last.prev.pt", "last.pt"]
+
+
 # --- strict loading ------------------------------------------------------------------------------
 
 

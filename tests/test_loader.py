@@ -3,7 +3,10 @@ padding), and DataLoader workers reproducing single-process augmentation exactly
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +223,39 @@ def test_worker_nice_lowers_only_the_workers_priority(shapes_tree):
     assert os.nice(0) == before  # the training process keeps its priority
     plain = build_dataloader(DetectionDataset(records, SHAPES_CLASSES, StampNiceness()), 4, train=False, num_workers=1)
     assert torch.cat([b["images"].flatten() for b in plain]).unique().tolist() == [before]
+
+
+WORKER_SIGNALS = """
+import json, os, subprocess, sys, time
+from ssd.data.loader import build_dataloader
+
+class Pids:  # every sample is the pid of the process that made it
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+LOADER = build_dataloader(Pids(), 1, train=False, num_workers=2, collate_fn=lambda samples: samples[0])
+BATCHES = iter(LOADER)
+pids = sorted({next(BATCHES) for _ in range(4)})  # the workers take turns: both have started
+for sig in ("SIGINT", "SIGTERM"):  # from another process, as a signal to the process group comes
+    for pid in pids:
+        subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({pid}, signal.{sig})"], check=True)
+time.sleep(0.5)
+print(json.dumps([pids, sorted({next(BATCHES) for _ in range(4)})]), flush=True)
+# ends with the loader alive: multiprocessing's exit terminate()s the workers and waits for them
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="Unix signals")
+def test_workers_ignore_stop_signals_from_others_and_end_with_their_owner(tmp_path):
+    """A SIGINT / SIGTERM to the process group is the main process's to handle: the workers go on
+    serving batches; a process that exits with its loader alive does not hang (its own terminate())."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    before, after = json.loads(done.stdout)
+    assert len(before) == 2 and after == before  # the same two workers, still serving
+    if Path("/proc/self").exists():
+        assert not [pid for pid in before if Path(f"/proc/{pid}").exists()]  # ended and reaped with their owner

@@ -359,10 +359,10 @@ def test_sigterm_saves_last_pt_and_exits_then_resumes(shapes, reference, tmp_pat
     proc = start_cli([str(cfg_path), "--output-dir", str(out)], tmp_path, "term.log")
     wait_for_iteration(proc, out, 1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
     stopped_at = load_checkpoint(out / "last.pt")["iteration"]
     assert 1 <= stopped_at < MAX_ITER and stopped_at == last_logged_iter(out)  # saved at the step it stopped on
-    assert f"received signal {int(signal.SIGTERM)}: saved" in (tmp_path / "term.log").read_text()
+    assert f"stopped by SIGTERM at iteration {stopped_at}: saved {out / 'last.pt'}" in (tmp_path / "term.log").read_text()
 
     summary = train(config(shapes), out, resume=True)  # in-process this time
     assert summary["iteration"] == MAX_ITER
@@ -382,20 +382,26 @@ def test_sigint_saves_last_pt_and_restores_the_handler(shapes, tmp_path, monkeyp
 
 
 def test_corrupt_or_foreign_last_pt_is_refused_and_left_alone(shapes, reference, tmp_path, capsys):
+    """last.pt and last.prev.pt both unreadable (one readable last.prev.pt: tests/test_lifecycle.py)."""
     out = Path(shutil.copytree(reference[0], tmp_path / "run"))
     metrics = (out / "metrics.jsonl").read_bytes()
     good = (out / "last.pt").read_bytes()
     for content in (good[: len(good) // 2], b"not a checkpoint"):
         (out / "last.pt").write_bytes(content)
-        with pytest.raises(CheckpointError, match=r"last.pt: cannot read as a PyTorch weights file"):
+        (out / "last.prev.pt").write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"last.pt: cannot read as a PyTorch weights file.*; and the previous "
+                                                  r"checkpoint .*last.prev.pt: cannot read"):  # fmt: skip
             train(config(shapes), out, resume=True)
         assert (out / "last.pt").read_bytes() == content and (out / "metrics.jsonl").read_bytes() == metrics
+        assert (out / "last.prev.pt").read_bytes() == content
 
         cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
         assert main(["train", str(cfg_path), "--output-dir", str(out), "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"ssd train: error: {out / 'last.pt'}: cannot read")
+        assert f"{out / 'last.prev.pt'}: cannot read" in err[0]
     shutil.copy(out / "best.pt", out / "last.pt")
+    shutil.copy(out / "best.pt", out / "last.prev.pt")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         train(config(shapes), out, resume=True)
     (out / "last.pt").write_bytes(good)

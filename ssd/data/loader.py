@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -59,8 +61,31 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _lower_priority(increment: int, worker_id: int) -> None:
-    os.nice(increment)
+def _init_worker(nice_increment: int, owner_pid: int, worker_id: int) -> None:
+    """Stopping is the main process's decision: a worker ignores SIGINT, and SIGTERM from anyone but
+    the process that owns it (``owner_pid``, or its parent).
+
+    A signal sent to the whole process group (Ctrl-C, ``timeout``, Slurm, ``docker stop``) would
+    otherwise kill the workers first, and the main process would die of their death (the DataLoader's
+    "worker is killed by signal" error, raised from its SIGCHLD handler wherever the main process
+    happens to be) instead of finishing its step and saving. SIGTERM cannot simply be ignored: the
+    owner's ``multiprocessing`` ends a loader still alive at interpreter exit with ``terminate()``
+    (SIGTERM) and then waits for it, so a worker ignoring it would hang that exit. So SIGTERM is
+    blocked and a thread takes it with its sender (``sigwaitinfo``); the owner's ends the worker.
+    Should the main process die, the DataLoader's watchdog ends its workers; SIGKILL ends one at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Unix
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+        owners = {owner_pid, os.getppid()}
+        threading.Thread(target=_end_on_owner_sigterm, args=(owners,), name="sigterm", daemon=True).start()
+    if nice_increment and hasattr(os, "nice"):
+        os.nice(nice_increment)
+
+
+def _end_on_owner_sigterm(owners: set[int]) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid in owners:
+            os._exit(0)  # terminate(): the owner is done with this worker (exit 0: its SIGCHLD handler stays quiet)
 
 
 def build_dataloader(
@@ -79,7 +104,8 @@ def build_dataloader(
 
     Training shuffles, drops the last partial batch and seeds augmentation per sample; evaluation
     keeps order. Under ``torch.distributed`` (auto-detected) each rank reads its own shard.
-    ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none).
+    ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none). Workers
+    ignore SIGINT and SIGTERM from anyone but their owner (:func:`_init_worker`).
     ``persistent`` keeps the workers between iterations. A persistent loader has *one* iterator:
     iterating it again (even from inside a loop over it) restarts that iterator, so anything that
     reads batches besides the training loop (precise BN) needs a loader of its own.
@@ -96,5 +122,5 @@ def build_dataloader(
         pin_memory=pin_memory,
         drop_last=train,
         persistent_workers=persistent and num_workers > 0,
-        worker_init_fn=functools.partial(_lower_priority, worker_nice) if worker_nice and hasattr(os, "nice") else None,
+        worker_init_fn=functools.partial(_init_worker, worker_nice, os.getpid()),
     )

@@ -1,11 +1,11 @@
-"""What a training run shows and listens to: stop signals, TensorBoard, the progress bar."""
+"""What a training run shows: the ETA of the log line, skipped images, TensorBoard, the progress bar."""
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +17,60 @@ from ssd.visualize import draw_detections
 log = logging.getLogger("ssd.train")
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves ``last.pt`` and returns at the next step."""
+class Eta:
+    """Seconds left, as detectron2 estimates them: the recent time per iteration (training time of the
+    last ``keep`` log windows, evaluations and saves not counted) times the iterations left; or the time
+    left when ``train.time_limit`` ends the run sooner. This process's first window (the loader's
+    start, compilation) counts only until a second one exists."""
+
+    def __init__(self, max_iter: int, time_limit: float | None, keep: int = 20) -> None:
+        self.max_iter, self.time_limit = max_iter, time_limit
+        self.first: tuple[int, float] | None = None
+        self.recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=keep)
+
+    def update(self, iteration: int, iterations: int, seconds: float, elapsed: float) -> float:
+        """A log window of ``iterations`` steps in ``seconds`` ended at ``iteration``, ``elapsed``
+        seconds into training (:class:`ssd.engine.lifecycle.TrainClock`)."""
+        if self.first is None:
+            self.first = (iterations, seconds)
+        else:
+            self.recent.append((iterations, seconds))
+        windows = self.recent or [self.first]
+        per_iteration = sum(s for _, s in windows) / max(1, sum(n for n, _ in windows))
+        left = (self.max_iter - iteration) * per_iteration
+        if self.time_limit is not None:
+            left = min(left, max(0.0, self.time_limit - elapsed))
+        return left
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))  # 1:02:03, 2 days, 3:04:05
+
+
+class SkippedImages:
+    """Images the loader skipped as unreadable (``data.on_error``): each file is warned about once, by
+    the message that names it, whichever worker read it and in whichever epoch; an epoch's count is
+    logged when it differs from the last count logged (one unreadable file in a small dataset would
+    otherwise fill the log with one line per epoch)."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
-        self._old = {}
+        self.warned: set[str] = set()
+        self.count = 0  # in this epoch
+        self.last_logged = 0
 
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
+    def add(self, errors: list[str]) -> None:
+        """A batch's ``errors`` (:func:`ssd.data.dataset.collate`): messages that start with the file name."""
+        self.count += len(errors)
+        for message in errors:
+            if message not in self.warned:
+                self.warned.add(message)
+                log.warning("skipped unreadable image %s (data.on_error; counted per epoch from now on)", message)
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+    def end_epoch(self, epoch: int) -> None:
+        count, self.count = self.count, 0
+        if count and count != self.last_logged:
+            log.warning("epoch %d: skipped %d unreadable image(s), %d file(s) in all so far", epoch, count, len(self.warned))
+            self.last_logged = count
 
 
 class TensorBoard:
@@ -81,12 +116,6 @@ def draw_samples(dataset, predictions: dict, count: int) -> list[tuple[str, np.n
         d = predictions[rec.image_id]
         samples.append((rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes)))
     return samples
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 
 
 def progress_bar(total: int, start: int, ctx: DistContext):

@@ -21,8 +21,9 @@ def rng_state(device: torch.device) -> dict:
 
 
 def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict,
-                   rng_states: list[dict]) -> dict:  # fmt: skip
-    """``rng_states``: :func:`rng_state` of every rank, in rank order (each restores its own)."""
+                   rng_states: list[dict], elapsed: float) -> dict:  # fmt: skip
+    """``rng_states``: :func:`rng_state` of every rank, in rank order (each restores its own);
+    ``elapsed``: seconds of training so far (:class:`ssd.engine.lifecycle.TrainClock`)."""
     ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
     ckpt.update(
         full_config=to_dict(cfg),
@@ -30,16 +31,25 @@ def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, it
         scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict(),
         iteration=iteration,
+        elapsed=elapsed,
         best=best,
         rng={"ranks": rng_states},
     )
     return ckpt
 
 
-def restore_state(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int = 0) -> tuple[int, dict]:
+def read_training_state(path: Path) -> dict:
+    """``last.pt`` as :func:`training_state` wrote it; :class:`CheckpointError` when it is not one."""
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "iteration" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
+    return ckpt
+
+
+def restore_state(ckpt: dict, path: Path, model, optimizer, scheduler, scaler, device: torch.device,
+                  rank: int = 0) -> tuple[int, dict, float]:  # fmt: skip
+    """Load :func:`read_training_state`'s ``ckpt`` (read from ``path``) into the run's objects. Returns
+    ``(iteration, best, elapsed)``; checkpoints from before ``elapsed`` was saved give 0 seconds."""
     load_state_strict(unwrap(model), ckpt["model"], f"{path} (resume; was the model config changed?)")
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -52,7 +62,7 @@ def restore_state(path: Path, model, optimizer, scheduler, scaler, device: torch
     torch.set_rng_state(mine["torch"])
     if mine.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"], device)
-    return int(ckpt["iteration"]), dict(ckpt.get("best", {}))
+    return int(ckpt["iteration"]), dict(ckpt.get("best", {})), float(ckpt.get("elapsed", 0.0))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -2,8 +2,9 @@
 
 Reading order: :func:`train` builds everything from the config, then runs :func:`_train_loop`;
 the helpers above them are small and independent (optimizer, schedule). Fine-tuning starts live in
-:mod:`ssd.engine.finetune`, the resumable state in :mod:`ssd.engine.state`, signals, TensorBoard and the
-progress bar in :mod:`ssd.engine.monitor`.
+:mod:`ssd.engine.finetune`, the resumable state in :mod:`ssd.engine.state`, the checkpoint to resume
+from, the training time across resumes and stop signals in :mod:`ssd.engine.lifecycle`, the log line's
+ETA, skipped images, TensorBoard and the progress bar in :mod:`ssd.engine.monitor`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, gath
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
-from ssd.engine.monitor import StopSignal, TensorBoard, draw_samples, progress_bar
+from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
+from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import restore_state, rng_state, training_state, trim_metrics, unwrap
 from ssd.engine.step import TrainingError, TrainStep, fused_optimizer_ok, prime_momentum  # noqa: F401 (TrainingError: re-exported)
 from ssd.loss import build_loss
@@ -154,9 +156,6 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     seed_everything(tcfg.seed, tcfg.deterministic)
     if tcfg.retain_host_memory and not retain_freed_memory():  # before the loader workers fork: they inherit it
         log.debug("train.retain_host_memory: this platform's allocator has no mallopt; left as it is")
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     # data
     train_tf = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=True)
@@ -197,20 +196,18 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     criterion = build_loss(cfg.loss, cfg.model)
     postprocessor = build_postprocess(cfg.postprocess, cfg.model)
     optimizer = build_optimizer(tcfg, model)
-    clock = {"fraction": 0.0}  # of train.time_limit spent training (train.schedule_by_time)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg, clock["fraction"]))
+    clock = TrainClock()  # seconds of training, those before a resume included (train.schedule_by_time, time_limit)
+    time_fraction = (lambda: clock.elapsed() / tcfg.time_limit) if tcfg.schedule_by_time else (lambda: 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg, time_fraction()))
     dtype = amp_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    iteration, best = 0, {"map": -1.0, "iter": 0}
-    last_path = out / "last.pt"
-    if resume:
-        if not last_path.exists():
-            raise FileNotFoundError(f"{last_path}: nothing to resume (train without --resume to start)")
-        iteration, best = restore_state(last_path, model, optimizer, scheduler, scaler, device, ctx.rank)
-        if ctx.is_main:
-            trim_metrics(out / "metrics.jsonl", iteration)
-        log.info("resumed from %s at iteration %d", last_path, iteration)
+    iteration, best, fell_back = 0, {"map": -1.0, "iter": 0}, False
+    if resume:  # last.pt, or last.prev.pt when last.pt cannot be read
+        path, ckpt, fell_back = resume_checkpoint(out)
+        iteration, best, clock.before = restore_state(ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank)
+        del ckpt
+        log.info("resumed from %s at iteration %d", path, iteration)
 
     net = model
     if ctx.enabled:  # the priors are a constant of the config: no broadcast of them in every forward
@@ -218,8 +215,6 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile:
         net = torch.compile(net)
-
-    tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
 
     def forward_images(m: nn.Module, batch: dict) -> dict:
         # the loader's batches are NHWC in memory: channels_last costs no copy, NCHW one
@@ -247,26 +242,36 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
     step = TrainStep(net, model, criterion, optimizer, scaler, forward_images, tcfg, ctx.enabled)
-    state = dict(iteration=iteration, best=best, clock=clock)
+    # an unreadable last.pt we fell back from is not kept over the last.prev.pt the run resumed from
+    state = dict(iteration=iteration, best=best, clock=clock, keep_last=not fell_back)
+    if ctx.is_main:  # the run's folder is written from here on: a run rejected above leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if resume:
+            trim_metrics(out / "metrics.jsonl", iteration)
+    tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
-        stopped = _train_loop(cfg, ctx, step, loader, scheduler, evaluate, train_set.classes, out, metrics_file, tensorboard, state)
+        with StopSignal() as stop:
+            stopped = _train_loop(cfg, ctx, step, loader, scheduler, evaluate, train_set.classes, out, metrics_file, tensorboard,
+                                  state, stop)  # fmt: skip
     finally:
         tensorboard.close()
         if metrics_file:
             metrics_file.close()
-    return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped}
+    return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped,
+            "signal": stop.name or None}  # fmt: skip
 
 
 def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes, out: Path, metrics_file,
-                tensorboard: TensorBoard, state: dict) -> str:  # fmt: skip
+                tensorboard: TensorBoard, state: dict, stop: StopSignal) -> str:  # fmt: skip
     tcfg = cfg.train
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
-    it = state["iteration"]
+    it, clock = state["iteration"], state["clock"]
     per_epoch = len(loader)
-    skipped_images, stop_reason = 0, None
-    window = {"images": 0, "t": time.perf_counter()}
-    t_start = time.perf_counter()
+    skipped, eta = SkippedImages(), Eta(tcfg.max_iter, tcfg.time_limit)
+    window = {"images": 0, "iters": 0, "t": time.perf_counter()}
+    clock.start()
     progress = progress_bar(tcfg.max_iter, it, ctx)
     sync_debug = tcfg.sync_debug and step.device.type == "cuda"
 
@@ -277,8 +282,9 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
-            save_checkpoint(training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states),
-                            out / "last.pt")  # fmt: skip
+            ckpt = training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states, clock.elapsed())
+            save_checkpoint(ckpt, out / LAST, keep_previous=out / PREVIOUS if state["keep_last"] else None)
+            state["keep_last"] = True
         barrier()
 
     def write_metrics(row: dict) -> None:
@@ -290,23 +296,24 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         """The log step: the one synchronisation of a log period (:meth:`TrainStep.take_window`)."""
         nonlocal window
         dt = time.perf_counter() - window["t"]
-        steps = step.take_window()
+        steps, elapsed = step.take_window(), clock.elapsed()
         row = {"iter": it, **steps.row(), "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": window["images"] / max(dt, 1e-9), "time": time.perf_counter() - t_start}  # fmt: skip
+               "images_per_s": window["images"] / max(dt, 1e-9), "time": elapsed}  # fmt: skip
+        left = format_eta(eta.update(it, window["iters"], dt, elapsed))
         if scaler.is_enabled():  # fp16: the scale, and the steps the GradScaler skipped for overflowing gradients
             row["grad_scale"], row["amp_skipped"] = scaler.get_scale(), steps.amp_skipped
         write_metrics(row)
         tensorboard.train_row(row)
         if row["loss"] is None:  # every step since the last row was skipped: TrainStep.check warned about each
-            window = {"images": 0, "t": time.perf_counter()}
+            window = {"images": 0, "iters": 0, "t": time.perf_counter()}
             return
         if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
-                                 lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}")  # fmt: skip
+                                 lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}", eta=left)  # fmt: skip
         elif ctx.is_main:
-            log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s", it, tcfg.max_iter,
-                     row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"])  # fmt: skip
-        window = {"images": 0, "t": time.perf_counter()}
+            log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s eta %s", it, tcfg.max_iter,
+                     row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"], left)  # fmt: skip
+        window = {"images": 0, "iters": 0, "t": time.perf_counter()}
 
     def run_eval(final: bool = False) -> None:
         res = evaluate(it, final)
@@ -322,52 +329,56 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
                             out / "best.pt")  # fmt: skip
         barrier()
 
-    with StopSignal() as stop:
-        while it < tcfg.max_iter:
-            epoch, offset = divmod(it, per_epoch)
-            loader.sampler.set_epoch(epoch)
-            loader.sampler.skip = offset * loader.batch_size  # resume mid-epoch on the same batches
-            for batch in loader:
-                skipped_images += len(batch["errors"])
-                # steady state (after the first log row) must not synchronise: train.sync_debug makes a sync raise
-                with sync_debug_mode("error" if sync_debug and it >= tcfg.log_period else "default", sync_debug):
-                    step(batch, it + 1)
-                if tcfg.schedule_by_time:
-                    state["clock"]["fraction"] = (time.perf_counter() - t_start) / tcfg.time_limit
-                scheduler.step()
-                it += 1
-                state["iteration"] = it
-                window["images"] += len(batch["image_ids"]) * ctx.world_size
-                if it % tcfg.log_period == 0 or it == tcfg.max_iter:
-                    log_row()
-                if progress is not None:
-                    progress.update(1)
+    def stop_requested() -> str | None:
+        """"signal", "time_limit" or None, agreed by every rank: host-side, no device value."""
+        out_of_time = tcfg.time_limit is not None and clock.elapsed() > tcfg.time_limit
+        if all_true(stop.received is None and not out_of_time):
+            return None
+        return "time_limit" if all_true(stop.received is None) else "signal"
 
-                t_pause = time.perf_counter()
-                if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
-                    run_eval()
-                if it % tcfg.checkpoint_period == 0:  # after the evaluation: last.pt's "best" includes it
-                    save_last()
-                window["t"] += time.perf_counter() - t_pause  # images/s counts training time only
-                # host-side checks every step (no device value): a signal or the time limit ends the run within one iteration
-                out_of_time = tcfg.time_limit is not None and time.perf_counter() - t_start > tcfg.time_limit
-                if not all_true(stop.received is None and not out_of_time):  # every rank stops together
-                    stop_reason = "time_limit" if all_true(stop.received is None) else "signal"
-                    break
-                if it >= tcfg.max_iter:
-                    break
-            if skipped_images:
-                log.warning("epoch %d: skipped %d unreadable image(s) (data.on_error)", epoch, skipped_images)
-                skipped_images = 0
-            if stop_reason == "signal":
+    stop_reason = stop_requested()  # a resumed run may have no time left
+    while it < tcfg.max_iter and stop_reason is None:
+        epoch, offset = divmod(it, per_epoch)
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = offset * loader.batch_size  # resume mid-epoch on the same batches
+        for batch in loader:
+            skipped.add(batch["errors"])
+            # steady state (after the first log row) must not synchronise: train.sync_debug makes a sync raise
+            with sync_debug_mode("error" if sync_debug and it >= tcfg.log_period else "default", sync_debug):
+                step(batch, it + 1)
+            scheduler.step()  # train.schedule_by_time: at the training time spent so far
+            it += 1
+            state["iteration"] = it
+            window["images"] += len(batch["image_ids"]) * ctx.world_size
+            window["iters"] += 1
+            if it % tcfg.log_period == 0 or it == tcfg.max_iter:
+                log_row()
+            if progress is not None:
+                progress.update(1)
+
+            t_pause = time.perf_counter()
+            if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
+                run_eval()
+            if it % tcfg.checkpoint_period == 0:  # after the evaluation: last.pt's "best" includes it
                 save_last()
-                log.warning("received signal %s: saved %s at iteration %d", stop.received, out / "last.pt", it)
-                return "signal"
-            if stop_reason == "time_limit":
-                log.info("train.time_limit %.0f s reached at iteration %d", tcfg.time_limit, it)
+            window["t"] += time.perf_counter() - t_pause  # images/s and the ETA count training time only
+            # checked every step: a signal or the time limit ends the run within one iteration
+            stop_reason = stop_requested()
+            if stop_reason is not None or it >= tcfg.max_iter:
                 break
+        skipped.end_epoch(epoch)
     if progress is not None:
         progress.close()
+    if stop_reason == "signal":
+        save_last()
+        if ctx.is_main:
+            best = state["best"]
+            best_text = f" (best mAP {best['map']:.4f} at iteration {best['iter']})" if best["map"] >= 0 else ""
+            by = stop.name or "another process's signal"  # torchrun: every rank stops when one is signalled
+            log.warning("stopped by %s at iteration %d: saved %s%s; continue with --resume", by, it, out / LAST, best_text)
+        return "signal"
+    if stop_reason == "time_limit":
+        log.info("train.time_limit %.0f s reached at iteration %d", tcfg.time_limit, it)
     step.check()
     run_eval(final=True)  # precise BN first (train.precise_bn_batches)
     save_last()  # the evaluated weights, BN statistics included: the last logged mAP is ssd eval's of last.pt

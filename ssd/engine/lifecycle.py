@@ -1,0 +1,103 @@
+"""A run's life span: the checkpoint ``--resume`` continues from, the training time across resumes,
+and stop signals.
+
+- ``last.pt`` is written atomically; the file it replaces is kept as ``last.prev.pt``
+  (:func:`ssd.checkpoint.save_checkpoint`'s ``keep_previous``). ``--resume`` reads ``last.pt`` and, when
+  that is missing or unreadable, ``last.prev.pt``, with a warning naming both.
+- :class:`TrainClock`: seconds of training since the run began, the ones before the resume
+  included (``elapsed`` in ``last.pt``), so ``train.time_limit`` and ``train.schedule_by_time`` go on
+  where they stopped and ``time`` in ``metrics.jsonl`` never goes back.
+- :class:`StopSignal`: SIGINT and SIGTERM set a flag; the loop finishes its step, saves ``last.pt``
+  and returns. The loader's workers ignore both unless the SIGTERM comes from the process that owns
+  them (:func:`ssd.data.loader._init_worker`): a signal to the whole process group (Ctrl-C,
+  ``timeout``, Slurm) then stops the main process alone, which shuts its workers down as it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ssd.checkpoint import CheckpointError
+from ssd.engine.state import read_training_state
+
+log = logging.getLogger("ssd.train")
+
+LAST, PREVIOUS = "last.pt", "last.prev.pt"
+
+
+def resume_checkpoint(out: Path) -> tuple[Path, dict, bool]:
+    """The training checkpoint ``--resume`` continues from: ``out/last.pt``, else ``out/last.prev.pt``.
+
+    Returns ``(path, checkpoint, fell_back)``. Raises ``FileNotFoundError`` when neither file exists and
+    :class:`CheckpointError` naming both files when neither can be read."""
+    last, previous = out / LAST, out / PREVIOUS
+    if not last.exists() and not previous.exists():
+        raise FileNotFoundError(f"{last}: nothing to resume (train without --resume to start)")
+    try:
+        return last, read_training_state(last), False
+    except CheckpointError as e:
+        if not previous.exists():
+            raise
+        error = e
+    try:
+        ckpt = read_training_state(previous)
+    except CheckpointError as e:
+        raise CheckpointError(f"{error}; and the previous checkpoint {e}") from None
+    log.warning("%s; resuming from the previous checkpoint %s (iteration %d) instead", error, previous, ckpt["iteration"])
+    return previous, ckpt, True
+
+
+def now() -> float:
+    """The clock of :class:`TrainClock`, in seconds (a module function, so a test can replace it)."""
+    return time.perf_counter()
+
+
+class TrainClock:
+    """Seconds of training since the run began: ``elapsed`` (from ``last.pt`` on resume) plus this
+    process's time since :meth:`start`. The time between an interruption and its resume is not
+    counted; after a kill, the steps repeated since the last save count again as they are repeated."""
+
+    def __init__(self, elapsed: float = 0.0) -> None:
+        self.before = elapsed
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        self.t0 = now()
+
+    def elapsed(self) -> float:
+        return self.before + (now() - self.t0 if self.t0 is not None else 0.0)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set :attr:`received`; the loop saves ``last.pt`` and returns at the next step.
+
+    A second signal while stopping changes nothing: finishing the step and writing ``last.pt`` takes
+    seconds, and an orchestrator may well send the same signal twice (torchrun forwards the SIGTERM its
+    workers already got from the group). SIGKILL ends the run at once, losing only the steps since the
+    previous ``last.pt``, which the atomic write keeps intact."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
