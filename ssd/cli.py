@@ -83,6 +83,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ssd.demo import run_demo
 
     metrics = run_demo(args.out, overrides=args.overrides)
+    if "stopped" in metrics:  # by a signal: the engine logged it
+        return 128 + signal.Signals[metrics["stopped"]]
     print(f"demo: VOC07 mAP@0.5 {metrics['map']:.4f} in {metrics['seconds']:.0f} s; outputs in {args.out}")
     return 0
 

@@ -27,7 +27,8 @@ DEMO_DATA = {"num_train": 2000, "num_val": 300, "size": 160, "seed": 0}  # 160 p
 
 def run_demo(out: str | Path, overrides: list[str] = (), num_images: int = 8, data: dict = DEMO_DATA) -> dict:
     """Returns the ``--json`` metrics of ``ssd eval`` (the training's evaluation of ``best.pt``) plus
-    ``iterations`` and ``seconds`` (wall time, all steps)."""
+    ``iterations`` and ``seconds`` (wall time, all steps); ``{"stopped": "SIGINT" | "SIGTERM",
+    "iterations": n}`` when a signal stopped the training (the engine logged where ``last.pt`` is)."""
     t0 = time.perf_counter()
     out = Path(out)
     if not DEMO_CONFIG.is_file():
@@ -35,6 +36,8 @@ def run_demo(out: str | Path, overrides: list[str] = (), num_images: int = 8, da
     data_dir = ensure_shapes(out / "data", **data)
     cfg = load_config(DEMO_CONFIG, [f"data.train.root={data_dir}", f"data.val.root={data_dir}", *overrides])
     summary = train(cfg, out / "run")
+    if summary["stopped"] == "signal":  # nothing evaluated: no mAP, no drawn detections
+        return {"stopped": summary["signal"] or "SIGTERM", "iterations": summary["iteration"]}
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     best = next(r for r in rows if "map" in r and r["iter"] == summary["best_iter"])
     metrics = {"metric": best["eval"], "map": best["map"], "per_class": best["per_class"], "iterations": summary["iteration"],

@@ -254,6 +254,16 @@ def test_a_rejected_run_writes_nothing_into_its_output_folder(shapes, tmp_path, 
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_an_interrupted_demo_prints_no_map(tmp_path, monkeypatch, capsys):
+    import ssd.demo as demo
+
+    monkeypatch.setattr(demo, "ensure_shapes", lambda out, **data: out)
+    monkeypatch.setattr(demo, "train", lambda cfg, out: {"iteration": 3, "best_map": -1.0, "best_iter": 0, "stopped": "signal",
+                                                         "signal": "SIGTERM"})  # fmt: skip
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 143
+    assert "mAP" not in capsys.readouterr().out
+
+
 # --- unreadable images --------------------------------------------------------------------------------------
 
 
