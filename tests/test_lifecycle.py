@@ -102,8 +102,10 @@ def cache_dir(tmp_path, monkeypatch) -> None:
 
 def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted_run_did(shapes, tmp_path, monkeypatch, caplog):
     """train.time_limit 7.5 s with schedule_by_time, one fake second per step: the uninterrupted run
-    stops after step 8. Interrupted after step 4 (SIGINT) and resumed, it logs times 1..8 (never going
-    back), the same learning rates (the cosine does not start again) and losses, and stops at step 8."""
+    stops after step 8. Interrupted after step 6 (SIGINT) and resumed, it logs times 1..8 (never going
+    back), the same learning rates (the cosine does not start again) and losses, and stops at step 8.
+    The stop came right after train.checkpoint_period's save of step 6: last.pt is not written again,
+    so last.prev.pt still holds step 3."""
     ticks = [0.0]
     monkeypatch.setattr(lifecycle, "now", lambda: ticks[0])
     interrupt_at = [0]
@@ -121,10 +123,11 @@ def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted
     assert [r["time"] for r in ref_rows] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
 
     out = tmp_path / "run"
-    interrupt_at[0] = 8 + 4  # the 4th step of the second run
+    interrupt_at[0] = 8 + 6  # the 6th step of the second run
     interrupted = train(cfg, out)
-    assert (interrupted["stopped"], interrupted["iteration"], interrupted["signal"]) == ("signal", 4, "SIGINT")
-    assert (load_checkpoint(out / "last.pt")["iteration"], load_checkpoint(out / "last.pt")["elapsed"]) == (4, 4.0)
+    assert (interrupted["stopped"], interrupted["iteration"], interrupted["signal"]) == ("signal", 6, "SIGINT")
+    assert (load_checkpoint(out / "last.pt")["iteration"], load_checkpoint(out / "last.pt")["elapsed"]) == (6, 6.0)
+    assert load_checkpoint(out / "last.prev.pt")["iteration"] == 3
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         resumed = train(cfg, out, resume=True)
     assert (resumed["stopped"], resumed["iteration"]) == ("time_limit", 8)
@@ -137,7 +140,7 @@ def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5)
     assert load_checkpoint(out / "last.pt")["elapsed"] == load_checkpoint(tmp_path / "reference" / "last.pt")["elapsed"] == 8.0
     iter_lines = [m for m in caplog.messages if re.match(r"iter \d+/12 ", m)]
-    assert len(iter_lines) == 4 and all(re.search(r" img/s eta \d+:\d\d:\d\d$", m) for m in iter_lines), iter_lines
+    assert len(iter_lines) == 2 and all(re.search(r" img/s eta \d+:\d\d:\d\d$", m) for m in iter_lines), iter_lines
 
 
 # --- stop signals to the process group ---------------------------------------------------------------------

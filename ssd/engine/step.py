@@ -18,6 +18,7 @@ A skipped step still counts as an iteration (the host learns about it later); it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -154,3 +155,16 @@ class TrainStep:
         self.check()
         window, self.window = self.window, Window()
         return window
+
+
+@contextlib.contextmanager
+def sync_debug_mode(mode: str, enabled: bool):
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside the block when ``enabled`` (``train.sync_debug``)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,7 +9,6 @@ ETA, skipped images, TensorBoard and the progress bar in :mod:`ssd.engine.monito
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
@@ -38,7 +37,8 @@ from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights
 from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import restore_state, rng_state, training_state, trim_metrics, unwrap
-from ssd.engine.step import TrainingError, TrainStep, fused_optimizer_ok, prime_momentum  # noqa: F401 (TrainingError: re-exported)
+from ssd.engine.step import TrainingError  # noqa: F401 (re-exported)
+from ssd.engine.step import TrainStep, fused_optimizer_ok, prime_momentum, sync_debug_mode
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
@@ -285,6 +285,7 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
             ckpt = training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states, clock.elapsed())
             save_checkpoint(ckpt, out / LAST, keep_previous=out / PREVIOUS if state["keep_last"] else None)
             state["keep_last"] = True
+        state["saved_at"] = it
         barrier()
 
     def write_metrics(row: dict) -> None:
@@ -370,7 +371,8 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
     if progress is not None:
         progress.close()
     if stop_reason == "signal":
-        save_last()
+        if state.get("saved_at") != it:  # not again right after train.checkpoint_period's save: last.prev.pt stays older
+            save_last()
         if ctx.is_main:
             best = state["best"]
             best_text = f" (best mAP {best['map']:.4f} at iteration {best['iter']})" if best["map"] >= 0 else ""
@@ -383,16 +385,3 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
     run_eval(final=True)  # precise BN first (train.precise_bn_batches)
     save_last()  # the evaluated weights, BN statistics included: the last logged mAP is ssd eval's of last.pt
     return "done" if it >= tcfg.max_iter else "time_limit"
-
-
-@contextlib.contextmanager
-def sync_debug_mode(mode: str, enabled: bool):
-    """``torch.cuda.set_sync_debug_mode(mode)`` inside the block when ``enabled`` (``train.sync_debug``)."""
-    if not enabled:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
