@@ -307,8 +307,8 @@ class DataConfig:
     # the training threads keep the cores and augmentation fill their idle moments (the demo uses 19)
     worker_nice: int = 0
     # what a bad file does: "raise" stops with a clear error; "skip" drops the sample and counts it
-    # (summary at the end of each epoch); "auto" raises while a dataset is indexed and validated,
-    # skips while training reads images
+    # (each file warned about once, by name; an epoch's count logged when it changes); "auto" raises
+    # while a dataset is indexed and validated, skips while training reads images
     on_error: str = "auto"
 
     def __post_init__(self) -> None:
@@ -372,7 +372,7 @@ class TrainConfig:
     precise_bn_batches: int = 0
     precise_bn_before_eval: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
-    time_limit: float | None = None  # seconds of training; stops early (the CPU demo's budget)
+    time_limit: float | None = None  # seconds of training, counted across resumes; stops early (the CPU demo's budget)
     schedule_by_time: bool = False  # the schedule follows the larger of iterations and time_limit spent (not bit-exact)
     retain_host_memory: bool = True  # keep freed host memory for the next step (glibc; ~7% faster CPU steps)
     tensorboard: bool = True  # OUTPUT_DIR/tensorboard: scalars + drawn validation images, if tensorboard is installed
