@@ -76,9 +76,9 @@ class StopSignal:
     """SIGINT/SIGTERM set :attr:`received`; the loop saves ``last.pt`` and returns at the next step.
 
     A second signal while stopping changes nothing: finishing the step and writing ``last.pt`` takes
-    seconds, and an orchestrator may well send the same signal twice (torchrun forwards the SIGTERM its
-    workers already got from the group). SIGKILL ends the run at once, losing only the steps since the
-    previous ``last.pt``, which the atomic write keeps intact."""
+    seconds, and the same signal may well come twice (a launcher such as torchrun forwards a SIGTERM
+    its processes may already have had from the group). SIGKILL ends the run at once, losing only the
+    steps since the previous ``last.pt``, which the atomic write keeps intact."""
 
     def __init__(self) -> None:
         self.received: int | None = None
