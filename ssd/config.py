@@ -302,7 +302,9 @@ class DataConfig:
     train: DatasetConfig = field(default_factory=DatasetConfig)
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_workers: int = 4
+    # loader worker processes per training process; null (the default): follow the machine, its CPUs
+    # shared by the processes on it, at most 8 (ssd.data.loader.default_num_workers)
+    num_workers: int | None = None
     # added to the loader workers' nice value (0-19, Unix): on a CPU-only machine a lower priority lets
     # the training threads keep the cores and augmentation fill their idle moments (the demo uses 19)
     worker_nice: int = 0
@@ -313,7 +315,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.on_error", self.on_error, ON_ERROR)
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.worker_nice <= 19:
             raise ConfigError(f"data.worker_nice must be in 0..19 (a nice increment), got {self.worker_nice}")

@@ -259,3 +259,22 @@ def test_workers_ignore_stop_signals_from_others_and_end_with_their_owner(tmp_pa
     assert len(before) == 2 and after == before  # the same two workers, still serving
     if Path("/proc/self").exists():
         assert not [pid for pid in before if Path(f"/proc/{pid}").exists()]  # ended and reaped with their owner
+
+
+def test_num_workers_left_unset_follows_the_machine_and_a_set_value_is_kept(monkeypatch):
+    from ssd.config import Config
+    from ssd.data.loader import MAX_AUTO_WORKERS, default_num_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert Config().data.num_workers is None  # unset by default
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers(None) == max(1, min(MAX_AUTO_WORKERS, cpus))
+    assert default_num_workers(0) == 0 and default_num_workers(5) == 5
+    # torchrun: the CPUs are shared by the processes on this machine, at least one worker each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers(None) == max(1, min(MAX_AUTO_WORKERS, cpus // 2))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cpus))
+    assert default_num_workers(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_num_workers(None) == MAX_AUTO_WORKERS

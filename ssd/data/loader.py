@@ -88,6 +88,20 @@ def _end_on_owner_sigterm(owners: set[int]) -> None:
             os._exit(0)  # terminate(): the owner is done with this worker (exit 0: its SIGCHLD handler stays quiet)
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def default_num_workers(num_workers: int | None) -> int:
+    """``data.num_workers``: the value set, or when unset (None) this machine's share: the CPUs this
+    process may run on, divided among the training processes on the machine (torchrun's
+    ``LOCAL_WORLD_SIZE``), at least 1 and at most ``MAX_AUTO_WORKERS``."""
+    if num_workers is not None:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, cpus // max(1, processes)))
+
+
 def build_dataloader(
     dataset: DetectionDataset,
     batch_size: int,

@@ -369,7 +369,7 @@ def run_bn_report_command(args) -> int:
     from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
     from ssd.config import load_config
     from ssd.data.dataset import build_dataset
-    from ssd.data.loader import build_dataloader
+    from ssd.data.loader import build_dataloader, default_num_workers
     from ssd.data.transforms import build_transforms, normalize_batch
     from ssd.loss import build_loss
 
@@ -386,7 +386,7 @@ def run_bn_report_command(args) -> int:
     dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
     if len(dataset.classes) != mcfg.num_classes - 1:
         raise ValueError(f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} has {len(dataset.classes)}")
-    loader = build_dataloader(dataset, cfg.train.batch_size, train=True, num_workers=min(cfg.data.num_workers, args.batches),
+    loader = build_dataloader(dataset, cfg.train.batch_size, train=True, num_workers=min(default_num_workers(cfg.data.num_workers), args.batches),
                               seed=cfg.train.seed)  # fmt: skip
 
     def prepare(batch):

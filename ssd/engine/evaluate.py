@@ -30,7 +30,7 @@ from torch import nn
 from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import Config, DatasetConfig, ModelConfig, PreprocessConfig, TrainConfig, load_config
 from ssd.data.dataset import DetectionDataset, build_dataset, collate
-from ssd.data.loader import build_dataloader
+from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.device import use_channels_last
 from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
 from ssd.engine.evalset import EvalSet, evaluate_predictions, evaluate_voc, resolve_metric, safe_name  # noqa: F401 (re-exported)
@@ -224,7 +224,8 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> 
     model_cfg = checkpoint_model_config(ckpt, weights)
     dataset = build_eval_set(cfg, model_cfg)
     label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
-    loader = build_eval_loader(dataset, model_cfg, batch_size, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    num_workers = default_num_workers(cfg.data.num_workers)
+    loader = build_eval_loader(dataset, model_cfg, batch_size, num_workers, pin_memory=device.type == "cuda")
     channels_last = use_channels_last(cfg.train.channels_last, device)  # as training's evaluation
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     predictions = evaluate_model(model, model_cfg, loader, build_postprocess(cfg.postprocess, model_cfg), device,

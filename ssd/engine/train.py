@@ -26,7 +26,7 @@ from torch import nn
 from ssd.checkpoint import make_checkpoint, save_checkpoint
 from ssd.config import Config, ConfigError, TrainConfig, save_config
 from ssd.data.dataset import build_dataset
-from ssd.data.loader import build_dataloader
+from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.device import use_channels_last
 from ssd.engine import bn as bn_tools
@@ -165,12 +165,15 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         raise ValueError(f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
                          f"(+1 background = {len(train_set.classes) + 1})")  # fmt: skip
     pin = device.type == "cuda"
-    workers = dict(num_workers=cfg.data.num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice)
+    num_workers = default_num_workers(cfg.data.num_workers)
+    if cfg.data.num_workers is None and ctx.is_main:
+        log.info("data.num_workers: %d loader workers per process (unset: follows this machine's CPUs)", num_workers)
+    workers = dict(num_workers=num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice)
     loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, **workers)
-    val_loader = build_eval_loader(val_set, cfg.model, cfg.eval.batch_size, cfg.data.num_workers, pin, cfg.data.worker_nice)
+    val_loader = build_eval_loader(val_set, cfg.model, cfg.eval.batch_size, num_workers, pin, cfg.data.worker_nice)
     # precise BN reads batches of its own: re-iterating the persistent training loader would restart its
     # one iterator under the training loop, which would then replay the epoch (and break exact resume)
-    bn_workers = {**workers, "num_workers": min(cfg.data.num_workers, tcfg.precise_bn_batches)}
+    bn_workers = {**workers, "num_workers": min(num_workers, tcfg.precise_bn_batches)}
     bn_loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, persistent=False, **bn_workers)
     if len(loader) == 0:
         raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}")
