@@ -9,19 +9,30 @@ replaced (``model.priors`` sizes and aspect ratios; with a larger input also ``m
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import yaml
 
-from ssd.config import Config, ConfigError, from_dict, load_config, read_yaml_dict, to_dict
+from ssd.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    read_yaml_dict,
+    to_dict,
+)
 from ssd.data.dataset import index_dataset
 from ssd.data.records import DatasetError, Problems
 from ssd.model import build_ssd
 from ssd.model.resize import conv_macs_per_image
-from ssd.priorfit import TARGET_COVERAGE, Fit, best_prior_iou, coverage_from_best_iou, fit_input_and_priors, normalised_boxes
-
-log = logging.getLogger("ssd.priorfit")
+from ssd.priorfit import (
+    TARGET_COVERAGE,
+    Fit,
+    best_prior_iou,
+    coverage_from_best_iou,
+    fit_input_and_priors,
+    normalised_boxes,
+)
 
 BUCKETS = ("all", "small", "medium", "large")
 
