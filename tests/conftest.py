@@ -23,6 +23,14 @@ def tiny_config(**overrides) -> ModelConfig:
     return from_dict(ModelConfig, data, "model")
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own annotation cache folder (never ~/.cache); a module may define its own."""
+    path = tmp_path / "ssd-cache"
+    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def make_tiny_config():
     """The :func:`tiny_config` factory (a fixture, so test modules need not import conftest)."""

@@ -92,11 +92,6 @@ def shapes(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
-
-
 # --- the training time across a resume ----------------------------------------------------------------
 
 

@@ -44,13 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_objects(tmp_path_factory) -> Path:
     """40 + 4 images at 160 px with objects of 4-8% of the side: 5-10 px at the demo's 128 px input."""
