@@ -31,7 +31,8 @@ from ssd.config_io import (  # noqa: F401  (re-exported: ``from ssd.config impor
     user_keys,
 )
 
-BN_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras")
+BN_BLOCKS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras", "heads")
+BN_ALL = BN_BLOCKS[:-1]  # ``all``: every feature block (conv1..conv5, fc6/fc7, extras), not the prediction heads
 CLIP_MODES = ("corners", "wh", "none")
 CHANNEL_ORDERS = ("rgb", "bgr")
 RESIZE_MODES = ("bilinear", "normalize_then_bilinear")
@@ -138,7 +139,8 @@ class ModelConfig:
     """The VGG16-SSD network.
 
     ``num_classes`` counts the background (class 0): 21 for VOC, 81 for COCO (91 for torchvision's ids).
-    ``batch_norm`` lists the blocks of ``BN_BLOCKS`` that get BatchNorm (or ``all`` / ``none``).
+    ``batch_norm`` lists the blocks of ``BN_BLOCKS`` that get BatchNorm, or ``none``, or ``all``
+    (every feature block, ``BN_ALL``; ``[all, heads]`` adds the prediction heads).
     ``bn_momentum`` is PyTorch's (weight of the new batch statistic): TensorFlow's
     ``decay`` d corresponds to ``momentum = 1 - d`` (TF's 0.999 -> 0.001, 0.99 -> 0.01).
     ``width`` multiplies every channel count (small, fast variants); ``input_size`` is the square side.
@@ -436,13 +438,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def normalize_bn_blocks(value: list[str] | str | None) -> list[str]:
-    """``all`` / ``none`` / a list of block names -> a sorted list of valid block names."""
+    """``all`` / ``none`` / a list of block names (``all`` in it: every feature block) -> the valid
+    block names in ``BN_BLOCKS`` order."""
     if value is None or value == "none":
         return []
-    if value == "all":
-        return list(BN_BLOCKS)
     if isinstance(value, str):
         value = [value]
     for name in value:
         _check_choice("model.batch_norm", name, BN_BLOCKS + ("all", "none"))
-    return [b for b in BN_BLOCKS if b in value]
+    chosen = set(value) | (set(BN_ALL) if "all" in value else set())
+    return [b for b in BN_BLOCKS if b in chosen]

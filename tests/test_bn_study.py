@@ -22,7 +22,7 @@ import torch
 import yaml
 
 import ssd.engine.train as engine
-from ssd.config import BN_BLOCKS, load_config
+from ssd.config import BN_ALL, BN_BLOCKS, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.engine import bn_study
@@ -83,7 +83,7 @@ def study(shapes, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_variants_are_presets_or_block_lists_with_an_lr_multiplier():
     assert parse_variant("none") == Variant("none", [], 1.0)
-    assert parse_variant("all@3x") == Variant("all@3x", list(BN_BLOCKS), 3.0)
+    assert parse_variant("all@3x") == Variant("all@3x", list(BN_ALL), 3.0)
     assert parse_variant("backbone").blocks == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"]
     assert parse_variant("extras@0.5x") == Variant("extras@0.5x", ["extras"], 0.5)
     assert parse_variant("conv5+conv4@10") == Variant("conv5+conv4@10", ["conv4", "conv5"], 10.0)  # block order canonical
@@ -192,7 +192,7 @@ def test_study_writes_plots_and_a_summary_per_variant(study):
     assert saved["plots"] == {"loss": "loss.png", "map": "map.png", "activations": "activations.png"}
     assert [v["name"] for v in saved["variants"]] == ["none", "all@3x"]  # one curve per variant in each plot
     none, bn = saved["variants"]
-    assert (none["batch_norm"], bn["batch_norm"]) == ([], list(BN_BLOCKS))
+    assert (none["batch_norm"], bn["batch_norm"]) == ([], list(BN_ALL))
     assert (none["lr"], bn["lr"]) == (pytest.approx(1e-3), pytest.approx(3e-3))
     for v in saved["variants"]:
         assert v["loss_curve"]["iter"] == [1, 2, 3, 4] and all(np.isfinite(v["loss_curve"]["loss"]))
@@ -230,7 +230,7 @@ def test_every_variant_trains_the_same_data_and_seed(study):
     out, _ = study
     configs = {name: load_config(out / "runs" / name / "config.yaml") for name in ("none", "all_lr3x")}
     none, bn = configs["none"], configs["all_lr3x"]
-    assert (none.model.batch_norm, bn.model.batch_norm) == ([], list(BN_BLOCKS))
+    assert (none.model.batch_norm, bn.model.batch_norm) == ([], list(BN_ALL))
     assert none.train.seed == bn.train.seed == 3  # the study's override reaches every variant
     assert none.train.max_iter == bn.train.max_iter == 4
     # the config's time limit and time-driven schedule are lifted: variants compare at equal iterations

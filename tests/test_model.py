@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssd.config import BN_BLOCKS, ConfigError, ModelConfig, from_dict
+from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, ModelConfig, from_dict
 from ssd.loss import MultiBoxLoss, pad_targets
 from ssd.model.ssd import build_ssd
 from ssd.model.vgg import ConvBlock, L2Norm
@@ -74,7 +74,10 @@ def test_batch_norm_selected_blocks_only(make_tiny_config):
 def test_batch_norm_config_values():
     cfg = from_dict(ModelConfig, {"batch_norm": ["conv5", "fc"]}, "model")
     assert cfg.batch_norm == ["conv5", "fc"]
-    assert ModelConfig(batch_norm="all").batch_norm == list(BN_BLOCKS)
+    assert ModelConfig(batch_norm="all").batch_norm == list(BN_ALL)
+    assert "heads" in BN_BLOCKS and "heads" not in BN_ALL
+    assert ModelConfig(batch_norm=["heads", "all"]).batch_norm == [*BN_ALL, "heads"]
+    assert ModelConfig(batch_norm=["heads", "fc"]).batch_norm == ["fc", "heads"]
     assert ModelConfig(batch_norm="none").batch_norm == []
     with pytest.raises(ConfigError, match="did you mean 'extras'"):
         ModelConfig(batch_norm=["extra"])

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd.checkpoint import load_checkpoint, load_state_strict
-from ssd.config import BN_BLOCKS, Config, DatasetConfig, load_config
+from ssd.config import BN_ALL, BN_BLOCKS, Config, DatasetConfig, load_config
 from ssd.data.dataset import build_dataset, dataset_roots, stack_images
 from ssd.data.shapes import SHAPES_CLASSES, ensure_shapes
 from ssd.data.transforms import build_transforms, normalize_batch
@@ -43,7 +43,7 @@ from ssd.model import build_ssd
 
 log = logging.getLogger("ssd.bn_study")
 
-BN_PRESETS = {"none": [], "all": list(BN_BLOCKS), "backbone": [b for b in BN_BLOCKS if b != "extras"], "extras": ["extras"]}
+BN_PRESETS = {"none": [], "all": list(BN_ALL), "backbone": [b for b in BN_ALL if b != "extras"], "extras": ["extras"]}
 # no BN; BN everywhere; backbone only; extras only; and the lr sweep of the BN variant (1x is "all")
 DEFAULT_VARIANTS = ["none", "all", "backbone", "extras", "all@3x", "all@10x"]
 STUDY_DATA = dict(DEMO_DATA)  # generated when the config's data root is absent: the demo's shapes set
