@@ -1,4 +1,11 @@
-"""Multibox heads (paper Sec. 2.1): one 3x3 conv for box offsets and one for class scores per source."""
+"""Multibox heads (paper Sec. 2.1): one 3x3 conv for box offsets and one for class scores per source.
+
+With ``batch_norm`` a BatchNorm sits directly on the output of every prediction conv, with no ReLU
+after it, and the conv loses its bias (BN's beta replaces it): Caffe SSD's ``CreateMultiBoxHead``
+with ``use_batchnorm`` and ScratchDet (Zhu et al., CVPR 2019) place it there. The BN layers are
+siblings of the convs (``loc_bn.i`` next to ``loc.i``), so the convs keep their parameter names and
+checkpoints without head BN still load into them.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,29 @@ def _flatten(x: Tensor, k: int) -> Tensor:
 
 
 class MultiBoxHead(nn.Module):
-    """``loc.i`` predicts 4 offsets and ``conf.i`` ``num_classes`` logits per prior of source i."""
+    """``loc.i`` predicts 4 offsets and ``conf.i`` ``num_classes`` logits per prior of source i;
+    with ``batch_norm``, ``loc_bn.i`` / ``conf_bn.i`` normalise those outputs."""
 
-    def __init__(self, in_channels: list[int], num_anchors: list[int], num_classes: int) -> None:
+    def __init__(self, in_channels: list[int], num_anchors: list[int], num_classes: int, batch_norm: bool = False,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:  # fmt: skip
         super().__init__()
         self.num_classes = num_classes
-        self.loc = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(in_channels, num_anchors))
-        self.conf = nn.ModuleList(nn.Conv2d(c, a * num_classes, 3, padding=1) for c, a in zip(in_channels, num_anchors))
+        self.batch_norm = batch_norm
+        outs = {"loc": [a * 4 for a in num_anchors], "conf": [a * num_classes for a in num_anchors]}
+        for kind, channels in outs.items():
+            convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1, bias=not batch_norm) for c, o in zip(in_channels, channels))
+            setattr(self, kind, convs)
+            if batch_norm:
+                setattr(self, f"{kind}_bn", nn.ModuleList(nn.BatchNorm2d(o, eps=bn_eps, momentum=bn_momentum) for o in channels))
+
+    def _predict(self, kind: str, features: list[Tensor], k: int) -> Tensor:
+        convs = getattr(self, kind)
+        outs = [conv(f) for conv, f in zip(convs, features)]
+        if self.batch_norm:
+            outs = [bn(x) for bn, x in zip(getattr(self, f"{kind}_bn"), outs)]
+        return torch.cat([_flatten(x, k) for x in outs], dim=1)
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        loc = torch.cat([_flatten(m(f), 4) for m, f in zip(self.loc, features)], dim=1)  # [B, P, 4]
-        conf = torch.cat([_flatten(m(f), self.num_classes) for m, f in zip(self.conf, features)], dim=1)  # [B, P, C]
+        loc = self._predict("loc", features, 4)  # [B, P, 4]
+        conf = self._predict("conf", features, self.num_classes)  # [B, P, C]
         return {"loc": loc, "conf": conf}

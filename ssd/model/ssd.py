@@ -81,7 +81,8 @@ def build_ssd(cfg: ModelConfig) -> SSD:
     sizes = feature_sizes(backbone, extras, cfg.input_size)
     layout = resolve_prior_layout(cfg, len(sizes))
     priors = make_priors(sizes, (cfg.input_size, cfg.input_size), **layout)
-    head = MultiBoxHead(backbone.out_channels + extras.out_channels, num_priors_per_location(layout["aspect_ratios"]), cfg.num_classes)
+    head = MultiBoxHead(backbone.out_channels + extras.out_channels, num_priors_per_location(layout["aspect_ratios"]),
+                        cfg.num_classes, "heads" in cfg.batch_norm, **bn)  # fmt: skip
     model = SSD(backbone, extras, head, priors, cfg.input_size)
     init_weights(model)
     return model
