@@ -6,6 +6,11 @@ with frozen statistics, so it folds into the convolution before it:
 (``torch.nn.utils.fusion.fuse_conv_bn_weights``, evaluated here in float64 and cast back).
 The folded network computes the same function with one layer and one pass over the
 activations fewer per block.
+
+Two ways a BN names its conv: it is the next child of the same parent (``ConvBlock``'s ``conv``/``bn``,
+adjacent layers of an ``nn.Sequential``), or it is item ``i`` of a ``ModuleList`` called ``X_bn`` whose
+sibling ``ModuleList`` ``X`` holds the conv at ``i`` (the prediction heads' ``loc_bn.i`` after ``loc.i``,
+kept apart so the convs keep their checkpoint names).
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gets a bias if it had none)."""
+def _check_foldable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if conv.out_channels != bn.num_features:
         raise ValueError(f"cannot fold a BatchNorm of {bn.num_features} channels into a conv with {conv.out_channels} outputs")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gets a bias if it had none)."""
+    _check_foldable(conv, bn)
     f64 = dict(dtype=torch.float64)
     weight, bias = fuse_conv_bn_weights(
         conv.weight.detach().to(**f64),
@@ -36,26 +45,42 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
 
-def fuse_batchnorm(model: nn.Module) -> int:
-    """Fold every ``BatchNorm2d`` of an eval-mode ``model`` into the conv right before it, in place.
-
-    "Right before" means the previous child of the same parent (``ConvBlock``'s ``conv``/``bn``
-    pair, or adjacent layers of an ``nn.Sequential``); each folded BN is replaced by
-    ``nn.Identity``. Returns how many were folded. Raises ``ValueError`` for a model in training
-    mode (its BNs use batch statistics) and for a BN that does not directly follow a conv.
-    """
-    if model.training:
-        raise ValueError("fuse_batchnorm needs an eval-mode model (call model.eval() first): training BN uses batch statistics")
-    pairs = []  # (parent, BN attribute name, conv, bn)
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
+    """``(parent, BN attribute name, conv, bn)`` for every BN that follows a conv by one of the two rules above."""
+    pairs = []
     for parent in model.modules():
         children = list(parent.named_children())
         for (_, prev), (name, child) in zip(children, children[1:]):
             if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d):
                 pairs.append((parent, name, prev, child))
+        siblings = dict(children)
+        for name, bns in children:
+            convs = siblings.get(name.removesuffix("_bn")) if name.endswith("_bn") else None
+            if isinstance(bns, nn.ModuleList) and isinstance(convs, nn.ModuleList) and len(convs) == len(bns):
+                pairs += [(bns, str(i), conv, bn) for i, (conv, bn) in enumerate(zip(convs, bns))
+                          if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)]  # fmt: skip
+    return pairs
+
+
+def fuse_batchnorm(model: nn.Module) -> int:
+    """Fold every ``BatchNorm2d`` of an eval-mode ``model`` into its conv (see the module docstring), in place.
+
+    Each folded BN is replaced by ``nn.Identity`` (so ``forward`` runs unchanged). Returns how many
+    were folded. Raises ``ValueError`` for a model in training mode (its BNs use batch statistics)
+    and for a BN without a conv to fold into; both are checked before any layer changes.
+    """
+    if model.training:
+        raise ValueError("fuse_batchnorm needs an eval-mode model (call model.eval() first): training BN uses batch statistics")
+    pairs = _conv_bn_pairs(model)
     paired = {id(bn) for *_, bn in pairs}
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in paired]
     if left:  # checked before touching anything: the model is never left half-folded
-        raise ValueError(f"BatchNorm layers not directly after a Conv2d cannot be folded: {', '.join(left[:5])}")
+        raise ValueError(f"BatchNorm layers without a Conv2d to fold into (neither right after one nor X_bn.i of a sibling "
+                         f"X.i): {', '.join(left[:5])}")  # fmt: skip
+    if len({id(conv) for _, _, conv, _ in pairs}) < len(pairs):
+        raise ValueError("a Conv2d is followed by more than one BatchNorm; fold by hand")
+    for _, _, conv, bn in pairs:
+        _check_foldable(conv, bn)
     for parent, name, conv, bn in pairs:
         fold_conv_bn(conv, bn)
         setattr(parent, name, nn.Identity())

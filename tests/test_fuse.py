@@ -105,3 +105,35 @@ def test_detector_folds_by_default_and_no_fuse_keeps_bn(bn_model, tmp_path, make
     assert torch.equal(a["labels"], b["labels"])
     torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-5, atol=1e-3)
+
+
+def test_head_batchnorm_folds_into_the_prediction_convs(make_tiny_config, images):
+    """``head.loc_bn.i`` / ``head.conf_bn.i`` fold into their sibling ``head.loc.i`` / ``head.conf.i``."""
+    torch.manual_seed(0)
+    model = build_ssd(make_tiny_config(batch_norm=["all", "heads"], bn_eps=1e-3))
+    randomise_bn(model, seed=2)
+    model.eval()
+    levels = len(model.head.loc)
+    fused = copy.deepcopy(model)
+    assert fuse_batchnorm(fused) == 21 + 2 * levels
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    for kind in ("loc", "conf"):
+        assert all(isinstance(m, nn.Identity) for m in getattr(fused.head, f"{kind}_bn"))
+        assert all(conv.bias is not None for conv in getattr(fused.head, kind))  # built without bias, BN's beta folded in
+        assert all(conv.bias is None for conv in getattr(model.head, kind))
+    assert not any(k.startswith(("head.loc_bn", "head.conf_bn")) for k in fused.state_dict())
+    with torch.no_grad():
+        expected, got = model(images), fused(images)
+    for key in ("loc", "conf"):
+        scale = expected[key].abs().max()
+        assert scale > 0.5
+        assert (got[key] - expected[key]).abs().max() <= 1e-5 * scale
+
+
+def test_head_batchnorm_without_its_conv_is_refused_before_anything_folds(make_tiny_config):
+    model = build_ssd(make_tiny_config(batch_norm=["all", "heads"])).eval()
+    model.head.conf[0] = nn.Sequential(model.head.conf[0])  # conf_bn.0 no longer has a sibling Conv2d
+    with pytest.raises(ValueError, match=r"head\.conf_bn\.0"):
+        fuse_batchnorm(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 21 + 2 * len(model.head.loc)
+    assert model.head.loc[0].bias is None  # nothing folded
