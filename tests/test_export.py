@@ -44,6 +44,30 @@ def bn_ckpt(tmp_path_factory, make_tiny_config) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def heads_ckpt(tmp_path_factory, make_tiny_config) -> Path:
+    """A tiny model with BN in every block and in the heads (model.batch_norm [all, heads]), its running
+    statistics measured on random images, the head BN's affine parameters away from the identity."""
+    cfg = make_tiny_config(batch_norm=["all", "heads"], num_classes=6)
+    torch.manual_seed(0)
+    model = build_ssd(cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None  # cumulative average: population statistics of the batches below
+        model.train()
+        for seed in range(3):
+            model(normalize_batch(images(4, seed=10 + seed).to(torch.uint8), cfg.preprocess))
+        for kind, scale in (("loc", 0.3), ("conf", 1.5)):  # offsets O(0.3): boxes inside; logits O(1.5): scores spread
+            for m in getattr(model.head, f"{kind}_bn"):
+                m.weight.copy_(scale * (0.5 + torch.rand(m.num_features, generator=g)))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    path = tmp_path_factory.mktemp("export_heads") / "heads.pt"
+    save_checkpoint(make_checkpoint(model.state_dict(), cfg, [f"c{i}" for i in range(1, 6)], "train"), path)
+    return path
+
+
 def images(batch: int, size: int = 128, seed: int = 0) -> torch.Tensor:
     """RGB 0..255 float images, the graph's input."""
     return torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(seed)).float()
@@ -128,3 +152,21 @@ def test_bad_opset_is_a_clear_error(bn_ckpt, tmp_path, capsys):
     assert main(["export", "--weights", str(bn_ckpt), "--out", str(tmp_path / "x.onnx"), "--opset", "9"]) == 2
     assert "--opset 9 is not supported; use 11..20" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_export_with_head_batchnorm_matches_pytorch(heads_ckpt, tmp_path, caplog, fuse):
+    """model.batch_norm [all, heads]: 21 block BNs + 10 head BNs (loc_bn / conf_bn of 5 levels) fold, or are left
+    to the exporter with --no-fuse; onnxruntime matches the unfused PyTorch model either way."""
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "heads.onnx"
+    assert main(["export", "--weights", str(heads_ckpt), "--out", str(out), "--dynamic-batch", *([] if fuse else ["--no-fuse"])]) == 0
+    assert ("31 BatchNorms folded" in caplog.text) == fuse
+    graph = onnx.load(str(out))
+    assert not [n for n in graph.graph.node if n.op_type == "BatchNormalization"]  # without --no-fuse: folded by us,
+    # with it by the TorchScript exporter's own eval-mode conv+BN folding
+    x = images(2, seed=11)
+    boxes, scores = run_onnx(out, x)
+    ref_boxes, ref_scores = reference(heads_ckpt, x)
+    assert (boxes - ref_boxes).abs().max() <= 1e-4 and (scores - ref_scores).abs().max() <= 1e-4
+    assert ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5  # informative
