@@ -15,9 +15,10 @@ import logging
 import sys
 
 from ssd.checkpoint import CheckpointError
-from ssd.config import ConfigError
+from ssd.config import BN_BLOCKS, OPTIMIZERS, ConfigError
 from ssd.data.records import DatasetError
-from ssd.engine.bn_study import DEFAULT_VARIANTS, format_table, run_study
+from ssd.engine.bn_study import DEFAULT_OPTIMIZER, DEFAULT_VARIANTS, VARIANT_HELP, run_study
+from ssd.engine.bn_study_report import format_table
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError, ImportError)
 
@@ -29,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bn_study", help="output folder (default runs/bn_study)")
     p.add_argument("--iters", type=int, default=300, help="training iterations per variant (default 300)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="VARIANT",
-                   help="BLOCKS[@MULTx]: none, all, backbone (conv1..conv5 + fc), extras, or blocks joined by '+' "
-                        "(conv4+conv5); @3x trains at 3x the config's lr (default: %(default)s)")  # fmt: skip
+                   help=VARIANT_HELP.format(blocks=", ".join(BN_BLOCKS)) + " (default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                   help="train every variant with this optimizer (default: %(default)s; none: the config's train.optimizer); "
+                        "SGD uses the config's train.momentum and train.weight_decay")  # fmt: skip
+    p.add_argument("--lr", type=float, help="the base lr that @3x multiplies (default: the config's train.lr)")
     p.add_argument("--eval-period", type=int, default=100, help="evaluate every N iterations (default 100; and at the end)")
     p.add_argument("--log-period", type=int, default=5, help="average the logged loss over N iterations (default 5)")
     p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, *(v for v in args.variants if "=" in v), *rest]
     try:
         summary = run_study(args.config, args.out, overrides, variants, args.iters, args.eval_period,
-                            args.log_period, args.batch_size, args.val_images, args.act_images)  # fmt: skip
+                            args.log_period, args.batch_size, args.val_images, args.act_images, args.optimizer, args.lr)  # fmt: skip
     except USER_ERRORS as e:
         print(f"bn_study.py: error: {e}", file=sys.stderr)
         return 2

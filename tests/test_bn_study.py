@@ -22,14 +22,16 @@ import torch
 import yaml
 
 import ssd.engine.train as engine
-from ssd.config import BN_ALL, BN_BLOCKS, load_config
+from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine import bn_study
-from ssd.engine.bn_study import Variant, parse_variant, run_study, run_variant, start_model, summarize, val_subset
+from ssd.engine import bn_study_data, bn_study_report
+from ssd.engine.bn_study import Variant, parse_variant, run_study, run_variant, val_subset
+from ssd.engine.bn_study_activations import HIST_BINS, start_model
+from ssd.engine.bn_study_report import summarize
 
 SIZE = 64
-LAYERS = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3", "fc7", "extras.0"]
+LAYERS = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3", "fc7", "extras.0", "conf.0"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,25 +83,43 @@ def study(shapes, tmp_path_factory) -> tuple[Path, dict]:
 # --- variants -------------------------------------------------------------------------------------------
 
 
-def test_variants_are_presets_or_block_lists_with_an_lr_multiplier():
+def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolute_lr():
     assert parse_variant("none") == Variant("none", [], 1.0)
     assert parse_variant("all@3x") == Variant("all@3x", list(BN_ALL), 3.0)
     assert parse_variant("backbone").blocks == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"]
     assert parse_variant("extras@0.5x") == Variant("extras@0.5x", ["extras"], 0.5)
-    assert parse_variant("conv5+conv4@10") == Variant("conv5+conv4@10", ["conv4", "conv5"], 10.0)  # block order canonical
-    assert parse_variant("all@3x").dirname == "all_lr3x"
-    with pytest.raises(ValueError, match=r"variant 'alll': unknown BN block 'alll'; use a preset \(none, all, backbone, extras\)"):
+    assert parse_variant("conv5+conv4@10x") == Variant("conv5+conv4@10x", ["conv4", "conv5"], 10.0)  # block order canonical
+    # presets combine with blocks: the heads come on top of every feature block, or of the backbone
+    assert parse_variant("all+heads").blocks == list(BN_BLOCKS) == [*BN_ALL, "heads"]
+    assert parse_variant("heads+backbone@2x") == Variant("heads+backbone@2x", ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "heads"], 2.0)
+    assert parse_variant("heads").blocks == ["heads"]
+    assert parse_variant("all+extras").blocks == list(BN_ALL)  # overlaps are one set
+    # an absolute lr ignores the base lr; a multiple scales it
+    none_abs, all_rel = parse_variant("none@lr0.05"), parse_variant("all@3x")
+    assert (none_abs.lr, none_abs.lr_mult, none_abs.lr_for(0.01), all_rel.lr_for(0.01)) == (0.05, 1.0, 0.05, pytest.approx(0.03))
+    assert parse_variant("all+heads@lr1e-3").lr_for(0.5) == 0.001
+    assert [parse_variant(v).dirname for v in ("all@3x", "none@lr0.05", "all+heads@0.5x")] == ["all_lr3x", "none_lr0.05", "all+heads_lr0.5x"]
+
+    with pytest.raises(ValueError, match=r"variant 'alll': unknown BN block 'alll'; a variant is BLOCKS\[@LR\]: BLOCKS is a preset \(none, all"):
         parse_variant("alll")
-    with pytest.raises(ValueError, match="variant 'all@fast': the lr multiplier after @ must be a positive number"):
-        parse_variant("all@fast")
+    with pytest.raises(ValueError, match=r"variant 'all\+head': unknown BN block 'head'; .*BN block \(conv1, conv2, conv3, conv4, conv5, fc, extras, heads\)"):
+        parse_variant("all+head")
     with pytest.raises(ValueError, match=r"variant 'conv4\+fc7': unknown BN block 'fc7'"):
         parse_variant("conv4+fc7")
+    with pytest.raises(ValueError, match=r"variant 'all\+': unknown BN block ''"):
+        parse_variant("all+")
+    with pytest.raises(ValueError, match=r"variant 'none\+heads': 'none' cannot be combined with other blocks"):
+        parse_variant("none+heads")
+    for bad in ("fast", "3", "0x", "-1x", "lr", "lr-0.1", "lrnan", "0.05lr"):  # a bare number is ambiguous: 3x or lr3?
+        with pytest.raises(ValueError, match=f"variant 'all@{bad}': after @ write a multiple of the base lr like 3x or 0.5x, "
+                                             f"or an absolute lr like lr0.05 \\(got '{bad}'\\)"):
+            parse_variant(f"all@{bad}")
 
 
 def test_loss_rebound_is_the_largest_rise_above_the_lowest_loss_so_far():
-    assert bn_study.loss_rebound({"iter": [5, 10, 15, 20, 25], "loss": [20.0, 8.0, 12.0, 6.0, 9.0]}) == (1.5, 15)
-    assert bn_study.loss_rebound({"iter": [5, 10], "loss": [20.0, 10.0]}) == (1.0, None)  # only falling
-    assert bn_study.loss_rebound({"iter": [], "loss": []}) == (1.0, None)
+    assert bn_study_report.loss_rebound({"iter": [5, 10, 15, 20, 25], "loss": [20.0, 8.0, 12.0, 6.0, 9.0]}) == (1.5, 15)
+    assert bn_study_report.loss_rebound({"iter": [5, 10], "loss": [20.0, 10.0]}) == (1.0, None)  # only falling
+    assert bn_study_report.loss_rebound({"iter": [], "loss": []}) == (1.0, None)
 
 
 def test_study_arguments_are_checked_before_anything_runs(shapes, tmp_path):
@@ -108,6 +128,12 @@ def test_study_arguments_are_checked_before_anything_runs(shapes, tmp_path):
         run_study(path, tmp_path / "out", iters=0)
     with pytest.raises(ValueError, match=r"--variants: duplicate variant in \['all', 'all'\]"):
         run_study(path, tmp_path / "out", variants=["all", "all"])
+    with pytest.raises(ValueError, match=r"--variants: all@2x and all\+extras@lr0.002 are the same run \(BN \['conv1', .*'extras'\], lr 0.002\)"):
+        run_study(path, tmp_path / "out", variants=["none", "all@2x", "all+extras@lr0.002"])  # the config's lr is 1e-3
+    with pytest.raises(ValueError, match="--lr must be a positive number, got -0.1"):
+        run_study(path, tmp_path / "out", lr=-0.1)
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        run_study(path, tmp_path / "out", optimizer="adam")
     assert not (tmp_path / "out").exists()
 
 
@@ -133,15 +159,15 @@ def test_val_subset_is_the_first_images_without_touching_the_data(shapes, tmp_pa
 
 
 def test_missing_shapes_data_is_generated_and_other_missing_data_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(bn_study, "STUDY_DATA", {"num_train": 6, "num_val": 2, "size": 64, "seed": 0})
+    monkeypatch.setattr(bn_study_data, "STUDY_DATA", {"num_train": 6, "num_val": 2, "size": 64, "seed": 0})
     cfg = load_config(write_config(tmp_path / "run.yaml", run_dict(tmp_path / "made")))
-    bn_study.ensure_study_data(cfg)
+    bn_study_data.ensure_study_data(cfg)
     assert (tmp_path / "made" / "ImageSets" / "Main" / "train.txt").read_text().split() == [f"train_{i:06d}" for i in range(6)]
 
     other = run_dict(tmp_path / "absent")
     other["data"]["train"]["classes"] = ["cat", "dog"]
     with pytest.raises(FileNotFoundError, match=f"data.train.root {tmp_path / 'absent'}: not found"):
-        bn_study.ensure_study_data(load_config(write_config(tmp_path / "other.yaml", other)))
+        bn_study_data.ensure_study_data(load_config(write_config(tmp_path / "other.yaml", other)))
     assert not (tmp_path / "absent").exists()
 
 
@@ -183,32 +209,36 @@ def png_pixels(path: Path) -> np.ndarray:
 
 def test_study_writes_plots_and_a_summary_per_variant(study):
     out, summary = study
-    for name, min_size in (("loss.png", (300, 500)), ("map.png", (300, 500)), ("activations.png", (300, 900))):
+    for name, min_size in (("loss.png", (300, 500)), ("map.png", (300, 500)), ("activations.png", (300, 900)), ("lr_sweep.png", (300, 500))):
         pixels = png_pixels(out / name)
         assert pixels.shape[0] >= min_size[0] and pixels.shape[1] >= min_size[1], name
         assert pixels[..., :3].std() > 0.05, f"{name} looks blank"
 
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["plots"] == {"loss": "loss.png", "map": "map.png", "activations": "activations.png"}
+    assert saved["plots"] == {"loss": "loss.png", "map": "map.png", "activations": "activations.png", "lr_sweep": "lr_sweep.png"}
     assert [v["name"] for v in saved["variants"]] == ["none", "all@3x"]  # one curve per variant in each plot
     none, bn = saved["variants"]
     assert (none["batch_norm"], bn["batch_norm"]) == ([], list(BN_ALL))
     assert (none["lr"], bn["lr"]) == (pytest.approx(1e-3), pytest.approx(3e-3))
+    assert (none["optimizer"], none["lr_mult"], bn["lr_mult"]) == ("adamw", 1.0, 3.0)
+    assert saved["settings"]["optimizer"] == "adamw" and saved["settings"]["momentum"] is None
     for v in saved["variants"]:
         assert v["loss_curve"]["iter"] == [1, 2, 3, 4] and all(np.isfinite(v["loss_curve"]["loss"]))
         assert v["map_curve"]["iter"] == [2, 4] and v["final_map"] == v["map_curve"]["map"][-1]
         assert v["iterations"] == 4 and v["end_weights_iter"] == 4 and v["error"] is None and v["stopped"] == "done"
-        assert v["diverged"] == (v["end_loss"] > v["start_loss"])
+        assert v["diverged"] == (v["end_loss"] > v["start_loss"]) and v["skipped_steps"] == 0
+        assert v["diverged_reason"] == ("loss rose" if v["diverged"] else None)
         assert v["images_per_s"] > 0
         assert list(v["activations"]) == LAYERS
         for cell in v["activations"].values():
-            assert len(cell["edges"]) == bn_study.HIST_BINS + 1 and set(cell) == {"edges", "start", "end"}
+            assert len(cell["edges"]) == HIST_BINS + 1 and set(cell) == {"edges", "start", "end"}
             width = cell["edges"][1] - cell["edges"][0]
             for phase in ("start", "end"):
                 shown = sum(cell[phase]["density"]) * width  # the share of values inside the 0.5-99.5% range
                 assert 0.9 < shown <= 1.0 + 1e-4
     # BN in train mode normalises every channel of the fixed batch: mean 0, std 1 before gamma/beta move
-    for cell in bn["activations"].values():
+    # (the conf logits have no BN in these two variants: `all` leaves the heads out)
+    for cell in (cell for layer, cell in bn["activations"].items() if layer != "conf.0"):
         assert cell["start"]["mean"] == pytest.approx(0.0, abs=0.02)
         assert cell["start"]["std"] == pytest.approx(1.0, abs=0.02)
     # without BN the scale is whatever the init gives: far from 1 in the deep layers
@@ -221,9 +251,10 @@ def test_study_writes_plots_and_a_summary_per_variant(study):
         assert v["iters_to_90pct"] == (hits[0] if hits else None)
 
     table = (out / "summary.md").read_text().splitlines()
-    assert table[2] == "| variant | BN blocks | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |"
+    assert table[0].startswith(f"BN study of `{out.parent / 'run.yaml'}`: 4 iterations, batch 8, adamw, base lr 0.001, weight decay 0.0005")
+    assert table[2] == "| variant | BN blocks | optimizer | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |"
     assert [row.split(" | ")[0] for row in table[4:]] == ["| none", "| all@3x"]
-    assert table[5].startswith("| all@3x | all | 0.003 | ")
+    assert table[5].startswith("| all@3x | all | adamw | 0.003 | ")
 
 
 def test_every_variant_trains_the_same_data_and_seed(study):
@@ -244,23 +275,54 @@ def test_a_diverging_variant_is_recorded_not_raised(shapes, tmp_path):
     """A NaN L2Norm scale makes every loss non-finite: the engine stops with TrainingError before
     writing any checkpoint; the study records it, keeps the start histograms, and still plots."""
     cfg = load_config(write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2)), ["model.l2norm_scale=.nan"])
-    images = bn_study.fixed_batch(cfg, 4)
+    images = bn_study_data.fixed_batch(cfg, 4)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"a previous study's")  # must not pass for this run's end weights
     os.utime(tmp_path / "run" / "last.pt", (time.time() - 3600, time.time() - 3600))
     res = run_variant(cfg, parse_variant("none"), tmp_path / "run", images)
     assert res["diverged"] and "non-finite for 2 consecutive iterations" in res["error"] and res["stopped"] == "diverged"
+    assert res["diverged_reason"] == "non-finite loss, stopped"
     assert (res["iterations"], res["final_map"], res["end_weights_iter"], res["loss_curve"]["iter"]) == (0, None, None, [])
     assert all(set(cell) == {"edges", "start"} for cell in res["activations"].values())
 
     res["loss_curve"] = {"iter": [5, 10, 15], "loss": [9.0, 3.0, 6.0]}  # as if a spike had come before the end
     summary = summarize([res], {"config": "run.yaml", "iters": 2, "batch_size": 8, "optimizer": "adamw", "base_lr": 1e-3,
-                                "warmup_iters": 0, "seed": 0, "val_images": 5})  # fmt: skip
+                                "weight_decay": 0.0, "warmup_iters": 0, "seed": 0, "val_images": 5, "momentum": None})  # fmt: skip
     assert summary["study_best_map"] is None and res["iters_to_90pct"] is None
-    assert bn_study.format_table(summary).splitlines()[-1] == (
-        "| none | - | 0.001 | - | - | never | yes (non-finite loss) (loss rebounded 2.0x, iteration 15) | - |")
-    bn_study.write_plots(summary, tmp_path)
+    assert bn_study_report.format_table(summary).splitlines()[-1] == (
+        "| none | - | adamw | 0.001 | - | - | never | **yes** (non-finite loss, stopped) (loss rebounded 2.0x, iteration 15) | - |")
+    bn_study_report.write_plots(summary, tmp_path)
     assert png_pixels(tmp_path / "activations.png").shape[0] > 100
+
+
+def test_an_sgd_sweep_records_a_diverging_lr_and_plots_final_map_against_lr(shapes, tmp_path):
+    """--optimizer sgd --lr: every variant trains with SGD at the config's momentum; an absurd absolute lr
+    makes the BN-free network's loss non-finite, which is recorded as diverged and the study goes on."""
+    path = write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2))
+    out = tmp_path / "out"
+    summary = run_study(path, out, ["train.momentum=0.8"], ["all+heads", "none@lr1e4"], iters=4, eval_period=4, log_period=1,
+                        val_images=3, act_images=4, optimizer="sgd", lr=0.02)  # fmt: skip
+    heads, none = summary["variants"]
+    cfg = load_config(out / "runs" / "all+heads" / "config.yaml")
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.momentum, cfg.model.batch_norm) == ("sgd", 0.02, 0.8, list(BN_BLOCKS))
+    assert load_config(out / "runs" / "none_lr1e4" / "config.yaml").train.lr == 1e4
+    assert (summary["settings"]["optimizer"], summary["settings"]["base_lr"], summary["settings"]["momentum"]) == ("sgd", 0.02, 0.8)
+
+    assert (heads["optimizer"], heads["lr"], heads["error"], heads["skipped_steps"], heads["iterations"]) == ("sgd", 0.02, None, 0, 4)
+    assert heads["final_map"] is not None and heads["stopped"] == "done"
+    # with head BN the first conf head's logits start normalised too
+    assert heads["activations"]["conf.0"]["start"]["mean"] == pytest.approx(0.0, abs=0.02)
+    assert heads["activations"]["conf.0"]["start"]["std"] == pytest.approx(1.0, abs=0.02)
+
+    assert (none["optimizer"], none["lr"], none["lr_mult"], none["stopped"]) == ("sgd", 1e4, None, "diverged")
+    assert none["diverged"] and none["diverged_reason"] == "non-finite loss, stopped" and "non-finite for 2" in none["error"]
+    assert none["final_map"] is None and bn_study_report.sweep_map(none) == 0.0
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0].startswith(f"BN study of `{path}`: 4 iterations, batch 8, sgd (momentum 0.8), base lr 0.02,")
+    assert table[-1].startswith("| none@lr1e4 | - | sgd | 10000 | - | - | never | **yes** (non-finite loss, stopped)")
+    assert table[-2].startswith("| all+heads | all+heads | sgd | 0.02 | ")
+    pixels = png_pixels(out / "lr_sweep.png")
+    assert pixels.shape[:2] == (450, 700) and pixels[..., :3].std() > 0.05
 
 
 def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):
@@ -272,6 +334,8 @@ def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("bn_study.py: error: variant 'bn@3x': unknown BN block 'bn'")
     assert script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2  # overrides after --variants
     assert "unknown config key 'model.widht' (did you mean model.width?)" in capsys.readouterr().err
+    assert script.main([str(path), "--variants", "none", "--lr", "0"]) == 2
+    assert capsys.readouterr().err.startswith("bn_study.py: error: --lr must be a positive number, got 0.0")
 
 
 def test_ctrl_c_stops_the_whole_study(shapes, tmp_path):
