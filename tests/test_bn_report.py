@@ -6,6 +6,7 @@ The model is a width-1/8 SSD at 64 px with BN everywhere (19 layers) on 40 shape
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,8 @@ def test_running_statistics_lagging_after_a_short_training_are_flagged_drifted(s
     assert not any(r.stale for r in report.layers)
     assert len(report.flagged) >= NUM_BN // 2
     for r in report.layers:
-        assert r.drifted == (r.mean_gap > bn_tools.DRIFT_MEAN_GAP or r.var_gap > bn_tools.DRIFT_VAR_GAP)
+        assert r.drifted == (r.mean_gap > r.mean_threshold or r.var_gap > r.var_threshold)
+        assert r.mean_threshold >= bn_tools.DRIFT_MEAN_GAP and r.var_threshold >= bn_tools.DRIFT_VAR_GAP
         # what is left of the initial (0, 1): the running mean is ~(1 - 0.9^4) of the way to the batch mean
         assert abs(r.running_mean) <= abs(r.batch_mean) + 0.05
     assert report.loss_eval > report.loss_train
@@ -181,11 +183,12 @@ def test_command_prints_the_table_and_exits_1_only_when_a_layer_is_flagged(setup
     assert main(["bn-report", "--weights", str(tmp_path / "precise.pt"), *args]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"BatchNorm report for {tmp_path / 'precise.pt'}: {NUM_BN} layers, data.train of {setup['config']}"
-    assert out[1].split() == ["layer", "ch", "run", "mean", "batch", "mean", "run", "var", "batch", "var", "mean", "gap",
+    assert out[1].split() == ["layer", "ch", "vals/ch", "run", "mean", "batch", "mean", "run", "var", "batch", "var", "mean", "gap",
                               "var", "gap", "status"]  # fmt: skip
     rows = out[2 : 2 + NUM_BN]
     assert [row.split()[0] for row in rows] == [name for name, _ in bn_tools.bn_layers(good)]
     assert all(row.split()[-1] == "ok" and float(row.split()[-3]) < 1e-3 for row in rows)
+    assert [int(row.split()[2]) for row in rows][:2] == [8 * 64 * 64] * 2  # values per channel: batch 8 x 64 x 64 (conv1)
     assert out[-2].startswith(f"train vs eval mode on the same {BATCHES * 8} images ({BATCHES} batches): loss ")
     assert out[-1] == f"all {NUM_BN} BatchNorm layers ok"
 
@@ -208,3 +211,64 @@ def test_command_errors_are_one_line(setup, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "ssd bn-report: error: --batches must be >= 1, got 0"
     assert main(["bn-report", "--weights", str(tmp_path / "missing.pt"), *args]) == 2
     assert "missing.pt: no such file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def heads_setup(tmp_path_factory) -> dict:
+    """model.batch_norm [all, heads] trained 4 iterations, then precise BN over 30 batches of 4 images
+    (3 augmented epochs): running statistics right in expectation, so any gap is sampling noise."""
+    tmp = tmp_path_factory.mktemp("bn_report_heads")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSD_CACHE_DIR", str(tmp / "cache"))
+        generate_shapes(tmp / "shapes", 40, 10, size=SIZE, seed=5)
+        data = run_dict(tmp / "shapes", batch_norm=["all", "heads"])
+        data["train"]["batch_size"] = 4  # the report's batches: 4 values per channel on the 1x1 level
+        config = tmp / "run.yaml"
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        train(load_config(config), tmp / "run")
+        model = model_from_checkpoint(tmp / "run" / "last.pt")[0]
+        cfg, loader, prepare, criterion = report_inputs(config)
+        epochs = (build_dataloader(loader().dataset, 4, train=True, num_workers=0, seed=100 + i) for i in range(3))
+        assert bn_tools.precise_bn(model, (b for epoch in epochs for b in epoch), lambda m, b: m(prepare(b)[0]), 30) == 30
+    return {"model": model, "loader": loader, "prepare": prepare, "criterion": criterion}
+
+
+def test_head_bn_layers_are_reported_and_sampling_noise_on_small_maps_is_not_flagged(heads_setup):
+    """The 8 head BN layers follow the 19 of the blocks; on the 1x1 level (4 values per channel and batch) and
+    on conv1 (whose input statistics vary from image to image) sampling noise alone crosses the fixed
+    thresholds; the thresholds raised by the measured spread between batches flag nothing."""
+    model, loader, prepare, criterion = (heads_setup[k] for k in ("model", "loader", "prepare", "criterion"))
+    fixed = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES, noise_factor=0.0)
+    names = [r.name for r in fixed.layers]
+    assert len(names) == NUM_BN + 8 and names[NUM_BN:] == [f"head.{k}_bn.{i}" for k in ("loc", "conf") for i in range(4)]
+    assert {r.name: r.values for r in fixed.layers}["head.conf_bn.3"] == 4  # the 1x1 level: 4 images x 1 x 1
+    assert [r.name for r in fixed.flagged] == ["head.conf_bn.3"]  # a false flag: noise only
+
+    report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
+    assert report.flagged == []
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["head.conf_bn.3"].var_threshold > 1.0 and by_name["head.conf_bn.0"].var_threshold == bn_tools.DRIFT_VAR_GAP
+    assert "thresholds raised to 3x the gaps sampling noise gives" in bn_tools.format_bn_report(report)
+
+
+def test_real_drift_on_the_heads_1x1_level_is_still_flagged(heads_setup):
+    model = copy.deepcopy(heads_setup["model"])
+    layers = dict(bn_tools.bn_layers(model))
+    with torch.no_grad():
+        shifted, scaled = layers["head.conf_bn.3"], layers["head.loc_bn.3"]
+        shifted.running_mean += (shifted.running_var + shifted.eps).sqrt()  # 1 standard deviation off
+        scaled.running_var.mul_(4.0)  # 3x is within 3x the noise of 4 values per channel: gap 1.6, threshold 1.8
+    report = bn_tools.bn_report(model, heads_setup["loader"](), heads_setup["prepare"], heads_setup["criterion"], BATCHES)
+    assert [r.name for r in report.flagged] == ["head.loc_bn.3", "head.conf_bn.3"]
+
+
+def test_sampling_gaps_follow_the_spread_between_batches():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5  # one batch's mean: sd 0.5 (of a unit variance)
+    variances = torch.ones(4, 1000, dtype=torch.float64)
+    mean_gap, var_gap = bn_tools.sampling_gaps(means, variances, momentum=0.1, eps=0.0)
+    spread = 1 / 4 + 0.1 / 1.9  # the 4 measured batches + the running average's share of one batch
+    c4 = 0.9213  # E[sample sd] / sd for 4 samples: the spread of 4 batches is measured a little low
+    assert mean_gap == pytest.approx(c4 * 0.5 * spread**0.5 * (2 / torch.pi) ** 0.5, rel=0.03) and var_gap == 0.0
+    assert bn_tools.sampling_gaps(means[:1], variances[:1], 0.1) == (0.0, 0.0)  # one batch: no spread to measure
+    assert bn_tools.sampling_gaps(means, variances, None, tracked=4, eps=0.0)[0] > mean_gap  # precise BN over 4 batches
