@@ -13,7 +13,8 @@ centres: a fixed-size prior overlaps a box most at the grid centre nearest to th
 (the overlap in x and y each shrinks with the centre distance), so a box's best IoU on a level is
 one IoU per shape there, not one per prior. Sizes are fitted by coordinate search over a
 geometric grid of pixel sizes (2^(1/8) apart), levels kept in order (a deeper level never gets
-smaller priors than a shallower one), from two starts: today's sizes and box-size quantiles.
+smaller priors than a shallower one) and no level's priors smaller than its stride (unless the
+config already has them so), from two starts: today's sizes and box-size quantiles.
 """
 
 from __future__ import annotations
@@ -234,17 +235,40 @@ def others_best(per_level: np.ndarray, k: int) -> np.ndarray:
     return np.delete(per_level, k, axis=0).max(0) if len(per_level) > 1 else np.zeros(per_level.shape[1])
 
 
-def min_size_bounds(sizes: PriorSizes, k: int) -> tuple[float, float]:
-    """Level ``k``'s min size stays between its neighbours' (a deeper level never gets smaller priors)."""
-    return (sizes.min_px[k - 1] if k > 0 else 0.0), (sizes.min_px[k + 1] if k + 1 < len(sizes.min_px) else math.inf)
+def stride_floors(grid: PriorGrid, today: PriorSizes) -> list[float]:
+    """The smallest min size each level may get, in input pixels: its stride (the distance between its
+    prior centres), or today's size where the config already goes below that (SSD300's 264 px on the
+    300 px step of its 1x1 map).
+
+    Without it, small boxes make the search give the coarse maps priors of a few pixels: their centres
+    fill gaps between the finer grids, which raises coverage, but it asks a 2x2 or 1x1 map to find and
+    regress objects a fraction of one of its cells, and in training that cost more mAP than the
+    coverage bought (docs/priorfit.md)."""
+    return [min(max(sy, sx) * grid.input_size, m) for (sy, sx), m in zip(grid.steps, today.min_px)]
 
 
-def fit_sizes(boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: float) -> tuple[PriorSizes, np.ndarray]:
+def min_size_bounds(sizes: PriorSizes, k: int, floors: list[float]) -> tuple[float, float]:
+    """Level ``k``'s min size stays between its neighbours' (a deeper level never gets smaller priors)
+    and at least its floor (:func:`stride_floors`)."""
+    low = max(sizes.min_px[k - 1] if k > 0 else 0.0, floors[k])
+    return low, (sizes.min_px[k + 1] if k + 1 < len(sizes.min_px) else math.inf)
+
+
+def floored(sizes: PriorSizes, floors: list[float]) -> PriorSizes:
+    """``sizes`` with every min size raised to its floor (and to the level before it), max sizes kept >= min."""
+    mins = []
+    for m, f in zip(sizes.min_px, floors):
+        mins.append(max(m, f, mins[-1] if mins else 0.0))
+    return PriorSizes(mins, [max(a, m) for a, m in zip(sizes.max_px, mins)], [list(r) for r in sizes.aspect_ratios])
+
+
+def fit_sizes(boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: float,
+              floors: list[float]) -> tuple[PriorSizes, np.ndarray]:  # fmt: skip
     """Coordinate search from ``start``: each level's min, then max size, set to the grid value that
-    matches the most boxes, until a round changes nothing. Keeps ``min_px`` non-decreasing over levels
-    and ``max_px >= min_px``. Returns the sizes and their per-level best IoUs ``[L, N]``."""
+    matches the most boxes, until a round changes nothing. Keeps ``min_px`` non-decreasing over levels,
+    at least ``floors`` and ``max_px >= min_px``. Returns the sizes and their per-level best IoUs ``[L, N]``."""
     candidates = size_grid(boxes, grid.input_size)
-    sizes = PriorSizes(list(start.min_px), list(start.max_px), [list(r) for r in start.aspect_ratios])
+    sizes = floored(start, floors)
     per_level = best_iou(boxes, grid, sizes)
     current = score(per_level.max(0), threshold)
     for _ in range(MAX_ROUNDS):
@@ -252,7 +276,7 @@ def fit_sizes(boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: 
         for k in range(len(grid.feature_sizes)):
             others = others_best(per_level, k)
             for which in ("min", "max"):
-                low, high = min_size_bounds(sizes, k) if which == "min" else (sizes.min_px[k], math.inf)
+                low, high = min_size_bounds(sizes, k, floors) if which == "min" else (sizes.min_px[k], math.inf)
                 cand = candidates[(candidates >= low) & (candidates <= (min(high, sizes.max_px[k]) if which == "min" else high))]
                 if not len(cand):
                     continue
@@ -277,7 +301,7 @@ def quantile_start(boxes: np.ndarray, grid: PriorGrid, aspect_ratios: list[list[
     return PriorSizes([float(e) for e in edges[:-1]], [float(e) for e in edges[1:]], [list(r) for r in aspect_ratios])
 
 
-def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, threshold: float) -> PriorSizes:
+def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, threshold: float, floors: list[float]) -> PriorSizes:
     """Add the aspect ratio (of RATIO_CANDIDATES, to one level, with that level's min size refitted for it)
     that matches the most more boxes, while that is at least MIN_RATIO_GAIN of them; refit all sizes after each."""
     candidates = size_grid(boxes, grid.input_size)
@@ -286,7 +310,7 @@ def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, thr
         base = score(per_level.max(0), threshold)[0]
         best_gain, best_choice = MIN_RATIO_GAIN * len(boxes), None
         for k in range(len(grid.feature_sizes)):
-            low, high = min_size_bounds(sizes, k)
+            low, high = min_size_bounds(sizes, k, floors)
             mins = candidates[(candidates >= low) & (candidates <= high)]
             for r in RATIO_CANDIDATES:
                 if r in sizes.aspect_ratios[k] or not len(mins):
@@ -301,16 +325,18 @@ def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, thr
         k, ratios, min_px = best_choice
         trial = PriorSizes(list(sizes.min_px), list(sizes.max_px), [list(r) for r in sizes.aspect_ratios])
         trial.min_px[k], trial.max_px[k], trial.aspect_ratios[k] = min_px, max(min_px, sizes.max_px[k]), ratios
-        sizes, per_level = fit_sizes(boxes, grid, trial, threshold)
+        sizes, per_level = fit_sizes(boxes, grid, trial, threshold, floors)
 
 
 def fit_priors(boxes: np.ndarray, grid: PriorGrid, today: PriorSizes, threshold: float) -> tuple[PriorSizes, float]:
     """The prior sizes (and added aspect ratios) that maximise coverage on ``grid``; returns them and the coverage.
-    Never worse than ``today``: it is one of the two starts."""
-    results = [fit_sizes(boxes, grid, start, threshold) for start in (today, quantile_start(boxes, grid, today.aspect_ratios))]
+    Never worse than ``today`` where today's sizes respect the stride floors: it is one of the two starts."""
+    floors = stride_floors(grid, today)
+    starts = (today, quantile_start(boxes, grid, today.aspect_ratios))
+    results = [fit_sizes(boxes, grid, start, threshold, floors) for start in starts]
     sizes, per_level = max(results, key=lambda r: score(r[1].max(0), threshold))
     if len(boxes) and (per_level.max(0) >= threshold).mean() < TARGET_COVERAGE:
-        sizes = add_aspect_ratios(boxes, grid, sizes, threshold)
+        sizes = add_aspect_ratios(boxes, grid, sizes, threshold, floors)
         per_level = best_iou(boxes, grid, sizes)
     covered = float((per_level.max(0) >= threshold).mean()) if len(boxes) else 0.0
     return sizes, covered
