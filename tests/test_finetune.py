@@ -323,3 +323,40 @@ def test_data_check_reports_coverage_of_the_priors_a_finetuning_run_trains_with(
     spelled_out = check({"priors": {"scales": TV_SCALES, "clip": "wh"}})
     preset = check({})
     assert "coverage" in adopted and adopted == spelled_out != preset
+
+
+@pytest.mark.parametrize("source_bn, target_bn", [("all", ["all", "heads"]), (["all", "heads"], "all")])
+def test_head_bn_on_weights_without_it_and_back_says_what_starts_fresh(tmp_path, caplog, make_tiny_config, source_bn, target_bn):
+    """model.batch_norm [all, heads] from weights trained with 'all' (and the reverse): everything else loads,
+    one line names the head BN layers that start fresh (or go unused) and what happens to the conv biases."""
+    source_cfg, target_cfg = make_tiny_config(batch_norm=source_bn), make_tiny_config(batch_norm=target_bn)
+    torch.manual_seed(0)
+    source = build_ssd(source_cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    path = tmp_path / "source.pt"
+    save_checkpoint(make_checkpoint(source.state_dict(), source_cfg, [f"c{i}" for i in range(1, 21)], "train"), path)
+    target = build_ssd(target_cfg)
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        report = init_weights_from(target, str(path), backbone_only=False)
+
+    (line,) = [r.getMessage() for r in caplog.records if "head BN" in r.getMessage() or "start fresh" in r.getMessage()]
+    bn_keys = [k for k in {**source.state_dict(), **target.state_dict()} if "_bn." in k]
+    biases = [f"head.{kind}.{i}.bias" for kind in ("loc", "conf") for i in range(5)]
+    if "heads" in target_bn:
+        assert line == (f"init from {path}: head.loc_bn.0..4, head.conf_bn.0..4 start fresh (not in the checkpoint, trained "
+                        "without BN in the heads); its head conv biases (10) are not used: with BN in the heads the convs "
+                        "have none, BN's shift takes their place")  # fmt: skip
+        assert sorted(report["ignored"]) == sorted(biases)
+        assert all(torch.equal(target.head.conf_bn[i].running_var, torch.ones(target.head.conf_bn[i].num_features)) for i in range(5))
+    else:
+        assert line == (f"init from {path}: its head BN layers head.loc_bn.0..4, head.conf_bn.0..4 are not used (model.batch_norm "
+                        "has no 'heads'); the head convs load their weights, which were trained to feed those BN layers, and "
+                        "their biases start at 0")  # fmt: skip
+        assert sorted(report["ignored"]) == sorted(bn_keys)
+        assert all(not target.head.loc[i].bias.any() for i in range(5))
+    assert report["reinitialised"] == []
+    for kind in ("loc", "conf"):  # the prediction convs keep their names: their weights load either way
+        assert torch.equal(getattr(target.head, kind)[0].weight, getattr(source.head, kind)[0].weight)
+    assert torch.equal(target.backbone.conv1[0].bn.running_var, source.backbone.conv1[0].bn.running_var)

@@ -225,10 +225,42 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
     if not any(v.is_floating_point() for v in update.values()):  # BN's num_batches_tracked counters always fit
         raise CheckpointError(f"{path}: no tensor matches this model by name and shape; is it the right architecture?")
     model.load_state_dict(update, strict=False)
+    if not backbone_only:
+        _log_head_bn_mismatch(path, own, state)
     log.info("init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
              path, len(report["loaded"]), len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-",
              len(report["ignored"]), ", ".join(report["ignored"][:6]) or "-")  # fmt: skip
     return report
+
+
+def _head_bn_layers(state: dict) -> list[str]:
+    """The prediction heads' BN layers (``head.loc_bn.i``, ``head.conf_bn.i``) named in a state dict."""
+    suffix = ".running_mean"
+    return [k.removesuffix(suffix) for k in state if k.startswith(("head.loc_bn.", "head.conf_bn.")) and k.endswith(suffix)]
+
+
+def _spans(layers: list[str]) -> str:
+    """``head.loc_bn.0, head.loc_bn.1, head.loc_bn.2`` -> ``head.loc_bn.0..2``."""
+    groups: dict[str, list[int]] = {}
+    for name in layers:
+        prefix, _, index = name.rpartition(".")
+        groups.setdefault(prefix, []).append(int(index))
+    return ", ".join(f"{prefix}.{min(i)}..{max(i)}" if len(i) > 1 else f"{prefix}.{i[0]}" for prefix, i in groups.items())
+
+
+def _log_head_bn_mismatch(path: str, own: dict, state: dict) -> None:
+    """One line when the model and the checkpoint disagree about BN in the heads (``model.batch_norm``
+    ``heads``): which layers start fresh and what happens to the head convs' biases."""
+    mine, theirs = _head_bn_layers(own), _head_bn_layers(state)
+    if mine and not theirs:
+        biases = [k for k in state if k.startswith(("head.loc.", "head.conf.")) and k.endswith(".bias")]
+        log.info("init from %s: %s start fresh (not in the checkpoint, trained without BN in the heads)%s", path, _spans(mine),
+                 f"; its head conv biases ({len(biases)}) are not used: with BN in the heads the convs have none, BN's "
+                 "shift takes their place" if biases else "")  # fmt: skip
+    elif theirs and not mine:
+        log.info("init from %s: its head BN layers %s are not used (model.batch_norm has no 'heads'); the head convs load "
+                 "their weights, which were trained to feed those BN layers, and their biases start at 0",
+                 path, _spans(theirs))  # fmt: skip
 
 
 def freeze_blocks(model: nn.Module, blocks: list[str]) -> list[str]:
