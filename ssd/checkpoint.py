@@ -7,6 +7,12 @@ Layout (``version`` 1)::
 
 The preprocessing the weights expect (channel order, scale, mean, std, resize) is part of
 ``config["model"]["preprocess"]``, so converted foreign weights predict with their own.
+
+A run with ``train.ema`` adds ``"eval_weights": "ema"``, ``"model_raw"`` (the trained weights) and
+``"ema_updates"``; its ``model`` is then the moving average, the weights its logged mAP belongs to.
+``model`` is always the checkpoint's default weights, so every reader of the file (``model.init``
+fine-tuning, scripts, code from before EMA) gets them without knowing about EMA; a checkpoint without
+``eval_weights`` holds its raw weights only. :func:`checkpoint_weights` picks either kind.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ssd.model import SSD, build_ssd
 
 FORMAT = "ssd"
 VERSION = 1
+WEIGHTS_KINDS = ("ema", "raw")  # model_from_checkpoint(weights_kind=...), ssd eval / predict --weights-kind
 
 
 class CheckpointError(ValueError):
@@ -43,6 +50,31 @@ def make_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, classes: l
         "config": {"model": to_dict(model_cfg)},
         "classes": list(classes),
     }
+
+
+def add_ema(ckpt: dict[str, Any], ema_state: dict[str, Tensor], updates: int) -> dict[str, Any]:
+    """Make :func:`make_checkpoint`'s ``ckpt`` (raw weights) one whose default weights are the moving
+    average ``ema_state`` after ``updates`` updates (``train.ema``); the raw weights move to ``model_raw``."""
+    ckpt["model_raw"] = ckpt["model"]
+    ckpt["model"] = {k: v.detach().cpu() for k, v in ema_state.items()}
+    ckpt["eval_weights"] = "ema"
+    ckpt["ema_updates"] = int(updates)
+    return ckpt
+
+
+def checkpoint_weights(ckpt: dict[str, Any], weights_kind: str | None = None,
+                       path: str | os.PathLike = "checkpoint") -> dict[str, Tensor]:  # fmt: skip
+    """The state dict of ``weights_kind``: None, the checkpoint's default (``model``: the EMA weights of a
+    run with ``train.ema``, else the raw ones); ``"raw"`` the trained weights; ``"ema"`` the moving average
+    (a :class:`CheckpointError` for a checkpoint without one)."""
+    if weights_kind not in (None, *WEIGHTS_KINDS):
+        raise ValueError(f"weights kind must be {' or '.join(WEIGHTS_KINDS)} (or unset: the checkpoint's default), got {weights_kind!r}")
+    has_ema = ckpt.get("eval_weights") == "ema"
+    if weights_kind == "ema" and not has_ema:
+        raise CheckpointError(f"{path}: holds no EMA weights (trained without train.ema); its only weights are the raw ones")
+    if weights_kind == "raw" and has_ema:
+        return ckpt["model_raw"]
+    return ckpt["model"]
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
@@ -159,11 +191,15 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -
     model.load_state_dict(state)
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[SSD, dict[str, Any]]:
-    """Build the model a checkpoint describes and load its weights. Returns ``(model, ckpt)``."""
+def model_from_checkpoint(path: str | os.PathLike, weights_kind: str | None = None) -> tuple[SSD, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights. Returns ``(model, ckpt)``.
+
+    ``weights_kind`` (:func:`checkpoint_weights`): None loads the checkpoint's default weights, the EMA
+    ones of a run with ``train.ema`` (those its logged mAP belongs to); ``"raw"`` / ``"ema"`` pick one."""
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == "backbone":
         raise CheckpointError(f"{path}: holds only a backbone ({ckpt['source']}); use it as model.init_backbone, not as a detector")
+    state = checkpoint_weights(ckpt, weights_kind, path)
     model = build_ssd(checkpoint_model_config(ckpt, path))
-    load_state_strict(model, ckpt["model"], str(path))
+    load_state_strict(model, state, str(path) + (f" ({weights_kind} weights)" if weights_kind else ""))
     return model, ckpt

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from ssd import __version__
-from ssd.checkpoint import CheckpointError, save_checkpoint
+from ssd.checkpoint import WEIGHTS_KINDS, CheckpointError, save_checkpoint
 from ssd.config import ConfigError, load_config
 from ssd.data.records import DatasetError
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError)
+WEIGHTS_KIND_HELP = ("which weights of a checkpoint trained with train.ema: its moving average (ema) or the trained weights "
+                     "(raw); default: the ones its logged mAP belongs to (ema when it has them)")  # fmt: skip
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="checkpoint to run on data.val")
     src.add_argument("--detections", help="existing detections in COCO results format (JSON list) instead of running a model")
+    p.add_argument("--weights-kind", choices=WEIGHTS_KINDS, help=WEIGHTS_KIND_HELP)
     p.add_argument("--metric", choices=["voc07", "voc", "coco"], help="default: eval.metric, else voc07 for VOC data and coco for COCO data")
     p.add_argument("--json", help="write the metrics (map, per_class, and COCO's 12 numbers) to this JSON file")
     p.add_argument("--plots", metavar="DIR", help="write a precision/recall curve per class as PNG (needs matplotlib)")
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images, folders and videos; draw them and write JSON")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) and video files")
     p.add_argument("--weights", required=True, help="checkpoint (trained here or converted with ssd convert)")
+    p.add_argument("--weights-kind", choices=WEIGHTS_KINDS, help=WEIGHTS_KIND_HELP)
     p.add_argument("--out", help="write annotated images / videos here")
     p.add_argument("--json", help="write the detections (original-image pixels) to this JSON file")
     p.add_argument("--score-thresh", type=float, default=0.3, help="drop detections below this score (default 0.3)")

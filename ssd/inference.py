@@ -127,6 +127,7 @@ class Detector:
         score_thresh: float = 0.3,
         batch_size: int = 8,
         channels_last: bool | None = None,
+        weights_kind: str | None = None,
     ) -> Detector:
         """Load a checkpoint (trained here or converted with ``ssd convert``) for inference.
 
@@ -135,12 +136,14 @@ class Detector:
         scoring at most this are dropped (the other post-processing settings are the checkpoint's
         ``postprocess`` section if it has one, else the defaults of :class:`ssd.config.PostprocessConfig`:
         NMS 0.45, 200 per image). ``channels_last``: NHWC activations (default: on the CPU, where it
-        is faster).
+        is faster). ``weights_kind``: None for the checkpoint's default weights (the moving average of a
+        run with ``train.ema``, the weights its logged mAP belongs to), ``"raw"`` or ``"ema"``
+        (:func:`ssd.checkpoint.checkpoint_weights`).
         """
         if not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
         device = resolve_device(device) if isinstance(device, str) else device
-        model, ckpt = model_from_checkpoint(path)
+        model, ckpt = model_from_checkpoint(path, weights_kind)
         model_cfg = checkpoint_model_config(ckpt, path)
         model.eval()
         if fuse:
@@ -357,7 +360,8 @@ def video_frame_count(path: Path) -> int:
 
 
 def run_predict_command(args) -> int:
-    """``ssd predict --weights CKPT INPUT... [--out DIR] [--json FILE] [--score-thresh] [--device] [--batch-size] [--no-fuse]``.
+    """``ssd predict --weights CKPT INPUT... [--weights-kind ema|raw] [--out DIR] [--json FILE] [--score-thresh] [--device]
+    [--batch-size] [--no-fuse]``.
 
     Exit 0 when every input was read, 1 when any failed (each is reported and skipped).
     """
@@ -367,7 +371,7 @@ def run_predict_command(args) -> int:
         raise ValueError(f"--score-thresh must be in [0, 1), got {args.score_thresh}")
     items, problems = collect_inputs(args.inputs)
     detector = Detector.from_checkpoint(args.weights, args.device, fuse=not args.no_fuse, score_thresh=args.score_thresh,
-                                        batch_size=args.batch_size)  # fmt: skip
+                                        batch_size=args.batch_size, weights_kind=getattr(args, "weights_kind", None))  # fmt: skip
     images = [it for it in items if it.kind == "image"]
     videos = [it for it in items if it.kind == "video"]
     total = len(images) + sum(video_frame_count(v.path) for v in videos)

@@ -209,8 +209,11 @@ def split_name(cfg: DatasetConfig) -> str:
 # --- ssd eval ---------------------------------------------------------------------------------------
 
 
-def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> tuple[DetectionDataset, dict | None]:
+def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int,
+                       weights_kind: str | None = None) -> tuple[DetectionDataset, dict | None]:  # fmt: skip
     """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
+    ``weights_kind``: None for the checkpoint's default weights (the EMA ones of a run with ``train.ema``,
+    those its logged mAP belongs to), ``"raw"`` or ``"ema"`` (:func:`ssd.checkpoint.checkpoint_weights`).
 
     The training loop's evaluation, reproduced: :func:`evaluate_model` with the checkpoint's preprocessing
     and the precision and memory format ``cfg.train`` gives on this device (autocast on CUDA, fp32 on the
@@ -220,7 +223,10 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> 
     device_type = resolve_device(device_name, world_size=world).type  # checked before joining a process group
     ctx = init_distributed(device_type)
     device = resolve_device(device_name, ctx.local_rank, world_size=ctx.world_size)
-    model, ckpt = model_from_checkpoint(weights)
+    model, ckpt = model_from_checkpoint(weights, weights_kind)
+    if ckpt.get("eval_weights") == "ema" and ctx.is_main:
+        default = " (its default; --weights-kind raw for the trained weights)" if weights_kind is None else ""
+        log.info("%s: evaluating its %s weights%s", weights, "raw" if weights_kind == "raw" else "EMA", default)
     model_cfg = checkpoint_model_config(ckpt, weights)
     dataset = build_eval_set(cfg, model_cfg)
     label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
@@ -234,13 +240,15 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int) -> 
 
 
 def run_eval_command(args) -> int:
-    """``ssd eval CONFIG (--weights CKPT | --detections FILE) [--metric] [--json] [--plots] [--out-dir]``."""
+    """``ssd eval CONFIG (--weights CKPT [--weights-kind ema|raw] | --detections FILE) [--metric] [--json] [--plots] [--out-dir]``."""
     cfg = load_config(args.config, args.overrides)
     batch_size = cfg.eval.batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if args.plots:
         require_matplotlib()  # before minutes of inference
+    if args.detections and getattr(args, "weights_kind", None):
+        raise ValueError("--weights-kind picks the weights of --weights; --detections runs no model")
     if args.detections:
         if int(os.environ.get("RANK", "0")) != 0:  # nothing to shard: rank 0 does it all
             return 0
@@ -249,7 +257,7 @@ def run_eval_command(args) -> int:
         detections = evalset.read_results(args.detections)
     else:
         try:
-            dataset, predictions = predict_checkpoint(cfg, args.weights, args.device, batch_size)
+            dataset, predictions = predict_checkpoint(cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None))
         finally:
             cleanup()
         if predictions is None:  # not rank 0

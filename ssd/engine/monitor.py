@@ -98,6 +98,8 @@ class TensorBoard:
         if not self.writer:
             return
         self.writer.add_scalar(f"val/{res['metric']}_map", res["map"], it)
+        if "metrics" in res:  # train.ema: val/<metric>_map is the EMA weights', this the raw weights'
+            self.writer.add_scalar(f"val/{res['metric']}_map_raw", res["metrics"]["map_raw"], it)
         for name, ap in res["per_class"].items():
             self.writer.add_scalar(f"val_ap/{name}", ap, it)
         for image_id, drawn in res.get("samples", []):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssd.checkpoint import CheckpointError, load_checkpoint, load_state_strict, make_checkpoint
+from ssd.checkpoint import CheckpointError, add_ema, checkpoint_weights, load_checkpoint, load_state_strict, make_checkpoint
 from ssd.config import Config, to_dict
 
 log = logging.getLogger("ssd.train")
@@ -21,10 +21,13 @@ def rng_state(device: torch.device) -> dict:
 
 
 def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict,
-                   rng_states: list[dict], elapsed: float) -> dict:  # fmt: skip
+                   rng_states: list[dict], elapsed: float, ema=None) -> dict:  # fmt: skip
     """``rng_states``: :func:`rng_state` of every rank, in rank order (each restores its own);
-    ``elapsed``: seconds of training so far (:class:`ssd.engine.lifecycle.TrainClock`)."""
+    ``elapsed``: seconds of training so far (:class:`ssd.engine.lifecycle.TrainClock`); ``ema``: the
+    run's :class:`ssd.engine.ema.ModelEma` (``train.ema``), saved as the checkpoint's default weights."""
     ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train")
+    if ema is not None:
+        add_ema(ckpt, ema.state_dict(), ema.updates)
     ckpt.update(
         full_config=to_dict(cfg),
         optimizer=optimizer.state_dict(),
@@ -38,6 +41,16 @@ def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, it
     return ckpt
 
 
+def best_checkpoint(model, ema, cfg: Config, classes, iteration: int, res: dict) -> dict:
+    """``best.pt``: the weights evaluated at ``iteration`` with their mAP (``res`` from the training loop's
+    evaluation); with ``ema`` (``train.ema``) the average is the default and ``map_raw`` the raw weights'."""
+    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train") | {"iteration": iteration, "map": res["map"]}
+    if ema is not None:
+        add_ema(ckpt, ema.state_dict(), ema.updates)
+        ckpt["map_raw"] = res["metrics"]["map_raw"]
+    return ckpt
+
+
 def read_training_state(path: Path) -> dict:
     """``last.pt`` as :func:`training_state` wrote it; :class:`CheckpointError` when it is not one."""
     ckpt = load_checkpoint(path)
@@ -47,10 +60,21 @@ def read_training_state(path: Path) -> dict:
 
 
 def restore_state(ckpt: dict, path: Path, model, optimizer, scheduler, scaler, device: torch.device,
-                  rank: int = 0) -> tuple[int, dict, float]:  # fmt: skip
+                  rank: int = 0, ema=None) -> tuple[int, dict, float]:  # fmt: skip
     """Load :func:`read_training_state`'s ``ckpt`` (read from ``path``) into the run's objects. Returns
-    ``(iteration, best, elapsed)``; checkpoints from before ``elapsed`` was saved give 0 seconds."""
-    load_state_strict(unwrap(model), ckpt["model"], f"{path} (resume; was the model config changed?)")
+    ``(iteration, best, elapsed)``; checkpoints from before ``elapsed`` was saved give 0 seconds.
+    ``ema`` (``train.ema``) gets the saved average and its update count; a checkpoint without one starts
+    it from the resumed weights."""
+    source = f"{path} (resume; was the model config changed?)"
+    load_state_strict(unwrap(model), checkpoint_weights(ckpt, "raw", path), source)
+    has_ema = ckpt.get("eval_weights") == "ema"
+    if ema is not None and has_ema:
+        ema.load(ckpt["model"], ckpt["ema_updates"], source)
+    elif ema is not None:
+        log.warning("%s has no EMA of the weights (saved without train.ema): the average starts from its weights", path)
+        ema.reset(unwrap(model))
+    elif has_ema:
+        log.warning("%s holds an EMA of the weights, but train.ema is off: the run goes on without it", path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])

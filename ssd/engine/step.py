@@ -76,8 +76,9 @@ class TrainStep:
     device value; :meth:`check` reads the record of the steps since the last call."""
 
     def __init__(self, net: nn.Module, model: nn.Module, criterion, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, forward_images, tcfg: TrainConfig, distributed: bool) -> None:  # fmt: skip
+                 scaler: torch.amp.GradScaler, forward_images, tcfg: TrainConfig, distributed: bool, ema=None) -> None:  # fmt: skip
         self.net, self.model, self.criterion, self.optimizer, self.scaler = net, model, criterion, optimizer, scaler
+        self.ema = ema  # ssd.engine.ema.ModelEma (train.ema): updated after every optimizer step, on the device
         self.forward_images, self.tcfg, self.distributed = forward_images, tcfg, distributed
         self.device = next(model.parameters()).device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
@@ -105,6 +106,8 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
         amp_skipped = self._update(bad)
+        if self.ema is not None:  # a skipped step left the weights as they were: the average moves towards them
+            self.ema.update(self.model)
         record = torch.stack([losses["loc"].detach(), losses["conf"].detach(), bad, amp_skipped])
         self.pending.append((iteration, record, batch["image_ids"]))
 

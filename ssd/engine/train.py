@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssd.checkpoint import make_checkpoint, save_checkpoint
+from ssd.checkpoint import save_checkpoint
 from ssd.config import Config, ConfigError, TrainConfig, save_config
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader, default_num_workers
@@ -31,12 +31,13 @@ from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.device import use_channels_last
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, gather_objects, init_distributed, resolve_device
+from ssd.engine.ema import build_ema, combine_evaluations
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
 from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
-from ssd.engine.state import restore_state, rng_state, training_state, trim_metrics, unwrap
+from ssd.engine.state import best_checkpoint, restore_state, rng_state, training_state, trim_metrics
 from ssd.engine.step import TrainingError  # noqa: F401 (re-exported)
 from ssd.engine.step import TrainStep, fused_optimizer_ok, prime_momentum, sync_debug_mode
 from ssd.loss import build_loss
@@ -196,6 +197,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if tcfg.bn == "sync" and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bn_tools.set_train_mode(model, tcfg.bn, frozen)
+    ema = build_ema(tcfg.ema, model)  # the weights' moving average (train.ema), or None
     criterion = build_loss(cfg.loss, cfg.model)
     postprocessor = build_postprocess(cfg.postprocess, cfg.model)
     optimizer = build_optimizer(tcfg, model)
@@ -208,7 +210,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     iteration, best, fell_back = 0, {"map": -1.0, "iter": 0}, False
     if resume:  # last.pt, or last.prev.pt when last.pt cannot be read
         path, ckpt, fell_back = resume_checkpoint(out)
-        iteration, best, clock.before = restore_state(ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank)
+        iteration, best, clock.before = restore_state(ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank, ema)
         del ckpt
         log.info("resumed from %s at iteration %d", path, iteration)
 
@@ -227,16 +229,26 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
             return m(images)
 
     def evaluate(it: int, final: bool) -> dict | None:
-        """Evaluate ``model`` as it is (the weights ``last.pt`` / ``best.pt`` then save), through
-        ``ssd eval``'s :func:`evaluate_model`; precise BN first after training or, with
-        ``train.precise_bn_before_eval``, before every evaluation."""
+        """Evaluate ``model`` as it is and, with ``train.ema``, its moving average (the weights ``last.pt``
+        / ``best.pt`` then save; :func:`combine_evaluations` names both)."""
+        res = evaluate_weights(model, it, final)
+        bn_tools.set_train_mode(model, tcfg.bn, frozen)
+        if ema is None:
+            return res
+        ema.broadcast()  # DDP: rank 0's average on every rank (their BN statistics differ)
+        ema_res = evaluate_weights(ema.module, it, final)
+        return ema_res and combine_evaluations(ema_res, res)
+
+    def evaluate_weights(m: nn.Module, it: int, final: bool) -> dict | None:
+        """Evaluate ``m`` through ``ssd eval``'s :func:`evaluate_model`; precise BN first after training
+        or, with ``train.precise_bn_before_eval``, before every evaluation."""
+        which = "" if m is model else " (EMA weights)"
         if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
             bn_loader.sampler.set_epoch(it // len(loader))  # the current epoch's first batches: a function of `it`
-            n = bn_tools.precise_bn(model, bn_loader, forward_images, tcfg.precise_bn_batches, frozen)
-            log.info("precise BN at iteration %d: population statistics over %d batches", it, n)
-        bn_tools.warn_stale_bn(model, f"evaluation at iteration {it}")
-        preds = evaluate_model(model, cfg.model, val_loader, postprocessor, device, dtype, channels_last)
-        bn_tools.set_train_mode(model, tcfg.bn, frozen)
+            n = bn_tools.precise_bn(m, bn_loader, forward_images, tcfg.precise_bn_batches, frozen)
+            log.info("precise BN at iteration %d%s: population statistics over %d batches", it, which, n)
+        bn_tools.warn_stale_bn(m, f"evaluation at iteration {it}{which}")
+        preds = evaluate_model(m, cfg.model, val_loader, postprocessor, device, dtype, channels_last)
         if not ctx.is_main:
             return None
         # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
@@ -244,7 +256,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
-    step = TrainStep(net, model, criterion, optimizer, scaler, forward_images, tcfg, ctx.enabled)
+    step = TrainStep(net, model, criterion, optimizer, scaler, forward_images, tcfg, ctx.enabled, ema)
     # an unreadable last.pt we fell back from is not kept over the last.prev.pt the run resumed from
     state = dict(iteration=iteration, best=best, clock=clock, keep_last=not fell_back)
     if ctx.is_main:  # the run's folder is written from here on: a run rejected above leaves nothing behind
@@ -279,13 +291,13 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
     sync_debug = tcfg.sync_debug and step.device.type == "cuda"
 
     def save_last() -> None:
-        # last.pt and best.pt hold the weights the evaluation scored (the model itself, BN statistics
-        # included). Should averaged weights (EMA) be evaluated one day, the checkpoint must say which
-        # weights its logged mAP belongs to.
+        # last.pt and best.pt hold the weights the evaluation scored (BN statistics included): with
+        # train.ema the average as the default ("model", "eval_weights": "ema") and the raw ones beside it
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
-            ckpt = training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states, clock.elapsed())
+            ckpt = training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states, clock.elapsed(),
+                                  step.ema)  # fmt: skip
             save_checkpoint(ckpt, out / LAST, keep_previous=out / PREVIOUS if state["keep_last"] else None)
             state["keep_last"] = True
         state["saved_at"] = it
@@ -324,13 +336,13 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         if res is None:
             barrier()
             return
-        write_metrics({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"]})
+        both = res.get("metrics", {})  # train.ema: "map" is the EMA weights'; map_ema, map_raw name each
+        write_metrics({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"], **both})
         tensorboard.eval_row(it, res)
-        log.info("iter %d: %s mAP %.4f", it, res["metric"], res["map"])
-        if res["map"] > state["best"]["map"]:
+        log.info("iter %d: %s mAP %.4f%s", it, res["metric"], res["map"], f" (EMA; raw weights {both['map_raw']:.4f})" if both else "")
+        if res["map"] > state["best"]["map"]:  # with train.ema: the EMA weights' mAP, the weights best.pt's default
             state["best"] = {"map": res["map"], "iter": it}
-            save_checkpoint(make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train") | {"iteration": it, "map": res["map"]},
-                            out / "best.pt")  # fmt: skip
+            save_checkpoint(best_checkpoint(model, step.ema, cfg, classes, it, res), out / "best.pt")
         barrier()
 
     def stop_requested() -> str | None:
