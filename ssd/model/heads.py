@@ -4,7 +4,8 @@ With ``batch_norm`` a BatchNorm sits directly on the output of every prediction 
 after it, and the conv loses its bias (BN's beta replaces it): Caffe SSD's ``CreateMultiBoxHead``
 with ``use_batchnorm`` and ScratchDet (Zhu et al., CVPR 2019) place it there. The BN layers are
 siblings of the convs (``loc_bn.i`` next to ``loc.i``), so the convs keep their parameter names and
-checkpoints without head BN still load into them.
+checkpoints without head BN still load into them; :func:`ssd.fuse.fuse_batchnorm` pairs a ``ModuleList``
+``X_bn`` with its sibling ``X`` by this naming (docs/batchnorm.md, "Where every BN layer sits").
 """
 
 from __future__ import annotations
