@@ -271,3 +271,62 @@ def test_resuming_across_the_ema_setting_keeps_the_raw_weights(shapes, plain_run
             assert ema.updates == 0 and all(torch.equal(ema.state_dict()[k], v) for k, v in model.state_dict().items())
     assert any("has no EMA of the weights" in m for m in caplog.messages)
     assert any("holds an EMA of the weights, but train.ema is off" in m for m in caplog.messages)
+
+
+def test_the_update_reads_nothing_back_from_the_device(monkeypatch):
+    """No host-device synchronisation in a step: the update count and the decay live on the host."""
+    net = tiny_net()
+    ema = ModelEma(net, decay=0.999)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("the EMA update read a device value")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for _ in range(3):
+        ema.update(net)
+    monkeypatch.undo()
+    assert ema.updates == 3
+
+
+# --- DDP ---------------------------------------------------------------------------------------------
+
+DDP_WORKER = """
+import os, sys, torch
+import ssd.engine.train as engine
+from ssd.config import load_config
+
+emas, build_ema = [], engine.build_ema
+engine.build_ema = lambda decay, model: emas.append(build_ema(decay, model)) or emas[-1]
+summary = engine.train(load_config(sys.argv[1]), sys.argv[2])
+torch.save(emas[0].state_dict(), os.path.join(sys.argv[2], f"ema{os.environ['RANK']}.pt"))
+"""
+
+
+def test_ddp_ranks_evaluate_and_save_rank_0s_average(shapes, tmp_path):
+    """Two CPU ranks (gloo), no precise BN, so each rank's BN running statistics (and their averages)
+    differ: the evaluation gives every rank rank 0's average, the one last.pt saves, and ``ssd eval``
+    of last.pt in one process gives the mAP the two ranks logged."""
+    from conftest import launch_ranks
+
+    cfg = config(shapes, ema=DECAY, max_iter=4, eval_period=100, checkpoint_period=2)
+    (tmp_path / "run.yaml").write_text(yaml_dump(cfg))
+    results = launch_ranks(2, ["-c", DDP_WORKER, str(tmp_path / "run.yaml"), str(tmp_path / "run")], tmp_path)
+    for rank, res in enumerate(results):
+        assert res.returncode == 0, f"rank {rank}:\n{res.stdout[-4000:]}"
+    out = tmp_path / "run"
+    rank0, rank1 = (torch.load(out / f"ema{r}.pt", weights_only=True) for r in (0, 1))
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["ema_updates"] == 4
+    for key, value in rank0.items():
+        assert torch.equal(rank1[key], value) and torch.equal(saved["model"][key], value), key
+    (row,) = [r for r in read_metrics(out) if "map" in r]
+    assert eval_map(out, "last.pt", tmp_path) == pytest.approx(row["map_ema"], abs=1e-6)
+
+
+def yaml_dump(cfg: Config) -> str:
+    import yaml
+
+    from ssd.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -229,8 +229,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
             return m(images)
 
     def evaluate(it: int, final: bool) -> dict | None:
-        """Evaluate ``model`` as it is and, with ``train.ema``, its moving average (the weights ``last.pt``
-        / ``best.pt`` then save; :func:`combine_evaluations` names both)."""
+        """``model`` as it is and, with ``train.ema``, its average (named by :func:`combine_evaluations`)."""
         res = evaluate_weights(model, it, final)
         bn_tools.set_train_mode(model, tcfg.bn, frozen)
         if ema is None:
@@ -240,8 +239,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         return ema_res and combine_evaluations(ema_res, res)
 
     def evaluate_weights(m: nn.Module, it: int, final: bool) -> dict | None:
-        """Evaluate ``m`` through ``ssd eval``'s :func:`evaluate_model`; precise BN first after training
-        or, with ``train.precise_bn_before_eval``, before every evaluation."""
+        """``ssd eval``'s :func:`evaluate_model` of ``m``; precise BN first after training (or before each: precise_bn_before_eval)."""
         which = "" if m is model else " (EMA weights)"
         if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
             bn_loader.sampler.set_epoch(it // len(loader))  # the current epoch's first batches: a function of `it`
