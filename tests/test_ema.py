@@ -27,13 +27,12 @@ from ssd.checkpoint import (
 )
 from ssd.cli import main
 from ssd.config import Config, ConfigError, from_dict
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.shapes import generate_shapes
 from ssd.engine.ema import ModelEma, ema_decay
 from ssd.engine.train import train
 from ssd.inference import Detector
+from test_train import MAX_ITER, SIZE, run_dict
 
-SIZE = 64
-MAX_ITER = 12
 DECAY = 0.9  # reached by the warmup at update 80: within 12 updates the warmup alone decides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,16 +135,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def config(root: Path, **train_options) -> Config:
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return from_dict(Config, {
-        "model": {"num_classes": len(SHAPES_CLASSES) + 1, "input_size": SIZE, "width": 0.125, "batch_norm": "all",
-                  "dropout": 0.0, "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
-                  "warmup_iters": 2, "device": "cpu", "checkpoint_period": 3, "eval_period": 6, "log_period": 1,
-                  **train_options},
-        "eval": {"batch_size": 10},
-    })  # fmt: skip
+    return from_dict(Config, run_dict(root, **train_options))  # test_train's tiny run
 
 
 def read_metrics(out: Path) -> list[dict]:
