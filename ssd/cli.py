@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (network + box decoding; NMS optional)")
     p.add_argument("--weights", required=True, help="checkpoint to export")
+    p.add_argument("--weights-kind", choices=WEIGHTS_KINDS, help=WEIGHTS_KIND_HELP)
     p.add_argument("--out", required=True, help="destination .onnx file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")

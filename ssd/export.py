@@ -186,7 +186,7 @@ def _set_difference(got: list[Tensor], expected: list[Tensor]) -> float:
 
 
 def run_export_command(args) -> int:
-    """``ssd export --weights CKPT --out model.onnx [--opset N] [--dynamic-batch] [--nms] [--no-fuse]``."""
+    """``ssd export --weights CKPT [--weights-kind ema|raw] --out model.onnx [--opset N] [--dynamic-batch] [--nms] [--no-fuse]``."""
     try:
         import onnx  # noqa: F401  (the exporter writes through it; fail before loading any weights)
     except ImportError:
@@ -197,7 +197,7 @@ def run_export_command(args) -> int:
 
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise ValueError(f"--opset {args.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
-    model, ckpt = model_from_checkpoint(args.weights)
+    model, ckpt = model_from_checkpoint(args.weights, getattr(args, "weights_kind", None))
     model_cfg = checkpoint_model_config(ckpt, args.weights)
     model.eval()
     folded = 0 if args.no_fuse else fuse_batchnorm(model)

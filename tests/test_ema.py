@@ -326,3 +326,18 @@ def yaml_dump(cfg: Config) -> str:
     from ssd.config import to_dict
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def test_export_writes_the_ema_weights_by_default_and_the_raw_ones_on_request(ema_run, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    out, _ = ema_run
+    x = torch.randint(0, 256, (1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(0)).float()  # static batch 1
+    scores = {}
+    for kind in (None, "ema", "raw"):
+        onnx_path = tmp_path / f"{kind}.onnx"
+        assert main(["export", "--weights", str(out / "last.pt"), "--out", str(onnx_path), *(["--weights-kind", kind] if kind else [])]) == 0
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        scores[kind] = session.run(None, {"images": x.numpy()})[1]
+    assert (scores[None] == scores["ema"]).all()
+    assert abs(scores["ema"] - scores["raw"]).max() > 1e-3  # the two weights give other scores
