@@ -322,7 +322,7 @@ def test_an_sgd_sweep_records_a_diverging_lr_and_plots_final_map_against_lr(shap
     assert table[-1].startswith("| none@lr1e4 | - | sgd | 10000 | - | - | never | **yes** (non-finite loss, stopped)")
     assert table[-2].startswith("| all+heads | all+heads | sgd | 0.02 | ")
     pixels = png_pixels(out / "lr_sweep.png")
-    assert pixels.shape[:2] == (450, 700) and pixels[..., :3].std() > 0.05
+    assert pixels.shape[:2] == (450, 1100) and pixels[..., :3].std() > 0.05
 
 
 def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):

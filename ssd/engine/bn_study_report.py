@@ -61,7 +61,8 @@ def format_table(summary: dict) -> str:
     for r in summary["variants"]:
         diverged = f"**yes** ({r['diverged_reason']})" if r["diverged"] else "no"
         if r["loss_rebound"] >= REBOUND_NOTE:
-            diverged += f" (loss rebounded {r['loss_rebound']:.1f}x, iteration {r['loss_rebound_iter']})"
+            factor = f"{r['loss_rebound']:.1f}" if r["loss_rebound"] < 1000 else f"{r['loss_rebound']:.0e}"  # a blow-up: 2e+29x
+            diverged += f" (loss rebounded {factor}x, iteration {r['loss_rebound_iter']})"
         to90 = str(r["iters_to_90pct"]) if r["iters_to_90pct"] is not None else "never"
         lines.append(f"| {r['name']} | {blocks_label(r['batch_norm'])} | {r['optimizer']} | {r['lr']:g} | {_fmt(r['final_map'])} | "
                      f"{_fmt(r['best_map'])} | {to90} | {diverged} | {_fmt(r['images_per_s'], 1)} |")  # fmt: skip
@@ -126,13 +127,21 @@ def _line_plot(plt, variants: list[dict], styles: dict, curve: str, key: str, pa
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    # a loss that blew up (1e30) before the run stopped would flatten every other curve: the loss axis
+    # shows the runs that finished in full and clips the stopped ones
+    finished = [v for r in variants if not r["error"] for v in r[curve][key] if math.isfinite(v)]
+    every = [v for r in variants for v in r[curve][key] if math.isfinite(v)]
+    top = 1.5 * max(finished or every or [1.0])
+    bottom = 0.8 * min(every or [1.0])
     for r in variants:
         c = r[curve]
         ax.plot(c["iter"], c[key], label=_label(r), marker="o" if key == "map" else None, **styles[r["name"]])
         if key == "loss" and r["error"] and c["iter"]:  # stopped on non-finite losses: mark where
-            ax.plot(c["iter"][-1], c[key][-1], marker="x", markersize=9, color=styles[r["name"]]["color"])
+            y = c[key][-1] if math.isfinite(c[key][-1]) else top
+            ax.plot(c["iter"][-1], min(y, top), marker="x", markersize=9, color=styles[r["name"]]["color"])
     if key == "loss":
         ax.set(xlabel="iteration", ylabel="training loss (loc + conf)", yscale="log", title="Training loss per BN variant (x: stopped, non-finite loss)")
+        ax.set_ylim(bottom, top)
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(NullFormatter())
@@ -146,24 +155,37 @@ def _line_plot(plt, variants: list[dict], styles: dict, curve: str, key: str, pa
 
 
 def _lr_sweep_plot(plt, summary: dict, styles: dict, path: Path) -> None:
-    """Final mAP against lr (log axis), one line per BN placement; diverged runs as crosses (a run
-    stopped on non-finite losses at mAP 0)."""
+    """Final mAP (left) and final training loss (right, log axis) against lr (log axis), one line per BN
+    placement; diverged runs as crosses, a run stopped on non-finite losses at mAP 0 and at the top of
+    the loss axis. The loss panel tells the lrs apart where short runs leave every mAP near 0."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     groups: dict[str, list[dict]] = {}
     for r in summary["variants"]:
         groups.setdefault(blocks_label(r["batch_norm"]), []).append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finite = [r["end_loss"] for r in summary["variants"] if not r["error"] and r["end_loss"] is not None and math.isfinite(r["end_loss"])]
+    top = 2 * max(finite, default=10.0)  # where the stopped runs sit on the loss axis
+    fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, members in groups.items():
         members = sorted(members, key=lambda r: r["lr"])
         color = styles[members[0]["name"]]["color"]
-        ax.plot([r["lr"] for r in members], [sweep_map(r) for r in members], color=color, label=f"BN: {'none' if label == '-' else label}")
-        for r in members:
-            ax.plot(r["lr"], sweep_map(r), marker="x" if r["diverged"] else "o", markersize=9 if r["diverged"] else 6, color=color,
-                    linestyle="none")  # fmt: skip
-    optimizers = sorted({r["optimizer"] for r in summary["variants"]})
-    ax.set(xscale="log", xlabel=f"learning rate ({', '.join(optimizers)})", ylabel="final VOC07 mAP@0.5", ylim=(0, 1),
-           title=f"Final mAP after {summary['settings']['iters']} iterations vs lr (x: diverged)")  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        lrs = [r["lr"] for r in members]
+        losses = [top if r["error"] or r["end_loss"] is None else r["end_loss"] for r in members]
+        for ax, ys in ((ax_map, [sweep_map(r) for r in members]), (ax_loss, losses)):
+            ax.plot(lrs, ys, color=color, label=f"BN: {'none' if label == '-' else label}")
+            for r, y in zip(members, ys):
+                ax.plot(r["lr"], y, marker="x" if r["diverged"] else "o", markersize=9 if r["diverged"] else 6, color=color, linestyle="none")
+    optimizers = ", ".join(sorted({r["optimizer"] for r in summary["variants"]}))
+    best = max((sweep_map(r) for r in summary["variants"]), default=0.0)
+    ax_map.set(ylabel="final VOC07 mAP@0.5", ylim=(0, min(1.0, max(0.1, 1.15 * best))), title="Final validation mAP (x: diverged)")
+    ax_loss.set(ylabel="last logged training loss", yscale="log", title="Final training loss (x: diverged; top: stopped)")
+    ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax_loss.yaxis.set_minor_formatter(NullFormatter())
+    for ax in (ax_map, ax_loss):
+        ax.set(xscale="log", xlabel=f"learning rate ({optimizers})")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_map.legend(fontsize=8)
+    fig.suptitle(f"After {summary['settings']['iters']} iterations, by lr and BN placement", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
