@@ -1,11 +1,14 @@
-"""The BatchNorm study: train the same detector with BN nowhere, everywhere, in the backbone only and in
-the extras only (plus an lr sweep of the BN variant), same seed and data, and compare.
+"""The BatchNorm study: train the same detector with BN in different places and at different learning
+rates, same seed and data, and compare (loss, mAP, divergence, activations).
 
-    python scripts/bn_study.py configs/shapes_tiny.yaml [--out DIR] [--iters N] [--variants none all all@3x ...] [key=value ...]
+    python scripts/bn_study.py configs/shapes_tiny.yaml [--out DIR] [--iters N] [--optimizer sgd|adamw|config]
+        [--lr BASE] [--variants none all+heads@lr0.05 all@3x ...] [key=value ...]
 
-Writes DIR/loss.png, map.png, activations.png, summary.json, summary.md and runs/<variant>/.
-The defaults (6 variants x 300 iterations of configs/shapes_tiny.yaml's batch 16 on the shapes dataset,
-generated when absent) took 409 s on 2 quiet CPU cores. See docs/batchnorm.md and ssd/engine/bn_study.py.
+Writes DIR/loss.png, map.png, lr_sweep.png, activations.png, summary.json, summary.md and runs/<variant>/.
+The defaults: SGD (momentum and weight decay from the config) at lr 0.002 / 0.01 / 0.04 for no BN and
+0.01 / 0.04 / 0.16 for BN in every feature block (`all`) and in the heads too (`all+heads`), 300
+iterations of the config's batch (16 for configs/shapes_tiny.yaml) on the shapes dataset, generated when
+absent. See docs/batchnorm.md and ssd/engine/bn_study.py.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=300, help="training iterations per variant (default 300)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="VARIANT",
                    help=VARIANT_HELP.format(blocks=", ".join(BN_BLOCKS)) + " (default: %(default)s)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
-                   help="train every variant with this optimizer (default: %(default)s; none: the config's train.optimizer); "
-                        "SGD uses the config's train.momentum and train.weight_decay")  # fmt: skip
+    p.add_argument("--optimizer", choices=[*OPTIMIZERS, "config"], default=DEFAULT_OPTIMIZER,
+                   help="train every variant with this optimizer; config: the config's train.optimizer (default: "
+                        "%(default)s, as the default variants' lrs are SGD lrs). SGD uses the config's train.momentum "
+                        "and train.weight_decay")  # fmt: skip
     p.add_argument("--lr", type=float, help="the base lr that @3x multiplies (default: the config's train.lr)")
     p.add_argument("--eval-period", type=int, default=100, help="evaluate every N iterations (default 100; and at the end)")
     p.add_argument("--log-period", type=int, default=5, help="average the logged loss over N iterations (default 5)")
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, *(v for v in args.variants if "=" in v), *rest]
     try:
         summary = run_study(args.config, args.out, overrides, variants, args.iters, args.eval_period,
-                            args.log_period, args.batch_size, args.val_images, args.act_images, args.optimizer, args.lr)  # fmt: skip
+                            args.log_period, args.batch_size, args.val_images, args.act_images,
+                            None if args.optimizer == "config" else args.optimizer, args.lr)  # fmt: skip
     except USER_ERRORS as e:
         print(f"bn_study.py: error: {e}", file=sys.stderr)
         return 2

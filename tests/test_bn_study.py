@@ -25,7 +25,7 @@ import ssd.engine.train as engine
 from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine import bn_study_data, bn_study_report
+from ssd.engine import bn_study, bn_study_data, bn_study_report
 from ssd.engine.bn_study import Variant, parse_variant, run_study, run_variant, val_subset
 from ssd.engine.bn_study_activations import HIST_BINS, start_model
 from ssd.engine.bn_study_report import summarize
@@ -70,13 +70,14 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def study(shapes, tmp_path_factory) -> tuple[Path, dict]:
-    """Two variants x 4 iterations (evaluations at 2 and 4) on 5 validation images. Read only."""
+    """Two variants x 4 iterations (evaluations at 2 and 4) on 5 validation images, with the config's
+    optimizer (AdamW; the study's default is SGD). Read only."""
     tmp = tmp_path_factory.mktemp("study")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSD_CACHE_DIR", str(tmp / "cache"))
         path = write_config(tmp / "run.yaml", run_dict(shapes, time_limit=600, schedule_by_time=True))
         summary = run_study(path, tmp / "out", ["train.seed=3"], ["none", "all@3x"], iters=4, eval_period=2, log_period=1,
-                            val_images=5, act_images=4)  # fmt: skip
+                            val_images=5, act_images=4, optimizer=None)  # fmt: skip
     return tmp / "out", summary
 
 
@@ -110,6 +111,12 @@ def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolu
         parse_variant("all+")
     with pytest.raises(ValueError, match=r"variant 'none\+heads': 'none' cannot be combined with other blocks"):
         parse_variant("none+heads")
+    # the default run: an SGD sweep at absolute lrs, so it does not depend on the config's (AdamW) lr
+    defaults = [parse_variant(v) for v in bn_study.DEFAULT_VARIANTS]
+    assert bn_study.DEFAULT_OPTIMIZER == "sgd" and all(v.lr is not None for v in defaults)
+    assert len({(tuple(v.blocks), v.lr) for v in defaults}) == len(defaults)
+    assert {tuple(v.blocks) for v in defaults} == {(), tuple(BN_ALL), tuple(BN_BLOCKS)}
+
     for bad in ("fast", "3", "0x", "-1x", "lr", "lr-0.1", "lrnan", "0.05lr"):  # a bare number is ambiguous: 3x or lr3?
         with pytest.raises(ValueError, match=f"variant 'all@{bad}': after @ write a multiple of the base lr like 3x or 0.5x, "
                                              f"or an absolute lr like lr0.05 \\(got '{bad}'\\)"):
@@ -334,6 +341,7 @@ def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("bn_study.py: error: variant 'bn@3x': unknown BN block 'bn'")
     assert script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2  # overrides after --variants
     assert "unknown config key 'model.widht' (did you mean model.width?)" in capsys.readouterr().err
+    assert script.build_parser().parse_args([str(path)]).optimizer == "sgd"
     assert script.main([str(path), "--variants", "none", "--lr", "0"]) == 2
     assert capsys.readouterr().err.startswith("bn_study.py: error: --lr must be a positive number, got 0.0")
 
