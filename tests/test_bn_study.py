@@ -356,9 +356,14 @@ def test_ctrl_c_stops_the_whole_study(shapes, tmp_path):
                              "--variants", "none", "all", "--val-images", "2"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = out / "runs" / "none" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, "the first variant never logged an iteration"
-        time.sleep(0.05)
+    try:
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "the first variant never logged an iteration"
+            time.sleep(0.05)
+    except AssertionError:
+        proc.kill()  # a failed wait must not leave the study training in the background
+        proc.communicate()
+        raise
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
