@@ -56,11 +56,6 @@ def write_config(path: Path, data: dict) -> Path:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
