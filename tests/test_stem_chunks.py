@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssd.config import LossConfig
 from ssd.engine.finetune import freeze_blocks
 from ssd.loss import build_loss, pad_targets
-from ssd.config import LossConfig
 from ssd.model import build_ssd
 
 
