@@ -32,7 +32,10 @@ def test_loss_row_equals_torchvision_to_1e5_and_the_json_keeps_its_extra_numbers
     (row,) = json.loads(out.read_text())
     assert row["name"] == "loss"
     assert 0.0 <= row["max_abs_diff"] <= 1e-5
-    assert row["speedup"] == pytest.approx(row["peer_s"] / row["ours_s"])
+    # the median of 20 paired per-round ratios (at least 20 rounds whatever --repeats): the same quantity as the
+    # ratio of the two medians, up to the machine's drift
+    assert row["rounds"] == 20
+    assert 0.5 < row["speedup"] / (row["peer_s"] / row["ours_s"]) < 2.0
     assert "loss" in capsys.readouterr().out
 
 
