@@ -10,7 +10,7 @@ import torch
 from ssd.bench import main
 from ssd.bench.cuda import loop_images_per_s, peak_bf16_tflops, train_tflops
 from ssd.bench.loader import bench_loader, check_boxes
-from ssd.bench.timing import paired_speedup
+from ssd.bench.timing import interleaved, paired_speedup
 from ssd.bench.train import (
     RepeatableStep,
     check_equivalence,
@@ -142,6 +142,15 @@ def test_timed_steps_start_from_the_same_weights_and_the_row_takes_the_faster_pe
     assert row["speedup"] == pytest.approx(1.3)
     assert row["fastest_ratio"] == pytest.approx(1.2) and row["rounds"] == 3
     assert "median of 3 paired per-round ratios (fastest steps: 1.20x)" in formats_note(row)
+
+
+def test_interleaved_rounds_alternate_the_order_and_run_before_right_before_each_call():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    before = {"b": lambda: calls.append("reset b")}
+    times = interleaved(fns, 3, before)
+    assert calls == ["a", "reset b", "b", "c", "c", "reset b", "b", "a", "a", "reset b", "b", "c"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 def test_paired_speedup_is_the_median_of_round_ratios_and_needs_paired_rounds():

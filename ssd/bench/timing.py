@@ -52,11 +52,12 @@ def interleaved(
     before: Mapping[str, Callable[[], object]] | None = None,
     cuda: bool = False,
 ) -> dict[str, list[float]]:
-    """Wall times (seconds) of ``repeats`` rounds, each calling every function once in turn:
+    """Wall times (seconds) of ``repeats`` rounds, each calling every function once in turn, in reverse
+    order every other round (a drift or a cache left warm by the previous call then favours no function):
     ``times[name][i]`` is ``fns[name]``'s call in round ``i`` (see :func:`best_interleaved`)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    for i in range(repeats):
+        for k, fn in list(fns.items())[:: -1 if i % 2 else 1]:
             if before and k in before:
                 before[k]()
             times[k].append(elapsed(fn, cuda))

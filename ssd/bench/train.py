@@ -398,12 +398,14 @@ def formats_note(row: dict) -> str:
 def bench_train_step(repeats: int, batch: int = 8) -> dict:
     """One training step of SSD300 at batch 8, fp32 on the CPU, per image (step time / batch), each
     side as its recipe fine-tunes (module docstring) and in its best memory format: ours channels_last,
-    torchvision timed in NCHW and channels_last and the faster counted. ``repeats`` steps of each of
-    the six (at least 3, at most 8; a step takes ~7 s here): the first checked and not timed
-    (:func:`check_step`; it also warms up), the others in alternating rounds (:func:`step_row` makes the
-    figures). Before them, :func:`check_equivalence` on 2 images. The process runs with the training
-    engine's allocator setting (``train.retain_host_memory``, on by default: freed memory stays in the
-    process), for both sides."""
+    torchvision timed in NCHW and channels_last and the faster counted. Each of the six steps runs once
+    checked and untimed (:func:`check_step`; it also warms up), then 2 timed rounds of all six give the
+    side figures and the peer's faster format, then ``2 * repeats`` rounds (6 to 16; a step takes ~6 s
+    here) of ours and that format alone, back to back in alternating order: on this shared machine one
+    step's time varies by +-15% from one step to the next, so the headline needs more pairs than the
+    side figures (:func:`step_row` makes the figures from all rounds). Before them,
+    :func:`check_equivalence` on 2 images. The process runs with the training engine's allocator setting
+    (``train.retain_host_memory``, on by default: freed memory stays in the process), for both sides."""
     retain_freed_memory()
     model_cfg = dataclasses.replace(Config().model, dropout=0.0)  # the paper's SSD300 (its configs: no dropout)
     assert not model_cfg.batch_norm, (
@@ -415,7 +417,11 @@ def bench_train_step(repeats: int, batch: int = 8) -> dict:
     steps = make_steps(model_cfg, train_batch(batch), tv=tv)
     del tv
     losses = {name: check_step(s, name) for name, s in steps.items()}
-    times = time_steps(steps, min(max(repeats, 3), 8) - 1)
+    times = time_steps(steps, 2)
+    peer = min(("peer_nchw", "peer_channels_last"), key=lambda k: min(times[k]))
+    headline = time_steps({"ours": steps["ours"], peer: steps[peer]}, min(max(2 * repeats, 6), 16))
+    for name, t in headline.items():
+        times[name] += t
     row = step_row("train_step", times, batch, 1.15)
     note = (
         f"per image, steps of {batch}; {formats_note(row)}; on torchvision's weights our step "
