@@ -355,6 +355,11 @@ def make_steps(
     }
 
 
+def faster_peer(times: dict[str, list[float]]) -> str:
+    """The peer's memory format with the fastest step in ``times``: ``peer_nchw`` or ``peer_channels_last``."""
+    return min(("peer_nchw", "peer_channels_last"), key=lambda k: min(times[k]))
+
+
 def step_row(
     name: str, times: dict[str, list[float]], batch: int, target: float | None
 ) -> dict:
@@ -362,7 +367,7 @@ def step_row(
     peer in its faster memory format, and ``speedup`` the median of the paired per-round ratios
     (:func:`ssd.bench.timing.paired_speedup`); ``fastest_ratio`` is the ratio of the fastest steps."""
     per_image = {k: min(v) / batch for k, v in times.items()}
-    peer_format = min(("peer_nchw", "peer_channels_last"), key=per_image.get)
+    peer_format = faster_peer(times)
     return {
         "name": name,
         "ours_s": per_image["ours"],
@@ -418,7 +423,7 @@ def bench_train_step(repeats: int, batch: int = 8) -> dict:
     del tv
     losses = {name: check_step(s, name) for name, s in steps.items()}
     times = time_steps(steps, 2)
-    peer = min(("peer_nchw", "peer_channels_last"), key=lambda k: min(times[k]))
+    peer = faster_peer(times)
     headline = time_steps({"ours": steps["ours"], peer: steps[peer]}, min(max(2 * repeats, 6), 16))
     for name, t in headline.items():
         times[name] += t

@@ -7,6 +7,8 @@ flag broke exactly there).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -141,9 +143,10 @@ class VGG16Trunk(nn.Module):
         batch = x.shape[0]
         if self.stem_chunk_bytes <= 0 or x.device.type != "cpu" or batch < 2:
             return 0
-        modules = [*self.conv1.modules(), *self.conv2.modules()]
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters(False))):
+        params = itertools.chain(self.conv1.parameters(), self.conv2.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return 0
+        modules = itertools.chain(self.conv1.modules(), self.conv2.modules())
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in modules):
             return 0
         per_image = self.conv1[0].conv.out_channels * x.shape[-2] * x.shape[-1] * 4
