@@ -32,18 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides applied to every variant")
     p.add_argument("--out", default="runs/bn_study", help="output folder (default runs/bn_study)")
     p.add_argument("--iters", type=int, default=300, help="training iterations per variant (default 300)")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="VARIANT",
-                   help=VARIANT_HELP.format(blocks=", ".join(BN_BLOCKS)) + " (default: %(default)s)")
-    p.add_argument("--optimizer", choices=[*OPTIMIZERS, "config"], default=DEFAULT_OPTIMIZER,
-                   help="train every variant with this optimizer; config: the config's train.optimizer (default: "
-                        "%(default)s, as the default variants' lrs are SGD lrs). SGD uses the config's train.momentum "
-                        "and train.weight_decay")  # fmt: skip
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        metavar="VARIANT",
+        help=VARIANT_HELP.format(blocks=", ".join(BN_BLOCKS)) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=[*OPTIMIZERS, "config"],
+        default=DEFAULT_OPTIMIZER,
+        help="train every variant with this optimizer; config: the config's train.optimizer (default: "
+        "%(default)s, as the default variants' lrs are SGD lrs). SGD uses the config's train.momentum "
+        "and train.weight_decay",
+    )
     p.add_argument("--lr", type=float, help="the base lr that @3x multiplies (default: the config's train.lr)")
-    p.add_argument("--eval-period", type=int, default=100, help="evaluate every N iterations (default 100; and at the end)")
+    p.add_argument(
+        "--eval-period", type=int, default=100, help="evaluate every N iterations (default 100; and at the end)"
+    )
     p.add_argument("--log-period", type=int, default=5, help="average the logged loss over N iterations (default 5)")
     p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
-    p.add_argument("--val-images", type=int, default=100, help="evaluate on the first N images of data.val (0: all; default 100)")
-    p.add_argument("--act-images", type=int, default=16, help="training images in the fixed batch of the activation histograms")
+    p.add_argument(
+        "--val-images", type=int, default=100, help="evaluate on the first N images of data.val (0: all; default 100)"
+    )
+    p.add_argument(
+        "--act-images", type=int, default=16, help="training images in the fixed batch of the activation histograms"
+    )
     return p
 
 
@@ -56,9 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants if "=" not in v]  # key=value after --variants are overrides
     overrides = [*args.overrides, *(v for v in args.variants if "=" in v), *rest]
     try:
-        summary = run_study(args.config, args.out, overrides, variants, args.iters, args.eval_period,
-                            args.log_period, args.batch_size, args.val_images, args.act_images,
-                            None if args.optimizer == "config" else args.optimizer, args.lr)  # fmt: skip
+        summary = run_study(
+            args.config,
+            args.out,
+            overrides,
+            variants,
+            args.iters,
+            args.eval_period,
+            args.log_period,
+            args.batch_size,
+            args.val_images,
+            args.act_images,
+            None if args.optimizer == "config" else args.optimizer,
+            args.lr,
+        )
     except USER_ERRORS as e:
         print(f"bn_study.py: error: {e}", file=sys.stderr)
         return 2

@@ -60,9 +60,7 @@ __all__ = [
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     names = [s.name for s in STEPS]
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out",
         default="runs/gpu_check",
@@ -126,9 +124,7 @@ def plan(step: Step, args: argparse.Namespace, blocked: str | None) -> str | Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if (
-        str(REPO) not in sys.path
-    ):  # ssd from this checkout, even when it is not installed
+    if str(REPO) not in sys.path:  # ssd from this checkout, even when it is not installed
         sys.path.append(str(REPO))
     # internal entry points of the subprocesses (before argparse: ssd's own options follow)
     if argv[:1] == ["--ssd-no-tf32"]:
@@ -142,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{step.name:<20} {' '.join((step.fn.__doc__ or '').split())}")
         return 0
     if args.show:
-        print(
-            format_table(
-                json.loads((out / "gpu_check.json").read_text()), out / "gpu_check.json"
-            )
-        )
+        print(format_table(json.loads((out / "gpu_check.json").read_text()), out / "gpu_check.json"))
         return 0
     settings = REHEARSAL if args.cpu else Settings()
     if args.iters:
@@ -179,11 +171,7 @@ def run_steps(check: Check, report: Report, args: argparse.Namespace) -> None:
         if not wanted:
             continue
         reason = plan(step, args, blocked)
-        rec = (
-            report.skip(step.name, reason)
-            if reason
-            else report.run(step.name, step.fn, check)
-        )
+        rec = report.skip(step.name, reason) if reason else report.run(step.name, step.fn, check)
         print(
             f"gpu_check: {step.name} {rec['status']}: {rec['error'] or rec['summary']}",
             flush=True,

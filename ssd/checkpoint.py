@@ -39,7 +39,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, or in a layout this code does not read."""
 
 
-def make_checkpoint(state: dict[str, Tensor], model_cfg: ModelConfig, classes: list[str], source: str) -> dict[str, Any]:
+def make_checkpoint(
+    state: dict[str, Tensor], model_cfg: ModelConfig, classes: list[str], source: str
+) -> dict[str, Any]:
     if len(classes) != model_cfg.num_classes - 1:
         raise ValueError(f"{len(classes)} class names for a model with {model_cfg.num_classes - 1} foreground classes")
     return {
@@ -62,22 +64,29 @@ def add_ema(ckpt: dict[str, Any], ema_state: dict[str, Tensor], updates: int) ->
     return ckpt
 
 
-def checkpoint_weights(ckpt: dict[str, Any], weights_kind: str | None = None,
-                       path: str | os.PathLike = "checkpoint") -> dict[str, Tensor]:  # fmt: skip
+def checkpoint_weights(
+    ckpt: dict[str, Any], weights_kind: str | None = None, path: str | os.PathLike = "checkpoint"
+) -> dict[str, Tensor]:
     """The state dict of ``weights_kind``: None, the checkpoint's default (``model``: the EMA weights of a
     run with ``train.ema``, else the raw ones); ``"raw"`` the trained weights; ``"ema"`` the moving average
     (a :class:`CheckpointError` for a checkpoint without one)."""
     if weights_kind not in (None, *WEIGHTS_KINDS):
-        raise ValueError(f"weights kind must be {' or '.join(WEIGHTS_KINDS)} (or unset: the checkpoint's default), got {weights_kind!r}")
+        raise ValueError(
+            f"weights kind must be {' or '.join(WEIGHTS_KINDS)} (or unset: the checkpoint's default), got {weights_kind!r}"
+        )
     has_ema = ckpt.get("eval_weights") == "ema"
     if weights_kind == "ema" and not has_ema:
-        raise CheckpointError(f"{path}: holds no EMA weights (trained without train.ema); its only weights are the raw ones")
+        raise CheckpointError(
+            f"{path}: holds no EMA weights (trained without train.ema); its only weights are the raw ones"
+        )
     if weights_kind == "raw" and has_ema:
         return ckpt["model_raw"]
     return ckpt["model"]
 
 
-def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
+def save_checkpoint(
+    obj: dict[str, Any], path: str | os.PathLike, keep_previous: str | os.PathLike | None = None
+) -> None:
     """Write ``obj`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
     A crash at any point leaves either the previous file or the new one, never a torn file.
 
@@ -138,15 +147,19 @@ def _why_unreadable(path: Path, error: Exception) -> str:
         head = f.read(4)
     if not head:
         return "the file is empty"
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip archive (or, before 1.6, a pickle)
+    if not (
+        head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    ):  # torch.save writes a zip archive (or, before 1.6, a pickle)
         return "not a file written by torch.save"
     text = str(error)
     if "Unsupported operand" in text:  # a pickle, not torch.save's layout
         return "not a file written by torch.save"
     if "Weights only load failed" in text:  # a pickled Python object the weights-only unpickler refuses to run
         name = re.search(r"GLOBAL (\S+)", text)
-        return (f"it holds a Python object{f' ({name.group(1)})' if name else ''}; checkpoints are read as tensors and "
-                "plain containers only (torch.load with weights_only=True): save a state_dict instead")  # fmt: skip
+        return (
+            f"it holds a Python object{f' ({name.group(1)})' if name else ''}; checkpoints are read as tensors and "
+            "plain containers only (torch.load with weights_only=True): save a state_dict instead"
+        )
     first = text.strip().split(". ")[0].splitlines()[0] if text.strip() else type(error).__name__
     return f"truncated or corrupt ({first})"
 
@@ -180,7 +193,11 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
@@ -198,7 +215,9 @@ def model_from_checkpoint(path: str | os.PathLike, weights_kind: str | None = No
     ones of a run with ``train.ema`` (those its logged mAP belongs to); ``"raw"`` / ``"ema"`` pick one."""
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == "backbone":
-        raise CheckpointError(f"{path}: holds only a backbone ({ckpt['source']}); use it as model.init_backbone, not as a detector")
+        raise CheckpointError(
+            f"{path}: holds only a backbone ({ckpt['source']}); use it as model.init_backbone, not as a detector"
+        )
     state = checkpoint_weights(ckpt, weights_kind, path)
     model = build_ssd(checkpoint_model_config(ckpt, path))
     load_state_strict(model, state, str(path) + (f" ({weights_kind} weights)" if weights_kind else ""))

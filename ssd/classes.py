@@ -52,14 +52,18 @@ def match_classes(model_classes: list[str], data_classes: list[str]) -> tuple[di
     model_keys = [class_key(n) for n in model_classes]
     data_keys = [class_key(n) for n in data_classes]
     shared = set(model_keys) & set(data_keys)
-    if len(model_keys) == len(data_keys) and all(m == d for m, d in zip(model_keys, data_keys) if m in shared or d in shared):
+    if len(model_keys) == len(data_keys) and all(
+        m == d for m, d in zip(model_keys, data_keys) if m in shared or d in shared
+    ):
         return {label: label for label in range(1, len(model_keys) + 1)}, "position"
     if not shared:
         raise ValueError(f"no class name is in both lists ({len(model_keys)} vs {len(data_keys)} classes)")
     for keys, side in ((model_keys, "model"), (data_keys, "data")):
         twice = sorted(k for k in shared if keys.count(k) > 1)
         if twice:
-            raise ValueError(f"class name(s) {', '.join(map(repr, twice))} appear twice in the {side} classes; cannot match by name")
+            raise ValueError(
+                f"class name(s) {', '.join(map(repr, twice))} appear twice in the {side} classes; cannot match by name"
+            )
     data_label = {key: label for label, key in enumerate(data_keys, 1)}
     return {label: data_label[key] for label, key in enumerate(model_keys, 1) if key in data_label}, "name"
 

@@ -91,8 +91,10 @@ class AugmentConfig:
         if not self.crop_min_ious:
             raise ConfigError("data.augment.crop_min_ious needs at least one option (null keeps the whole image)")
         if any(m is not None and not 0.0 <= m <= 1.0 for m in self.crop_min_ious):
-            raise ConfigError(f"data.augment.crop_min_ious: each option is null (whole image) or a minimum IoU in [0, 1], "
-                              f"got {self.crop_min_ious}")  # fmt: skip
+            raise ConfigError(
+                f"data.augment.crop_min_ious: each option is null (whole image) or a minimum IoU in [0, 1], "
+                f"got {self.crop_min_ious}"
+            )
         if self.crop_max_trials < 1:
             raise ConfigError(f"data.augment.crop_max_trials must be >= 1, got {self.crop_max_trials}")
 

@@ -40,12 +40,24 @@ def run_demo(out: str | Path, overrides: list[str] = (), num_images: int = 8, da
         return {"stopped": summary["signal"] or "SIGTERM", "iterations": summary["iteration"]}
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     best = next(r for r in rows if "map" in r and r["iter"] == summary["best_iter"])
-    metrics = {"metric": best["eval"], "map": best["map"], "per_class": best["per_class"], "iterations": summary["iteration"],
-               "best_iteration": best["iter"], "seconds": time.perf_counter() - t0}  # fmt: skip
+    metrics = {
+        "metric": best["eval"],
+        "map": best["map"],
+        "per_class": best["per_class"],
+        "iterations": summary["iteration"],
+        "best_iteration": best["iter"],
+        "seconds": time.perf_counter() - t0,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     draw_validation_images(cfg, out / "run" / "best.pt", out / "detections", num_images)
-    log.info("demo: %s mAP %.4f, %d iterations, %.0f s; detections drawn in %s", best["eval"], best["map"],
-             summary["iteration"], metrics["seconds"], out / "detections")  # fmt: skip
+    log.info(
+        "demo: %s mAP %.4f, %d iterations, %.0f s; detections drawn in %s",
+        best["eval"],
+        best["map"],
+        summary["iteration"],
+        metrics["seconds"],
+        out / "detections",
+    )
     return metrics
 
 
@@ -56,7 +68,9 @@ def draw_validation_images(cfg: Config, weights: Path, out: Path, count: int) ->
     val = build_eval_set(cfg, model_cfg)  # the evaluation's data and preprocessing
     val.records = val.records[:count]
     loader = build_eval_loader(val, model_cfg, count, num_workers=0, distributed=False)
-    preds = predict_loader(model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, torch.device("cpu"))
+    preds = predict_loader(
+        model, loader, build_postprocess(cfg.postprocess, model_cfg), model_cfg.preprocess, torch.device("cpu")
+    )
     out.mkdir(parents=True, exist_ok=True)
     for rec in val.records:
         d = preds[rec.image_id]

@@ -11,8 +11,10 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "--device", world_
     """``auto`` (CUDA if present), ``cpu``, ``cuda`` (this process's GPU under torchrun) or ``cuda:N``
     (one process only: under torchrun every rank would take GPU N, so it is refused)."""
     if world_size > 1 and name.startswith("cuda:"):
-        raise ValueError(f"{key} {name}: under torchrun ({world_size} processes) every rank would use that one GPU; "
-                         "use cuda (or auto): each process then takes the GPU of its LOCAL_RANK")  # fmt: skip
+        raise ValueError(
+            f"{key} {name}: under torchrun ({world_size} processes) every rank would use that one GPU; "
+            "use cuda (or auto): each process then takes the GPU of its LOCAL_RANK"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

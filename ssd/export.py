@@ -42,7 +42,9 @@ MIN_OPSET, MAX_OPSET = 11, 20  # NonMaxSuppression needs 11; the TorchScript exp
 class DecodedSSD(nn.Module):
     """``images [B, 3, S, S]`` RGB 0..255 -> ``(boxes [B, P, 4] normalised xyxy, scores [B, P, C] softmax)``."""
 
-    def __init__(self, model: nn.Module, preprocess: PreprocessConfig, variances: tuple[float, float] = (0.1, 0.2)) -> None:
+    def __init__(
+        self, model: nn.Module, preprocess: PreprocessConfig, variances: tuple[float, float] = (0.1, 0.2)
+    ) -> None:
         super().__init__()
         self.model = model
         self.bgr = preprocess.channel_order == "bgr"
@@ -67,7 +69,9 @@ class _NonMaxSuppression(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float, score_threshold: float) -> Tensor:
+    def forward(
+        ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float, score_threshold: float
+    ) -> Tensor:
         rows = []
         for b in range(boxes.shape[0]):
             cls, idx = torch.nonzero(scores[b] > score_threshold, as_tuple=True)
@@ -94,8 +98,13 @@ class _NonMaxSuppression(torch.autograd.Function):
 class DecodedSSDWithNMS(DecodedSSD):
     """:class:`DecodedSSD` + per-class NMS -> ``(det_boxes [K, 4], det_scores [K], det_labels [K], det_batch [K])``."""
 
-    def __init__(self, model: nn.Module, preprocess: PreprocessConfig, postprocess: PostprocessConfig,
-                 variances: tuple[float, float] = (0.1, 0.2)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: PreprocessConfig,
+        postprocess: PostprocessConfig,
+        variances: tuple[float, float] = (0.1, 0.2),
+    ) -> None:
         super().__init__(model, preprocess, variances)
         self.score_threshold = float(postprocess.score_threshold)
         self.nms_threshold = float(postprocess.nms_threshold)
@@ -142,10 +151,22 @@ def export_onnx(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export": chosen, see above
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the NMS twin's Python loop; the graph uses the ONNX op
-        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.script is deprecated", from the exporter's internals
-        torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=outputs, dynamic_axes=axes)  # fmt: skip
+        warnings.simplefilter(
+            "ignore", torch.jit.TracerWarning
+        )  # the NMS twin's Python loop; the graph uses the ONNX op
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # "torch.jit.script is deprecated", from the exporter's internals
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
     return wrapped
 
 
@@ -168,7 +189,9 @@ def check_onnx(path: str | Path, reference: nn.Module, batch_size: int = 1, seed
     with torch.no_grad():
         expected = [t.cpu() for t in reference(images.to(reference.model.priors.device))]
     if len(got) == 2:
-        return {name: (g.double() - e.double()).abs().max().item() for name, g, e in zip(("boxes", "scores"), got, expected)}
+        return {
+            name: (g.double() - e.double()).abs().max().item() for name, g, e in zip(("boxes", "scores"), got, expected)
+        }
     return {"count": float(abs(len(got[0]) - len(expected[0]))), "detections": _set_difference(got, expected)}
 
 
@@ -177,7 +200,9 @@ def _set_difference(got: list[Tensor], expected: list[Tensor]) -> float:
     worst = 0.0
     keys = lambda dets: set(zip(dets[3].tolist(), dets[2].tolist()))  # noqa: E731  (image, label)
     for image, label in keys(got) | keys(expected):
-        a, b = ((torch.cat([d[0], d[1][:, None]], 1)[(d[3] == image) & (d[2] == label)]).double() for d in (got, expected))
+        a, b = (
+            (torch.cat([d[0], d[1][:, None]], 1)[(d[3] == image) & (d[2] == label)]).double() for d in (got, expected)
+        )
         if not len(a) or not len(b):
             return float("inf")
         cost = (a[:, None] - b[None]).abs().amax(-1)  # [Ka, Kb]
@@ -205,11 +230,21 @@ def run_export_command(args) -> int:
     variances = tuple(model_cfg.priors.variances)
     wrapped = export_onnx(model, model_cfg.preprocess, args.out, args.opset, args.dynamic_batch, post, variances)
     size = model_cfg.input_size
-    outputs = ("det_boxes/det_scores/det_labels/det_batch (NMS in the graph)" if args.nms
-               else "boxes [B, P, 4] normalised xyxy, scores [B, P, C]")  # fmt: skip
-    log.info("wrote %s: input images [%s, 3, %d, %d] RGB 0..255, outputs %s (opset %d%s)", args.out,
-             "batch" if args.dynamic_batch else 1, size, size, outputs, args.opset,
-             f", {folded} BatchNorms folded" if folded else "")  # fmt: skip
+    outputs = (
+        "det_boxes/det_scores/det_labels/det_batch (NMS in the graph)"
+        if args.nms
+        else "boxes [B, P, 4] normalised xyxy, scores [B, P, C]"
+    )
+    log.info(
+        "wrote %s: input images [%s, 3, %d, %d] RGB 0..255, outputs %s (opset %d%s)",
+        args.out,
+        "batch" if args.dynamic_batch else 1,
+        size,
+        size,
+        outputs,
+        args.opset,
+        f", {folded} BatchNorms folded" if folded else "",
+    )
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

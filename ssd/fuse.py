@@ -22,7 +22,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 def _check_foldable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if conv.out_channels != bn.num_features:
-        raise ValueError(f"cannot fold a BatchNorm of {bn.num_features} channels into a conv with {conv.out_channels} outputs")
+        raise ValueError(
+            f"cannot fold a BatchNorm of {bn.num_features} channels into a conv with {conv.out_channels} outputs"
+        )
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
 
@@ -57,8 +59,11 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn
         for name, bns in children:
             convs = siblings.get(name.removesuffix("_bn")) if name.endswith("_bn") else None
             if isinstance(bns, nn.ModuleList) and isinstance(convs, nn.ModuleList) and len(convs) == len(bns):
-                pairs += [(bns, str(i), conv, bn) for i, (conv, bn) in enumerate(zip(convs, bns))
-                          if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)]  # fmt: skip
+                pairs += [
+                    (bns, str(i), conv, bn)
+                    for i, (conv, bn) in enumerate(zip(convs, bns))
+                    if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                ]
     return pairs
 
 
@@ -70,13 +75,19 @@ def fuse_batchnorm(model: nn.Module) -> int:
     and for a BN without a conv to fold into; both are checked before any layer changes.
     """
     if model.training:
-        raise ValueError("fuse_batchnorm needs an eval-mode model (call model.eval() first): training BN uses batch statistics")
+        raise ValueError(
+            "fuse_batchnorm needs an eval-mode model (call model.eval() first): training BN uses batch statistics"
+        )
     pairs = _conv_bn_pairs(model)
     paired = {id(bn) for *_, bn in pairs}
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in paired]
+    left = [
+        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in paired
+    ]
     if left:  # checked before touching anything: the model is never left half-folded
-        raise ValueError(f"BatchNorm layers without a Conv2d to fold into (neither right after one nor X_bn.i of a sibling "
-                         f"X.i): {', '.join(left[:5])}")  # fmt: skip
+        raise ValueError(
+            f"BatchNorm layers without a Conv2d to fold into (neither right after one nor X_bn.i of a sibling "
+            f"X.i): {', '.join(left[:5])}"
+        )
     if len({id(conv) for _, _, conv, _ in pairs}) < len(pairs):
         raise ValueError("a Conv2d is followed by more than one BatchNorm; fold by hand")
     for _, _, conv, bn in pairs:

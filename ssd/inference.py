@@ -61,7 +61,9 @@ def as_image(image: ImageInput, index: int = 0) -> np.ndarray | Tensor:
         return read_image(str(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-            raise ValueError(f"image {index}: expected an HxWx3 uint8 RGB array, got shape {image.shape} dtype {image.dtype}")
+            raise ValueError(
+                f"image {index}: expected an HxWx3 uint8 RGB array, got shape {image.shape} dtype {image.dtype}"
+            )
         return image
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or 0 in image.shape:
@@ -252,14 +254,18 @@ def prefetch_images(items: Sequence[InputItem], batch_size: int) -> Iterator[lis
             yield [(it, *f.result()) for it, f in zip(chunk, current)]
 
 
-def detection_entry(image: str, width: int, height: int, det: dict[str, Any], frame: int | None = None) -> dict[str, Any]:
+def detection_entry(
+    image: str, width: int, height: int, det: dict[str, Any], frame: int | None = None
+) -> dict[str, Any]:
     """The JSON record of one image (docs/inference.md): boxes in original pixels."""
     entry: dict[str, Any] = {"image": image, "width": width, "height": height}
     if frame is not None:
         entry["frame"] = frame
     entry["detections"] = [
         {"box": [float(v) for v in box], "score": float(score), "label": int(label), "name": name}
-        for box, score, label, name in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["names"])
+        for box, score, label, name in zip(
+            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["names"]
+        )
     ]
     return entry
 
@@ -311,7 +317,9 @@ class Predictor:
                 if self.out_dir is not None:
                     out = self.out_dir / item.out_name
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    if not cv2.imwrite(str(out), cv2.cvtColor(draw(image, det, self.detector.classes), cv2.COLOR_RGB2BGR)):
+                    if not cv2.imwrite(
+                        str(out), cv2.cvtColor(draw(image, det, self.detector.classes), cv2.COLOR_RGB2BGR)
+                    ):
                         self.fail(f"{item.path}: cannot write the drawn image to {out}")
             self.progress.update(len(batch))
 
@@ -370,13 +378,21 @@ def run_predict_command(args) -> int:
     if not 0.0 <= args.score_thresh < 1.0:
         raise ValueError(f"--score-thresh must be in [0, 1), got {args.score_thresh}")
     items, problems = collect_inputs(args.inputs)
-    detector = Detector.from_checkpoint(args.weights, args.device, fuse=not args.no_fuse, score_thresh=args.score_thresh,
-                                        batch_size=args.batch_size, weights_kind=getattr(args, "weights_kind", None))  # fmt: skip
+    detector = Detector.from_checkpoint(
+        args.weights,
+        args.device,
+        fuse=not args.no_fuse,
+        score_thresh=args.score_thresh,
+        batch_size=args.batch_size,
+        weights_kind=getattr(args, "weights_kind", None),
+    )
     images = [it for it in items if it.kind == "image"]
     videos = [it for it in items if it.kind == "video"]
     total = len(images) + sum(video_frame_count(v.path) for v in videos)
     out_dir = Path(args.out) if args.out else None
-    with tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, disable=None) as progress:  # no bar off a terminal
+    with tqdm(
+        total=total, unit="img", desc="predict", dynamic_ncols=True, disable=None
+    ) as progress:  # no bar off a terminal
         run = Predictor(detector, out_dir, progress)
         for message in problems:
             run.fail(message)
@@ -386,8 +402,14 @@ def run_predict_command(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(run.entries, indent=1) + "\n")
-    log.info("%d images / frames, %d detections above %.2f%s%s", len(run.entries), run.num_detections, args.score_thresh,
-             f"; drawn in {out_dir}" if out_dir else "", f"; JSON in {args.json}" if args.json else "")  # fmt: skip
+    log.info(
+        "%d images / frames, %d detections above %.2f%s%s",
+        len(run.entries),
+        run.num_detections,
+        args.score_thresh,
+        f"; drawn in {out_dir}" if out_dir else "",
+        f"; JSON in {args.json}" if args.json else "",
+    )
     if run.failed:
         log.warning("%d input(s) failed and were skipped:\n  %s", len(run.failed), "\n  ".join(run.failed))
         return 1

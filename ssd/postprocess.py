@@ -90,5 +90,9 @@ class PostProcessor:
 
 def build_postprocess(cfg: PostprocessConfig, model_cfg: ModelConfig) -> PostProcessor:
     return PostProcessor(
-        cfg.score_threshold, cfg.nms_threshold, cfg.topk_candidates, cfg.detections_per_image, tuple(model_cfg.priors.variances)
+        cfg.score_threshold,
+        cfg.nms_threshold,
+        cfg.topk_candidates,
+        cfg.detections_per_image,
+        tuple(model_cfg.priors.variances),
     )

@@ -102,7 +102,9 @@ def batch_input(batch: dict, preprocess: PreprocessConfig, size: int, device: to
     if not isinstance(images, Tensor):
         return preprocess_images(images, preprocess, size, device)
     if not resizes_in_loader(preprocess) or tuple(images.shape[-2:]) != (size, size):
-        raise ValueError(f"a batch of {tuple(images.shape[-2:])} uint8 images for a {size} px model with resize "
-                         f"{preprocess.resize!r}: build the loader's dataset with eval_transform() and, for "
-                         "normalize_then_bilinear, collate_originals()")  # fmt: skip
+        raise ValueError(
+            f"a batch of {tuple(images.shape[-2:])} uint8 images for a {size} px model with resize "
+            f"{preprocess.resize!r}: build the loader's dataset with eval_transform() and, for "
+            "normalize_then_bilinear, collate_originals()"
+        )
     return normalize_batch(images.to(device, non_blocking=True), preprocess)

@@ -51,7 +51,9 @@ def normalised_boxes(records: list[ImageRecord]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
 
 
-def prior_coverage(records: list[ImageRecord], priors_cxcywh: torch.Tensor, input_size: int, iou_threshold: float = 0.5) -> dict:
+def prior_coverage(
+    records: list[ImageRecord], priors_cxcywh: torch.Tensor, input_size: int, iou_threshold: float = 0.5
+) -> dict:
     """Best possible recall of the priors: the fraction of (non-difficult) boxes whose best prior has
     IoU >= ``iou_threshold`` after the eval resize to ``input_size`` squared, overall and per size."""
     norm = normalised_boxes(records)
@@ -61,7 +63,11 @@ def prior_coverage(records: list[ImageRecord], priors_cxcywh: torch.Tensor, inpu
 def best_prior_iou(norm: torch.Tensor, priors_cxcywh: torch.Tensor) -> torch.Tensor:
     """Each box's best IoU with any prior, ``Tensor[N]``, by brute force (boxes ``[N, 4]`` normalised xyxy)."""
     priors_xyxy = cxcywh_to_xyxy(priors_cxcywh.float())
-    return torch.cat([box_iou(chunk, priors_xyxy).max(dim=1).values for chunk in norm.split(2048)]) if len(norm) else torch.zeros(0)
+    return (
+        torch.cat([box_iou(chunk, priors_xyxy).max(dim=1).values for chunk in norm.split(2048)])
+        if len(norm)
+        else torch.zeros(0)
+    )
 
 
 def coverage_from_best_iou(norm: torch.Tensor, best: torch.Tensor, input_size: int, iou_threshold: float) -> dict:
@@ -69,10 +75,18 @@ def coverage_from_best_iou(norm: torch.Tensor, best: torch.Tensor, input_size: i
     wh = (norm[:, 2:] - norm[:, :2]) * input_size
     area = wh.prod(dim=1)
     matched = best >= iou_threshold
-    result = {"iou_threshold": iou_threshold, "input_size": input_size, "num_boxes": len(norm),
-              "best_iou_mean": float(best.mean()) if len(best) else math.nan}  # fmt: skip
-    buckets = {"all": torch.ones_like(matched), "small": area < SMALL_AREA,
-               "medium": (area >= SMALL_AREA) & (area < MEDIUM_AREA), "large": area >= MEDIUM_AREA}  # fmt: skip
+    result = {
+        "iou_threshold": iou_threshold,
+        "input_size": input_size,
+        "num_boxes": len(norm),
+        "best_iou_mean": float(best.mean()) if len(best) else math.nan,
+    }
+    buckets = {
+        "all": torch.ones_like(matched),
+        "small": area < SMALL_AREA,
+        "medium": (area >= SMALL_AREA) & (area < MEDIUM_AREA),
+        "large": area >= MEDIUM_AREA,
+    }
     for name, mask in buckets.items():
         n = int(mask.sum())
         result[name] = {"boxes": n, "recall": float(matched[mask].float().mean()) if n else None}
@@ -142,8 +156,10 @@ class PriorGrid:
         derived = dataclasses.replace(cfg.priors, scales=None, min_sizes=None, max_sizes=None, aspect_ratios=None)
         layout = resolve_prior_layout(dataclasses.replace(cfg, priors=derived), len(sizes))
         size = cfg.input_size
-        steps = [(1 / h, 1 / w) if layout["steps"] is None else (s / size, s / size) for (h, w), s in
-                 zip(sizes, layout["steps"] or [None] * len(sizes))]  # fmt: skip
+        steps = [
+            (1 / h, 1 / w) if layout["steps"] is None else (s / size, s / size)
+            for (h, w), s in zip(sizes, layout["steps"] or [None] * len(sizes))
+        ]
         return cls(size, sizes, steps, layout["clip"])
 
 
@@ -159,8 +175,11 @@ class PriorSizes:
     def of(cls, cfg: ModelConfig, num_levels: int) -> PriorSizes:
         layout = resolve_prior_layout(cfg, num_levels)
         size = cfg.input_size
-        return cls([s * size for s in layout["min_scales"]], [s * size for s in layout["max_scales"]],
-                   [list(r) for r in layout["aspect_ratios"]])  # fmt: skip
+        return cls(
+            [s * size for s in layout["min_scales"]],
+            [s * size for s in layout["max_scales"]],
+            [list(r) for r in layout["aspect_ratios"]],
+        )
 
 
 def level_shapes(min_px: np.ndarray, max_px: np.ndarray, ratios: list[float], input_size: int) -> np.ndarray:
@@ -188,8 +207,12 @@ def level_best_iou(boxes: np.ndarray, grid: PriorGrid, level: int, shapes: np.nd
     elif grid.clip == "wh":
         wh = np.clip(wh, 0, 1)
     pw, ph = wh[None, ..., 0], wh[None, ..., 1]  # [1, G, A]
-    ix = np.minimum(boxes[:, 2, None, None], pcx[:, None, None] + pw / 2) - np.maximum(boxes[:, 0, None, None], pcx[:, None, None] - pw / 2)
-    iy = np.minimum(boxes[:, 3, None, None], pcy[:, None, None] + ph / 2) - np.maximum(boxes[:, 1, None, None], pcy[:, None, None] - ph / 2)
+    ix = np.minimum(boxes[:, 2, None, None], pcx[:, None, None] + pw / 2) - np.maximum(
+        boxes[:, 0, None, None], pcx[:, None, None] - pw / 2
+    )
+    iy = np.minimum(boxes[:, 3, None, None], pcy[:, None, None] + ph / 2) - np.maximum(
+        boxes[:, 1, None, None], pcy[:, None, None] - ph / 2
+    )
     inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)  # [N, G, A]
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[:, None, None]
     return (inter / (area + pw * ph - inter)).max(axis=2)
@@ -197,10 +220,17 @@ def level_best_iou(boxes: np.ndarray, grid: PriorGrid, level: int, shapes: np.nd
 
 def best_iou(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes) -> np.ndarray:
     """Each box's best IoU over all priors, ``[L, N]`` per level (the max over levels is the coverage's)."""
-    return np.stack([
-        level_best_iou(boxes, grid, k, level_shapes([sizes.min_px[k]], [sizes.max_px[k]], sizes.aspect_ratios[k], grid.input_size))[:, 0]
-        for k in range(len(grid.feature_sizes))
-    ])  # fmt: skip
+    return np.stack(
+        [
+            level_best_iou(
+                boxes,
+                grid,
+                k,
+                level_shapes([sizes.min_px[k]], [sizes.max_px[k]], sizes.aspect_ratios[k], grid.input_size),
+            )[:, 0]
+            for k in range(len(grid.feature_sizes))
+        ]
+    )
 
 
 # --- fitting ------------------------------------------------------------------------------------
@@ -219,8 +249,16 @@ def size_grid(boxes: np.ndarray, input_size: int) -> np.ndarray:
     return lo * SIZE_GRID_RATIO ** np.arange(math.ceil(math.log(hi / lo, SIZE_GRID_RATIO)) + 1)
 
 
-def best_candidate(boxes: np.ndarray, grid: PriorGrid, k: int, mins: np.ndarray, maxs: np.ndarray, ratios: list[float],
-                   others: np.ndarray, threshold: float) -> tuple[int, tuple[int, float], np.ndarray]:  # fmt: skip
+def best_candidate(
+    boxes: np.ndarray,
+    grid: PriorGrid,
+    k: int,
+    mins: np.ndarray,
+    maxs: np.ndarray,
+    ratios: list[float],
+    others: np.ndarray,
+    threshold: float,
+) -> tuple[int, tuple[int, float], np.ndarray]:
     """Of the candidate sizes ``(mins[g], maxs[g])`` of level ``k``, the one whose priors, with the best IoUs
     ``others`` of the other levels, match the most boxes: ``(g, its score, its level IoUs [N])``."""
     level = level_best_iou(boxes, grid, k, level_shapes(mins, maxs, ratios, grid.input_size))  # [N, G]
@@ -262,8 +300,9 @@ def floored(sizes: PriorSizes, floors: list[float]) -> PriorSizes:
     return PriorSizes(mins, [max(a, m) for a, m in zip(sizes.max_px, mins)], [list(r) for r in sizes.aspect_ratios])
 
 
-def fit_sizes(boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: float,
-              floors: list[float]) -> tuple[PriorSizes, np.ndarray]:  # fmt: skip
+def fit_sizes(
+    boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: float, floors: list[float]
+) -> tuple[PriorSizes, np.ndarray]:
     """Coordinate search from ``start``: each level's min, then max size, set to the grid value that
     matches the most boxes, until a round changes nothing. Keeps ``min_px`` non-decreasing over levels,
     at least ``floors`` and ``max_px >= min_px``. Returns the sizes and their per-level best IoUs ``[L, N]``."""
@@ -277,12 +316,16 @@ def fit_sizes(boxes: np.ndarray, grid: PriorGrid, start: PriorSizes, threshold: 
             others = others_best(per_level, k)
             for which in ("min", "max"):
                 low, high = min_size_bounds(sizes, k, floors) if which == "min" else (sizes.min_px[k], math.inf)
-                cand = candidates[(candidates >= low) & (candidates <= (min(high, sizes.max_px[k]) if which == "min" else high))]
+                cand = candidates[
+                    (candidates >= low) & (candidates <= (min(high, sizes.max_px[k]) if which == "min" else high))
+                ]
                 if not len(cand):
                     continue
                 mins = cand if which == "min" else np.full(len(cand), sizes.min_px[k])
                 maxs = cand if which == "max" else np.full(len(cand), sizes.max_px[k])
-                g, cand_score, level = best_candidate(boxes, grid, k, mins, maxs, sizes.aspect_ratios[k], others, threshold)
+                g, cand_score, level = best_candidate(
+                    boxes, grid, k, mins, maxs, sizes.aspect_ratios[k], others, threshold
+                )
                 if cand_score > current:
                     current = cand_score
                     (sizes.min_px if which == "min" else sizes.max_px)[k] = float(cand[g])
@@ -297,11 +340,17 @@ def quantile_start(boxes: np.ndarray, grid: PriorGrid, aspect_ratios: list[list[
     """Sizes from the data alone: level k spans the k-th of L equal-count groups of box sides."""
     sides = np.sort(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) * grid.input_size
     levels = len(grid.feature_sizes)
-    edges = np.quantile(sides, np.linspace(0, 1, levels + 1)) if len(sides) else np.linspace(0.1, 1, levels + 1) * grid.input_size
+    edges = (
+        np.quantile(sides, np.linspace(0, 1, levels + 1))
+        if len(sides)
+        else np.linspace(0.1, 1, levels + 1) * grid.input_size
+    )
     return PriorSizes([float(e) for e in edges[:-1]], [float(e) for e in edges[1:]], [list(r) for r in aspect_ratios])
 
 
-def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, threshold: float, floors: list[float]) -> PriorSizes:
+def add_aspect_ratios(
+    boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, threshold: float, floors: list[float]
+) -> PriorSizes:
     """Add the aspect ratio (of RATIO_CANDIDATES, to one level, with that level's min size refitted for it)
     that matches the most more boxes, while that is at least MIN_RATIO_GAIN of them; refit all sizes after each."""
     candidates = size_grid(boxes, grid.input_size)
@@ -316,8 +365,16 @@ def add_aspect_ratios(boxes: np.ndarray, grid: PriorGrid, sizes: PriorSizes, thr
                 if r in sizes.aspect_ratios[k] or not len(mins):
                     continue
                 ratios = [*sizes.aspect_ratios[k], r]
-                g, (matched, _), _ = best_candidate(boxes, grid, k, mins, np.maximum(mins, sizes.max_px[k]), ratios,
-                                                    others_best(per_level, k), threshold)  # fmt: skip
+                g, (matched, _), _ = best_candidate(
+                    boxes,
+                    grid,
+                    k,
+                    mins,
+                    np.maximum(mins, sizes.max_px[k]),
+                    ratios,
+                    others_best(per_level, k),
+                    threshold,
+                )
                 if matched - base >= best_gain and (best_choice is None or matched - base > best_gain):
                     best_gain, best_choice = matched - base, (k, ratios, float(mins[g]))
         if best_choice is None:
@@ -361,8 +418,13 @@ class Fit:
 
 def with_priors(cfg: ModelConfig, sizes: PriorSizes) -> ModelConfig:
     """``cfg`` with these prior sizes (pixels, rounded to 0.01) and aspect ratios."""
-    priors = dataclasses.replace(cfg.priors, scales=None, min_sizes=[round(v, 2) for v in sizes.min_px],
-                                 max_sizes=[round(v, 2) for v in sizes.max_px], aspect_ratios=sizes.aspect_ratios)  # fmt: skip
+    priors = dataclasses.replace(
+        cfg.priors,
+        scales=None,
+        min_sizes=[round(v, 2) for v in sizes.min_px],
+        max_sizes=[round(v, 2) for v in sizes.max_px],
+        aspect_ratios=sizes.aspect_ratios,
+    )
     return dataclasses.replace(cfg, priors=priors)
 
 
@@ -384,8 +446,14 @@ def candidate_input_sizes(input_size: int, max_input: int) -> list[int]:
     return [input_size] + list(range((input_size // 32 + 1) * 32, max_input + 1, 32))
 
 
-def fit_input_and_priors(boxes: np.ndarray, cfg: ModelConfig, threshold: float, max_input: int | None = None,
-                         target: float = TARGET_COVERAGE, log: Callable[[str], None] = lambda _: None) -> list[Fit]:  # fmt: skip
+def fit_input_and_priors(
+    boxes: np.ndarray,
+    cfg: ModelConfig,
+    threshold: float,
+    max_input: int | None = None,
+    target: float = TARGET_COVERAGE,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[Fit]:
     """Fit the priors at today's input size and, while the coverage stays below ``target``, at the
     larger sizes of :func:`candidate_input_sizes` up to ``max_input`` (None: today's only). Returns
     every fit made, in order; the last one reached ``target`` if any did."""

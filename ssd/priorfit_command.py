@@ -48,8 +48,11 @@ def fitted_config_dict(raw: dict, cfg: Config, fit: Fit) -> dict:
     model = raw.setdefault("model", {})
     priors = dict(model.get("priors") or {})
     priors.pop("scales", None)
-    priors.update(min_sizes=list(fit.model.priors.min_sizes), max_sizes=list(fit.model.priors.max_sizes),
-                  aspect_ratios=[list(r) for r in fit.model.priors.aspect_ratios])  # fmt: skip
+    priors.update(
+        min_sizes=list(fit.model.priors.min_sizes),
+        max_sizes=list(fit.model.priors.max_sizes),
+        aspect_ratios=[list(r) for r in fit.model.priors.aspect_ratios],
+    )
     if fit.model.input_size != cfg.model.input_size:
         priors.pop("steps", None)  # pixels of the old input; the strides now follow the feature maps
         model["input_size"] = fit.model.input_size
@@ -62,7 +65,10 @@ def fitted_config_dict(raw: dict, cfg: Config, fit: Fit) -> dict:
 
 
 def coverage_row(label: str, cov: dict) -> str:
-    parts = [f"{k} {cov[k]['recall']:.1%} of {cov[k]['boxes']}" if cov[k]["recall"] is not None else f"{k} -" for k in BUCKETS]
+    parts = [
+        f"{k} {cov[k]['recall']:.1%} of {cov[k]['boxes']}" if cov[k]["recall"] is not None else f"{k} -"
+        for k in BUCKETS
+    ]
     return f"  {label:<34} " + ", ".join(parts)
 
 
@@ -72,7 +78,9 @@ def describe_changes(cfg: Config, fit: Fit) -> list[str]:
     if new.input_size != old.input_size:
         lines.append(f"model.input_size: {old.input_size} -> {new.input_size}")
         if new.extras != old.extras:
-            lines.append(f"model.extras: {len(old.extras)} -> {len(new.extras)} blocks (feature levels {2 + len(old.extras)} -> {2 + len(new.extras)})")
+            lines.append(
+                f"model.extras: {len(old.extras)} -> {len(new.extras)} blocks (feature levels {2 + len(old.extras)} -> {2 + len(new.extras)})"
+            )
         if new.fc6_dilation != old.fc6_dilation:
             lines.append(f"model.fc6_dilation: {old.fc6_dilation} -> {new.fc6_dilation}")
     p = new.priors
@@ -80,24 +88,36 @@ def describe_changes(cfg: Config, fit: Fit) -> list[str]:
     return lines
 
 
-def run_fit_priors(cfg: Config, raw: dict, out: Path, max_input: int | None = None, keep_input: bool = False,
-                   source: str = "the config") -> dict:  # fmt: skip
+def run_fit_priors(
+    cfg: Config,
+    raw: dict,
+    out: Path,
+    max_input: int | None = None,
+    keep_input: bool = False,
+    source: str = "the config",
+) -> dict:
     """Fit the priors of ``cfg`` (loaded from ``raw``, the YAML dict with the overrides applied) to
     data.train, print the coverage, write the new config to ``out``. Returns ``{"before", "after"}``
     (coverage dicts of today's and the written config's priors) and the chosen ``fit``."""
     if cfg.model.init:
-        raise ConfigError(f"model.init {cfg.model.init}: a fine-tuning run keeps the priors of its checkpoint (ssd train "
-                          "refuses other sizes); fit the priors of a config without model.init (model.init_backbone is fine)")  # fmt: skip
+        raise ConfigError(
+            f"model.init {cfg.model.init}: a fine-tuning run keeps the priors of its checkpoint (ssd train "
+            "refuses other sizes); fit the priors of a config without model.init (model.init_backbone is fine)"
+        )
     size = cfg.model.input_size
     max_input = size if keep_input else (max_input or 2 * size)
     if max_input < size:
-        raise ConfigError(f"--max-input {max_input} is smaller than model.input_size {size}; give a larger size or --keep-input")
+        raise ConfigError(
+            f"--max-input {max_input} is smaller than model.input_size {size}; give a larger size or --keep-input"
+        )
     problems = Problems("skip")
     records, _ = index_dataset(cfg.data.train, problems, "data.train")
     problems.log_summary("data.train")
     norm = normalised_boxes(records)
     if not len(norm):
-        raise DatasetError(f"data.train ({cfg.data.train.root or cfg.data.train.annotations}): no boxes to fit the priors to")
+        raise DatasetError(
+            f"data.train ({cfg.data.train.root or cfg.data.train.annotations}): no boxes to fit the priors to"
+        )
     threshold = cfg.loss.iou_threshold
     today = build_ssd(cfg.model)
     fits = fit_input_and_priors(norm.double().numpy(), cfg.model, threshold, max_input)
@@ -108,23 +128,31 @@ def run_fit_priors(cfg: Config, raw: dict, out: Path, max_input: int | None = No
     # the size buckets of every row count the same boxes: areas in pixels of today's input
     before = coverage_from_best_iou(norm, best_prior_iou(norm, today.priors), size, threshold)
     after = coverage_from_best_iou(norm, best_prior_iou(norm, new_model.priors), size, threshold)
-    print(f"data.train: {len(norm)} boxes in {len(records)} images; prior coverage (best prior IoU >= {threshold}; "
-          f"size buckets in pixels of the {size} px input)")  # fmt: skip
+    print(
+        f"data.train: {len(norm)} boxes in {len(records)} images; prior coverage (best prior IoU >= {threshold}; "
+        f"size buckets in pixels of the {size} px input)"
+    )
     print(coverage_row(f"today (input {size}, {len(today.priors)} priors)", before))
     for f in fits[:-1] if fit is fits[-1] else []:
-        print(f"  fitted at input {f.model.input_size:<4} {f.coverage:.1%} (below {TARGET_COVERAGE:.0%}: sizes alone are not enough)")
+        print(
+            f"  fitted at input {f.model.input_size:<4} {f.coverage:.1%} (below {TARGET_COVERAGE:.0%}: sizes alone are not enough)"
+        )
     print(coverage_row(f"fitted (input {fit.model.input_size}, {len(new_model.priors)} priors)", after))
     if fit.coverage < TARGET_COVERAGE:
         tried = f"at input {size}" if max_input == size else f"at inputs up to {max_input} px (--max-input)"
         print(f"  no fit reaches {TARGET_COVERAGE:.0%} {tried}; the best one is written")
     if fit.model.input_size != size:
         macs_before, macs_after = conv_macs_per_image(today), conv_macs_per_image(new_model)
-        print(f"cost relative to today: {len(new_model.priors)} priors vs {len(today.priors)} "
-              f"({len(new_model.priors) / len(today.priors):.2f}x), {macs_after / 1e9:.3f} vs {macs_before / 1e9:.3f} "
-              f"GMAC per image ({macs_after / macs_before:.2f}x)")  # fmt: skip
+        print(
+            f"cost relative to today: {len(new_model.priors)} priors vs {len(today.priors)} "
+            f"({len(new_model.priors) / len(today.priors):.2f}x), {macs_after / 1e9:.3f} vs {macs_before / 1e9:.3f} "
+            f"GMAC per image ({macs_after / macs_before:.2f}x)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# written by `ssd data fit-priors {source}`: prior coverage of data.train "
-              f"{before['all']['recall']:.1%} -> {after['all']['recall']:.1%}\n")  # fmt: skip
+    header = (
+        f"# written by `ssd data fit-priors {source}`: prior coverage of data.train "
+        f"{before['all']['recall']:.1%} -> {after['all']['recall']:.1%}\n"
+    )
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     for line in describe_changes(cfg, fit):
         print(f"  {line}")

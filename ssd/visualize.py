@@ -15,8 +15,14 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: list[str],
-                    score_threshold: float = 0.3) -> np.ndarray:  # fmt: skip
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    score_threshold: float = 0.3,
+) -> np.ndarray:
     """A copy of RGB ``image`` with boxes and ``name score`` labels (on a filled tab, readable on any background).
 
     Drawn in increasing score order, so where boxes or tabs overlap the highest-scored one is on top.
@@ -39,6 +45,14 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
         tx = max(0, min(x1, out.shape[1] - tw - 3))  # keep the tab inside the picture at the right edge
         cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 2, ty + 1), color, -1)
         luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        cv2.putText(out, text, (tx + 1, ty - base + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (0, 0, 0) if luminance > 140 else (255, 255, 255), 1, cv2.LINE_AA)  # fmt: skip
+        cv2.putText(
+            out,
+            text,
+            (tx + 1, ty - base + 1),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0) if luminance > 140 else (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
     return out

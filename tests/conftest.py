@@ -73,11 +73,23 @@ def launch_ranks(world: int, command: list[str], cwd: Path) -> list[subprocess.C
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-            "OMP_NUM_THREADS": "1", "SSD_CACHE_DIR": str(Path(cwd) / "cache")}  # fmt: skip
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        "SSD_CACHE_DIR": str(Path(cwd) / "cache"),
+    }
     procs = [
-        subprocess.Popen([sys.executable, *command], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, *command],
+            cwd=cwd,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
         for rank in range(world)
     ]
     try:

@@ -24,9 +24,7 @@ from ssd.loss import MultiBoxLoss
 from ssd.model import build_ssd
 
 
-def test_loss_row_equals_torchvision_to_1e5_and_the_json_keeps_its_extra_numbers(
-    tmp_path, capsys
-):
+def test_loss_row_equals_torchvision_to_1e5_and_the_json_keeps_its_extra_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--only", "loss", "--repeats", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
@@ -65,10 +63,7 @@ def test_train_batch_is_nhwc_uint8_with_both_kinds_of_targets():
     for i, t in enumerate(batch["targets"]):
         n = len(t["labels"])
         torch.testing.assert_close(batch["gt_boxes"][i, :n], t["boxes"] / 300)
-        assert (
-            torch.equal(batch["gt_labels"][i, :n], t["labels"])
-            and (batch["gt_labels"][i, n:] == 0).all()
-        )
+        assert torch.equal(batch["gt_labels"][i, :n], t["labels"]) and (batch["gt_labels"][i, n:] == 0).all()
 
 
 def test_our_training_step_equals_torchvisions_on_its_weights(tv_ssd300):
@@ -86,9 +81,7 @@ def tiny_step(make_tiny_config, lr: float, scale: float = 1.0) -> RepeatableStep
     images = torch.randn(2, 3, 128, 128)
     boxes = torch.tensor([[[0.1, 0.1, 0.6, 0.5]], [[0.3, 0.2, 0.9, 0.9]]])
     labels = torch.tensor([[1], [2]])
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     def losses():
         out = criterion(model(images), boxes, labels, model.priors)
@@ -102,9 +95,7 @@ def test_step_check_passes_a_real_step_and_reset_restores_the_weights(make_tiny_
     first = check_step(step, "tiny")
     assert set(first) == {"loc", "conf"}
     step.reset()
-    assert all(
-        torch.equal(p, p0) for p, p0 in zip(step.model.parameters(), step.initial)
-    )
+    assert all(torch.equal(p, p0) for p, p0 in zip(step.model.parameters(), step.initial))
     # the same weights, the same inputs: the same losses
     again = check_step(step, "tiny")
     assert again == pytest.approx(first, rel=1e-6)

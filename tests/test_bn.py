@@ -32,13 +32,29 @@ def run_dict(root: Path, **train_options) -> dict:
     """A width-1/8 SSD at 64 px with BN everywhere (maps 8, 4, 2, 1), 40 shapes images, batch 8."""
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": 5,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.01, "warmup_iters": 0, "device": "cpu",
-                  "checkpoint_period": 100, "eval_period": 100, "log_period": 1, **train_options},
+        "train": {
+            "max_iter": 2,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "warmup_iters": 0,
+            "device": "cpu",
+            "checkpoint_period": 100,
+            "eval_period": 100,
+            "log_period": 1,
+            **train_options,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 def config(root: Path, **train_options) -> Config:
@@ -110,7 +126,9 @@ def test_train_mode_uses_batch_statistics_and_updates_running_ones(shapes):
 
 def test_frozen_run_keeps_the_initial_bn_and_trains_the_rest(shapes, tmp_path, caplog):
     model = bn_model(shapes)
-    save_checkpoint(make_checkpoint(model.state_dict(), config(shapes).model, SHAPES_CLASSES, "train"), tmp_path / "init.pt")
+    save_checkpoint(
+        make_checkpoint(model.state_dict(), config(shapes).model, SHAPES_CLASSES, "train"), tmp_path / "init.pt"
+    )
     cfg = config(shapes, bn="frozen")
     cfg.model.init = str(tmp_path / "init.pt")
     with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
@@ -130,8 +148,14 @@ BACKBONE_BN = 15  # conv1_1 .. conv5_3, fc6, fc7; the other 4 are the extras
 
 def test_a_bn_layer_counts_as_trained_when_both_running_statistics_were_loaded(shapes):
     model = build_ssd(config(shapes).model)
-    loaded = ["backbone.conv1.0.bn.running_mean", "backbone.conv1.0.bn.running_var", "backbone.conv1.1.bn.running_mean",
-              "backbone.conv1.1.bn.weight", "extras.0.0.bn.running_var", "backbone.conv2.0.conv.weight"]  # fmt: skip
+    loaded = [
+        "backbone.conv1.0.bn.running_mean",
+        "backbone.conv1.0.bn.running_var",
+        "backbone.conv1.1.bn.running_mean",
+        "backbone.conv1.1.bn.weight",
+        "extras.0.0.bn.running_var",
+        "backbone.conv2.0.conv.weight",
+    ]
     assert bn_tools.trained_bn_layers(model, loaded) == ["backbone.conv1.0.bn"]
     assert bn_tools.frozen_bn_layers(model, "frozen", loaded) == ["backbone.conv1.0.bn"]
     assert bn_tools.frozen_bn_layers(model, "train", loaded) == bn_tools.frozen_bn_layers(model, "sync", loaded) == []
@@ -157,9 +181,13 @@ def test_frozen_freezes_the_loaded_bn_layers_trains_the_new_ones_and_precise_bn_
     with caplog.at_level(logging.INFO, logger="ssd.engine.bn"):
         engine.train(frozen_config(shapes, tmp_path / "init.pt", precise_bn_batches=3), tmp_path / "run")
     (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.bn=frozen")]
-    assert message.startswith("train.bn=frozen: 15 BatchNorm layer(s) frozen with their loaded statistics "
-                              "(backbone.conv1.0.bn, backbone.conv1.1.bn, ")  # fmt: skip
-    assert message.endswith("; 4 without trained statistics train (extras.0.0.bn, extras.0.1.bn, extras.1.0.bn, extras.1.1.bn)")
+    assert message.startswith(
+        "train.bn=frozen: 15 BatchNorm layer(s) frozen with their loaded statistics "
+        "(backbone.conv1.0.bn, backbone.conv1.1.bn, "
+    )
+    assert message.endswith(
+        "; 4 without trained statistics train (extras.0.0.bn, extras.0.1.bn, extras.1.0.bn, extras.1.1.bn)"
+    )
 
     trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     names = [name for name, _ in bn_tools.bn_layers(build_ssd(config(shapes).model))]
@@ -175,8 +203,10 @@ def test_frozen_freezes_the_loaded_bn_layers_trains_the_new_ones_and_precise_bn_
 def test_frozen_without_init_warns_and_trains_every_bn_layer(shapes, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
         engine.train(config(shapes, bn="frozen", max_iter=1), tmp_path / "run")
-    assert caplog.messages == [f"train.bn=frozen: no BatchNorm layer has trained statistics (nothing loaded them from "
-                               f"model.init or model.init_backbone), so all {NUM_BN} train as with train.bn=train"]  # fmt: skip
+    assert caplog.messages == [
+        f"train.bn=frozen: no BatchNorm layer has trained statistics (nothing loaded them from "
+        f"model.init or model.init_backbone), so all {NUM_BN} train as with train.bn=train"
+    ]
     last = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     assert {int(v) for k, v in last.items() if k.endswith("num_batches_tracked")} == {1}  # every layer took its step
 
@@ -351,9 +381,15 @@ def test_precise_bn_leaves_frozen_layers_and_every_module_mode_alone(shapes):
     assert model.training
     for name, m in layers:
         if name in frozen:
-            assert not m.training and all(torch.equal(v, before[f"{name}.{k}"]) for k, v in m.state_dict().items()), name
+            assert not m.training and all(torch.equal(v, before[f"{name}.{k}"]) for k, v in m.state_dict().items()), (
+                name
+            )
         else:
-            assert m.training and int(m.num_batches_tracked) == 2 and not torch.equal(m.running_mean, before[f"{name}.running_mean"])
+            assert (
+                m.training
+                and int(m.num_batches_tracked) == 2
+                and not torch.equal(m.running_mean, before[f"{name}.running_mean"])
+            )
 
 
 # --- the never-updated pitfall -------------------------------------------------------------------------
@@ -370,7 +406,9 @@ def test_stale_bn_layers_are_those_at_their_initial_statistics(shapes):
     assert bn_tools.stale_bn_layers(model) == []
     # statistics loaded from converted weights carry no step count: still not stale
     fresh = build_ssd(config(shapes).model)
-    state = {k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in model.state_dict().items()}
+    state = {
+        k: (torch.zeros_like(v) if k.endswith("num_batches_tracked") else v) for k, v in model.state_dict().items()
+    }
     fresh.load_state_dict(state)
     assert bn_tools.stale_bn_layers(fresh) == []
 
@@ -386,6 +424,8 @@ def test_evaluation_warns_about_never_updated_statistics(shapes, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="ssd.engine.bn"):
         engine.train(cfg, tmp_path / "run")
     (message,) = [r.getMessage() for r in caplog.records if "initial running statistics" in r.getMessage()]
-    assert message.startswith(f"evaluation at iteration 1: {NUM_BN} BatchNorm layer(s) still have their initial "
-                              "running statistics (e.g. backbone.conv1.0.bn)")  # fmt: skip
+    assert message.startswith(
+        f"evaluation at iteration 1: {NUM_BN} BatchNorm layer(s) still have their initial "
+        "running statistics (e.g. backbone.conv1.0.bn)"
+    )
     assert "train.precise_bn_batches" in message

@@ -33,13 +33,31 @@ BATCHES = 3
 def run_dict(root: Path, **model_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}], **model_options},
+        "model": {
+            "num_classes": 5,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+            **model_options,
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 4, "batch_size": 8, "optimizer": "adamw", "lr": 3e-3, "warmup_iters": 0, "device": "cpu",
-                  "checkpoint_period": 100, "eval_period": 100, "log_period": 1, "seed": 1, "tensorboard": False},
+        "train": {
+            "max_iter": 4,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 3e-3,
+            "warmup_iters": 0,
+            "device": "cpu",
+            "checkpoint_period": 100,
+            "eval_period": 100,
+            "log_period": 1,
+            "seed": 1,
+            "tensorboard": False,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -101,10 +119,14 @@ def test_after_precise_bn_the_running_statistics_match_the_batches(setup):
     report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
 
     assert (report.batches, report.images) == (BATCHES, BATCHES * 8)
-    assert [r.name for r in report.layers] == [name for name, _ in bn_tools.bn_layers(model)] and len(report.layers) == NUM_BN
+    assert [r.name for r in report.layers] == [name for name, _ in bn_tools.bn_layers(model)] and len(
+        report.layers
+    ) == NUM_BN
     for r in report.layers:
         assert r.mean_gap < 1e-4 and r.var_gap < 1e-4, r  # the same population statistics, float32 vs float64
-        assert r.running_mean == pytest.approx(r.batch_mean, abs=1e-4) and r.running_var == pytest.approx(r.batch_var, rel=1e-4)
+        assert r.running_mean == pytest.approx(r.batch_mean, abs=1e-4) and r.running_var == pytest.approx(
+            r.batch_var, rel=1e-4
+        )
         assert not r.stale and not r.drifted
     assert report.flagged == []
     # the model is left exactly as it was: weights, running statistics, counters and every module's mode
@@ -183,25 +205,49 @@ def test_command_prints_the_table_and_exits_1_only_when_a_layer_is_flagged(setup
     assert main(["bn-report", "--weights", str(tmp_path / "precise.pt"), *args]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"BatchNorm report for {tmp_path / 'precise.pt'}: {NUM_BN} layers, data.train of {setup['config']}"
-    assert out[1].split() == ["layer", "ch", "vals/ch", "run", "mean", "batch", "mean", "run", "var", "batch", "var", "mean", "gap",
-                              "var", "gap", "status"]  # fmt: skip
+    assert out[1].split() == [
+        "layer",
+        "ch",
+        "vals/ch",
+        "run",
+        "mean",
+        "batch",
+        "mean",
+        "run",
+        "var",
+        "batch",
+        "var",
+        "mean",
+        "gap",
+        "var",
+        "gap",
+        "status",
+    ]
     rows = out[2 : 2 + NUM_BN]
     assert [row.split()[0] for row in rows] == [name for name, _ in bn_tools.bn_layers(good)]
     assert all(row.split()[-1] == "ok" and float(row.split()[-3]) < 1e-3 for row in rows)
-    assert [int(row.split()[2]) for row in rows][:2] == [8 * 64 * 64] * 2  # values per channel: batch 8 x 64 x 64 (conv1)
+    assert [int(row.split()[2]) for row in rows][:2] == [
+        8 * 64 * 64
+    ] * 2  # values per channel: batch 8 x 64 x 64 (conv1)
     assert out[-2].startswith(f"train vs eval mode on the same {BATCHES * 8} images ({BATCHES} batches): loss ")
     assert out[-1] == f"all {NUM_BN} BatchNorm layers ok"
 
     torch.manual_seed(0)
-    save_checkpoint(make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, classes, "train"), tmp_path / "fresh.pt")
-    assert main(["bn-report", "--weights", str(tmp_path / "fresh.pt"), *args, "data.train.split=val"]) == 1  # overrides work
+    save_checkpoint(
+        make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, classes, "train"), tmp_path / "fresh.pt"
+    )
+    assert (
+        main(["bn-report", "--weights", str(tmp_path / "fresh.pt"), *args, "data.train.split=val"]) == 1
+    )  # overrides work
     assert "STALE (never updated)" in capsys.readouterr().out
 
 
 def test_command_errors_are_one_line(setup, tmp_path, capsys):
     cfg = load_config(setup["config"], ["model.batch_norm=none"])
     torch.manual_seed(0)
-    save_checkpoint(make_checkpoint(build_ssd(cfg.model).state_dict(), cfg.model, SHAPES_CLASSES, "train"), tmp_path / "plain.pt")
+    save_checkpoint(
+        make_checkpoint(build_ssd(cfg.model).state_dict(), cfg.model, SHAPES_CLASSES, "train"), tmp_path / "plain.pt"
+    )
     args = ["--config", str(setup["config"]), "--device", "cpu"]
     assert main(["bn-report", "--weights", str(tmp_path / "plain.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -229,7 +275,9 @@ def heads_setup(tmp_path_factory) -> dict:
         model = model_from_checkpoint(tmp / "run" / "last.pt")[0]
         cfg, loader, prepare, criterion = report_inputs(config)
         epochs = (build_dataloader(loader().dataset, 4, train=True, num_workers=0, seed=100 + i) for i in range(3))
-        assert bn_tools.precise_bn(model, (b for epoch in epochs for b in epoch), lambda m, b: m(prepare(b)[0]), 30) == 30
+        assert (
+            bn_tools.precise_bn(model, (b for epoch in epochs for b in epoch), lambda m, b: m(prepare(b)[0]), 30) == 30
+        )
     return {"model": model, "loader": loader, "prepare": prepare, "criterion": criterion}
 
 
@@ -240,14 +288,19 @@ def test_head_bn_layers_are_reported_and_sampling_noise_on_small_maps_is_not_fla
     model, loader, prepare, criterion = (heads_setup[k] for k in ("model", "loader", "prepare", "criterion"))
     fixed = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES, noise_factor=0.0)
     names = [r.name for r in fixed.layers]
-    assert len(names) == NUM_BN + 8 and names[NUM_BN:] == [f"head.{k}_bn.{i}" for k in ("loc", "conf") for i in range(4)]
+    assert len(names) == NUM_BN + 8 and names[NUM_BN:] == [
+        f"head.{k}_bn.{i}" for k in ("loc", "conf") for i in range(4)
+    ]
     assert {r.name: r.values for r in fixed.layers}["head.conf_bn.3"] == 4  # the 1x1 level: 4 images x 1 x 1
     assert [r.name for r in fixed.flagged] == ["head.conf_bn.3"]  # a false flag: noise only
 
     report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
     assert report.flagged == []
     by_name = {r.name: r for r in report.layers}
-    assert by_name["head.conf_bn.3"].var_threshold > 1.0 and by_name["head.conf_bn.0"].var_threshold == bn_tools.DRIFT_VAR_GAP
+    assert (
+        by_name["head.conf_bn.3"].var_threshold > 1.0
+        and by_name["head.conf_bn.0"].var_threshold == bn_tools.DRIFT_VAR_GAP
+    )
     assert "thresholds raised to 3x the gaps sampling noise gives" in bn_tools.format_bn_report(report)
 
 
@@ -258,13 +311,17 @@ def test_real_drift_on_the_heads_1x1_level_is_still_flagged(heads_setup):
         shifted, scaled = layers["head.conf_bn.3"], layers["head.loc_bn.3"]
         shifted.running_mean += (shifted.running_var + shifted.eps).sqrt()  # 1 standard deviation off
         scaled.running_var.mul_(4.0)  # 3x is within 3x the noise of 4 values per channel: gap 1.6, threshold 1.8
-    report = bn_tools.bn_report(model, heads_setup["loader"](), heads_setup["prepare"], heads_setup["criterion"], BATCHES)
+    report = bn_tools.bn_report(
+        model, heads_setup["loader"](), heads_setup["prepare"], heads_setup["criterion"], BATCHES
+    )
     assert [r.name for r in report.flagged] == ["head.loc_bn.3", "head.conf_bn.3"]
 
 
 def test_sampling_gaps_follow_the_spread_between_batches():
     g = torch.Generator().manual_seed(0)
-    means = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5  # one batch's mean: sd 0.5 (of a unit variance)
+    means = (
+        torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5
+    )  # one batch's mean: sd 0.5 (of a unit variance)
     variances = torch.ones(4, 1000, dtype=torch.float64)
     mean_gap, var_gap = bn_tools.sampling_gaps(means, variances, momentum=0.1, eps=0.0)
     spread = 1 / 4 + 0.1 / 1.9  # the 4 measured batches + the running average's share of one batch

@@ -38,14 +38,31 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_dict(root: Path, **train_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": 5,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_iters": 0,
-                  "device": "cpu", "checkpoint_period": 100, "eval_period": 100, "log_period": 1, "tensorboard": False,
-                  **train_options},
+        "train": {
+            "max_iter": 2,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "schedule": "cosine",
+            "warmup_iters": 0,
+            "device": "cpu",
+            "checkpoint_period": 100,
+            "eval_period": 100,
+            "log_period": 1,
+            "tensorboard": False,
+            **train_options,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -71,8 +88,18 @@ def study(shapes, tmp_path_factory) -> tuple[Path, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSD_CACHE_DIR", str(tmp / "cache"))
         path = write_config(tmp / "run.yaml", run_dict(shapes, time_limit=600, schedule_by_time=True))
-        summary = run_study(path, tmp / "out", ["train.seed=3"], ["none", "all@3x"], iters=4, eval_period=2, log_period=1,
-                            val_images=5, act_images=4, optimizer=None)  # fmt: skip
+        summary = run_study(
+            path,
+            tmp / "out",
+            ["train.seed=3"],
+            ["none", "all@3x"],
+            iters=4,
+            eval_period=2,
+            log_period=1,
+            val_images=5,
+            act_images=4,
+            optimizer=None,
+        )
     return tmp / "out", summary
 
 
@@ -84,21 +111,40 @@ def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolu
     assert parse_variant("all@3x") == Variant("all@3x", list(BN_ALL), 3.0)
     assert parse_variant("backbone").blocks == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"]
     assert parse_variant("extras@0.5x") == Variant("extras@0.5x", ["extras"], 0.5)
-    assert parse_variant("conv5+conv4@10x") == Variant("conv5+conv4@10x", ["conv4", "conv5"], 10.0)  # block order canonical
+    assert parse_variant("conv5+conv4@10x") == Variant(
+        "conv5+conv4@10x", ["conv4", "conv5"], 10.0
+    )  # block order canonical
     # presets combine with blocks: the heads come on top of every feature block, or of the backbone
     assert parse_variant("all+heads").blocks == list(BN_BLOCKS) == [*BN_ALL, "heads"]
-    assert parse_variant("heads+backbone@2x") == Variant("heads+backbone@2x", ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "heads"], 2.0)
+    assert parse_variant("heads+backbone@2x") == Variant(
+        "heads+backbone@2x", ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "heads"], 2.0
+    )
     assert parse_variant("heads").blocks == ["heads"]
     assert parse_variant("all+extras").blocks == list(BN_ALL)  # overlaps are one set
     # an absolute lr ignores the base lr; a multiple scales it
     none_abs, all_rel = parse_variant("none@lr0.05"), parse_variant("all@3x")
-    assert (none_abs.lr, none_abs.lr_mult, none_abs.lr_for(0.01), all_rel.lr_for(0.01)) == (0.05, 1.0, 0.05, pytest.approx(0.03))
+    assert (none_abs.lr, none_abs.lr_mult, none_abs.lr_for(0.01), all_rel.lr_for(0.01)) == (
+        0.05,
+        1.0,
+        0.05,
+        pytest.approx(0.03),
+    )
     assert parse_variant("all+heads@lr1e-3").lr_for(0.5) == 0.001
-    assert [parse_variant(v).dirname for v in ("all@3x", "none@lr0.05", "all+heads@0.5x")] == ["all_lr3x", "none_lr0.05", "all+heads_lr0.5x"]
+    assert [parse_variant(v).dirname for v in ("all@3x", "none@lr0.05", "all+heads@0.5x")] == [
+        "all_lr3x",
+        "none_lr0.05",
+        "all+heads_lr0.5x",
+    ]
 
-    with pytest.raises(ValueError, match=r"variant 'alll': unknown BN block 'alll'; a variant is BLOCKS\[@LR\]: BLOCKS is a preset \(none, all"):
+    with pytest.raises(
+        ValueError,
+        match=r"variant 'alll': unknown BN block 'alll'; a variant is BLOCKS\[@LR\]: BLOCKS is a preset \(none, all",
+    ):
         parse_variant("alll")
-    with pytest.raises(ValueError, match=r"variant 'all\+head': unknown BN block 'head'; .*BN block \(conv1, conv2, conv3, conv4, conv5, fc, extras, heads\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"variant 'all\+head': unknown BN block 'head'; .*BN block \(conv1, conv2, conv3, conv4, conv5, fc, extras, heads\)",
+    ):
         parse_variant("all+head")
     with pytest.raises(ValueError, match=r"variant 'conv4\+fc7': unknown BN block 'fc7'"):
         parse_variant("conv4+fc7")
@@ -113,8 +159,11 @@ def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolu
     assert {tuple(v.blocks) for v in defaults} == {(), tuple(BN_ALL), tuple(BN_BLOCKS)}
 
     for bad in ("fast", "3", "0x", "-1x", "lr", "lr-0.1", "lrnan", "0.05lr"):  # a bare number is ambiguous: 3x or lr3?
-        with pytest.raises(ValueError, match=f"variant 'all@{bad}': after @ write a multiple of the base lr like 3x or 0.5x, "
-                                             f"or an absolute lr like lr0.05 \\(got '{bad}'\\)"):
+        with pytest.raises(
+            ValueError,
+            match=f"variant 'all@{bad}': after @ write a multiple of the base lr like 3x or 0.5x, "
+            f"or an absolute lr like lr0.05 \\(got '{bad}'\\)",
+        ):
             parse_variant(f"all@{bad}")
 
 
@@ -130,7 +179,10 @@ def test_study_arguments_are_checked_before_anything_runs(shapes, tmp_path):
         run_study(path, tmp_path / "out", iters=0)
     with pytest.raises(ValueError, match=r"--variants: duplicate variant in \['all', 'all'\]"):
         run_study(path, tmp_path / "out", variants=["all", "all"])
-    with pytest.raises(ValueError, match=r"--variants: all@2x and all\+extras@lr0.002 are the same run \(BN \['conv1', .*'extras'\], lr 0.002\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"--variants: all@2x and all\+extras@lr0.002 are the same run \(BN \['conv1', .*'extras'\], lr 0.002\)",
+    ):
         run_study(path, tmp_path / "out", variants=["none", "all@2x", "all+extras@lr0.002"])  # the config's lr is 1e-3
     with pytest.raises(ValueError, match="--lr must be a positive number, got -0.1"):
         run_study(path, tmp_path / "out", lr=-0.1)
@@ -153,7 +205,9 @@ def test_val_subset_is_the_first_images_without_touching_the_data(shapes, tmp_pa
     assert (shapes / "ImageSets" / "Main" / "val.txt").read_text().count("\n") == 8  # the data folder is unchanged
     assert val_subset(cfg.data.val, 0, tmp_path / "all") is cfg.data.val
 
-    coco = cfg.data.val.__class__(format="coco", images=str(shapes / "JPEGImages"), annotations=str(shapes / "annotations" / "instances_val.json"))
+    coco = cfg.data.val.__class__(
+        format="coco", images=str(shapes / "JPEGImages"), annotations=str(shapes / "annotations" / "instances_val.json")
+    )
     coco_full = build_dataset(coco, None, train=False, key="data.val")
     coco_sub = build_dataset(val_subset(coco, 2, tmp_path / "coco"), None, train=False, key="data.val")
     assert [r.image_id for r in coco_sub.records] == [r.image_id for r in coco_full.records[:2]]
@@ -164,7 +218,9 @@ def test_missing_shapes_data_is_generated_and_other_missing_data_is_an_error(tmp
     monkeypatch.setattr(bn_study_data, "STUDY_DATA", {"num_train": 6, "num_val": 2, "size": 64, "seed": 0})
     cfg = load_config(write_config(tmp_path / "run.yaml", run_dict(tmp_path / "made")))
     bn_study_data.ensure_study_data(cfg)
-    assert (tmp_path / "made" / "ImageSets" / "Main" / "train.txt").read_text().split() == [f"train_{i:06d}" for i in range(6)]
+    assert (tmp_path / "made" / "ImageSets" / "Main" / "train.txt").read_text().split() == [
+        f"train_{i:06d}" for i in range(6)
+    ]
 
     other = run_dict(tmp_path / "absent")
     other["data"]["train"]["classes"] = ["cat", "dog"]
@@ -211,13 +267,23 @@ def png_pixels(path: Path) -> np.ndarray:
 
 def test_study_writes_plots_and_a_summary_per_variant(study):
     out, summary = study
-    for name, min_size in (("loss.png", (300, 500)), ("map.png", (300, 500)), ("activations.png", (300, 900)), ("lr_sweep.png", (300, 500))):
+    for name, min_size in (
+        ("loss.png", (300, 500)),
+        ("map.png", (300, 500)),
+        ("activations.png", (300, 900)),
+        ("lr_sweep.png", (300, 500)),
+    ):
         pixels = png_pixels(out / name)
         assert pixels.shape[0] >= min_size[0] and pixels.shape[1] >= min_size[1], name
         assert pixels[..., :3].std() > 0.05, f"{name} looks blank"
 
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["plots"] == {"loss": "loss.png", "map": "map.png", "activations": "activations.png", "lr_sweep": "lr_sweep.png"}
+    assert saved["plots"] == {
+        "loss": "loss.png",
+        "map": "map.png",
+        "activations": "activations.png",
+        "lr_sweep": "lr_sweep.png",
+    }
     assert [v["name"] for v in saved["variants"]] == ["none", "all@3x"]  # one curve per variant in each plot
     none, bn = saved["variants"]
     assert (none["batch_norm"], bn["batch_norm"]) == ([], list(BN_ALL))
@@ -253,8 +319,13 @@ def test_study_writes_plots_and_a_summary_per_variant(study):
         assert v["iters_to_90pct"] == (hits[0] if hits else None)
 
     table = (out / "summary.md").read_text().splitlines()
-    assert table[0].startswith(f"BN study of `{out.parent / 'run.yaml'}`: 4 iterations, batch 8, adamw, base lr 0.001, weight decay 0.0005")
-    assert table[2] == "| variant | BN blocks | optimizer | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |"
+    assert table[0].startswith(
+        f"BN study of `{out.parent / 'run.yaml'}`: 4 iterations, batch 8, adamw, base lr 0.001, weight decay 0.0005"
+    )
+    assert (
+        table[2]
+        == "| variant | BN blocks | optimizer | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |"
+    )
     assert [row.split(" | ")[0] for row in table[4:]] == ["| none", "| all@3x"]
     assert table[5].startswith("| all@3x | all | adamw | 0.003 | ")
 
@@ -276,23 +347,46 @@ def test_every_variant_trains_the_same_data_and_seed(study):
 def test_a_diverging_variant_is_recorded_not_raised(shapes, tmp_path):
     """A NaN L2Norm scale makes every loss non-finite: the engine stops with TrainingError before
     writing any checkpoint; the study records it, keeps the start histograms, and still plots."""
-    cfg = load_config(write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2)), ["model.l2norm_scale=.nan"])
+    cfg = load_config(
+        write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2)), ["model.l2norm_scale=.nan"]
+    )
     images = bn_study_data.fixed_batch(cfg, 4)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"a previous study's")  # must not pass for this run's end weights
     os.utime(tmp_path / "run" / "last.pt", (time.time() - 3600, time.time() - 3600))
     res = run_variant(cfg, parse_variant("none"), tmp_path / "run", images)
-    assert res["diverged"] and "non-finite for 2 consecutive iterations" in res["error"] and res["stopped"] == "diverged"
+    assert (
+        res["diverged"] and "non-finite for 2 consecutive iterations" in res["error"] and res["stopped"] == "diverged"
+    )
     assert res["diverged_reason"] == "non-finite loss, stopped"
-    assert (res["iterations"], res["final_map"], res["end_weights_iter"], res["loss_curve"]["iter"]) == (0, None, None, [])
+    assert (res["iterations"], res["final_map"], res["end_weights_iter"], res["loss_curve"]["iter"]) == (
+        0,
+        None,
+        None,
+        [],
+    )
     assert all(set(cell) == {"edges", "start"} for cell in res["activations"].values())
 
     res["loss_curve"] = {"iter": [5, 10, 15], "loss": [9.0, 3.0, 6.0]}  # as if a spike had come before the end
-    summary = summarize([res], {"config": "run.yaml", "iters": 2, "batch_size": 8, "optimizer": "adamw", "base_lr": 1e-3,
-                                "weight_decay": 0.0, "warmup_iters": 0, "seed": 0, "val_images": 5, "momentum": None})  # fmt: skip
+    summary = summarize(
+        [res],
+        {
+            "config": "run.yaml",
+            "iters": 2,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "base_lr": 1e-3,
+            "weight_decay": 0.0,
+            "warmup_iters": 0,
+            "seed": 0,
+            "val_images": 5,
+            "momentum": None,
+        },
+    )
     assert summary["study_best_map"] is None and res["iters_to_90pct"] is None
     assert bn_study_report.format_table(summary).splitlines()[-1] == (
-        "| none | - | adamw | 0.001 | - | - | never | **yes** (non-finite loss, stopped) (loss rebounded 2.0x, iteration 15) | - |")
+        "| none | - | adamw | 0.001 | - | - | never | **yes** (non-finite loss, stopped) (loss rebounded 2.0x, iteration 15) | - |"
+    )
     bn_study_report.write_plots(summary, tmp_path)
     assert png_pixels(tmp_path / "activations.png").shape[0] > 100
 
@@ -302,22 +396,52 @@ def test_an_sgd_sweep_records_a_diverging_lr_and_plots_final_map_against_lr(shap
     makes the BN-free network's loss non-finite, which is recorded as diverged and the study goes on."""
     path = write_config(tmp_path / "run.yaml", run_dict(shapes, max_bad_steps=2))
     out = tmp_path / "out"
-    summary = run_study(path, out, ["train.momentum=0.8"], ["all+heads", "none@lr1e4"], iters=4, eval_period=4, log_period=1,
-                        val_images=3, act_images=4, optimizer="sgd", lr=0.02)  # fmt: skip
+    summary = run_study(
+        path,
+        out,
+        ["train.momentum=0.8"],
+        ["all+heads", "none@lr1e4"],
+        iters=4,
+        eval_period=4,
+        log_period=1,
+        val_images=3,
+        act_images=4,
+        optimizer="sgd",
+        lr=0.02,
+    )
     heads, none = summary["variants"]
     cfg = load_config(out / "runs" / "all+heads" / "config.yaml")
-    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.momentum, cfg.model.batch_norm) == ("sgd", 0.02, 0.8, list(BN_BLOCKS))
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.momentum, cfg.model.batch_norm) == (
+        "sgd",
+        0.02,
+        0.8,
+        list(BN_BLOCKS),
+    )
     assert load_config(out / "runs" / "none_lr1e4" / "config.yaml").train.lr == 1e4
-    assert (summary["settings"]["optimizer"], summary["settings"]["base_lr"], summary["settings"]["momentum"]) == ("sgd", 0.02, 0.8)
+    assert (summary["settings"]["optimizer"], summary["settings"]["base_lr"], summary["settings"]["momentum"]) == (
+        "sgd",
+        0.02,
+        0.8,
+    )
 
-    assert (heads["optimizer"], heads["lr"], heads["error"], heads["skipped_steps"], heads["iterations"]) == ("sgd", 0.02, None, 0, 4)
+    assert (heads["optimizer"], heads["lr"], heads["error"], heads["skipped_steps"], heads["iterations"]) == (
+        "sgd",
+        0.02,
+        None,
+        0,
+        4,
+    )
     assert heads["final_map"] is not None and heads["stopped"] == "done"
     # with head BN the first conf head's logits start normalised too
     assert heads["activations"]["conf.0"]["start"]["mean"] == pytest.approx(0.0, abs=0.02)
     assert heads["activations"]["conf.0"]["start"]["std"] == pytest.approx(1.0, abs=0.02)
 
     assert (none["optimizer"], none["lr"], none["lr_mult"], none["stopped"]) == ("sgd", 1e4, None, "diverged")
-    assert none["diverged"] and none["diverged_reason"] == "non-finite loss, stopped" and "non-finite for 2" in none["error"]
+    assert (
+        none["diverged"]
+        and none["diverged_reason"] == "non-finite loss, stopped"
+        and "non-finite for 2" in none["error"]
+    )
     assert none["final_map"] is None and bn_study_report.sweep_map(none) == 0.0
     table = (out / "summary.md").read_text().splitlines()
     assert table[0].startswith(f"BN study of `{path}`: 4 iterations, batch 8, sgd (momentum 0.8), base lr 0.02,")
@@ -334,7 +458,9 @@ def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):
     path = write_config(tmp_path / "run.yaml", run_dict(shapes))
     assert script.main([str(path), "--out", str(tmp_path / "out"), "--variants", "none", "bn@3x"]) == 2
     assert capsys.readouterr().err.startswith("bn_study.py: error: variant 'bn@3x': unknown BN block 'bn'")
-    assert script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2  # overrides after --variants
+    assert (
+        script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2
+    )  # overrides after --variants
     assert "unknown config key 'model.widht' (did you mean model.width?)" in capsys.readouterr().err
     assert script.build_parser().parse_args([str(path)]).optimizer == "sgd"
     assert script.main([str(path), "--variants", "none", "--lr", "0"]) == 2
@@ -347,8 +473,25 @@ def test_ctrl_c_stops_the_whole_study(shapes, tmp_path):
     path = write_config(tmp_path / "run.yaml", run_dict(shapes))
     out = tmp_path / "out"
     env = {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bn_study.py"), str(path), "--out", str(out), "--iters", "500",
-                             "--variants", "none", "all", "--val-images", "2"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bn_study.py"),
+            str(path),
+            "--out",
+            str(out),
+            "--iters",
+            "500",
+            "--variants",
+            "none",
+            "all",
+            "--val-images",
+            "2",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "runs" / "none" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:
@@ -362,6 +505,9 @@ def test_ctrl_c_stops_the_whole_study(shapes, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert f"bn_study.py: interrupted: variant none interrupted; its state is in {out / 'runs' / 'none' / 'last.pt'}" in err
+    assert (
+        f"bn_study.py: interrupted: variant none interrupted; its state is in {out / 'runs' / 'none' / 'last.pt'}"
+        in err
+    )
     assert (out / "runs" / "none" / "last.pt").is_file()
     assert not (out / "runs" / "all").exists() and not (out / "summary.json").exists()

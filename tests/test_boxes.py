@@ -168,7 +168,9 @@ def test_encode_matches_torchvision_boxcoder_on_pixels():
     torch.testing.assert_close(encode(gt_px / 300, xyxy_to_cxcywh(anchors_px / 300)), expected, rtol=1e-4, atol=1e-4)
     # and decode inverts torchvision's encoding like torchvision's decode does
     rel = torch.randn(40, 4, generator=g)
-    torch.testing.assert_close(decode(rel, xyxy_to_cxcywh(anchors_px)), coder.decode_single(rel, anchors_px), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        decode(rel, xyxy_to_cxcywh(anchors_px)), coder.decode_single(rel, anchors_px), rtol=1e-5, atol=1e-3
+    )
 
 
 def test_encode_degenerate_box_is_finite():

@@ -164,6 +164,7 @@ def test_save_overwrites(small_model, saved):
 def test_save_keeps_the_replaced_file_as_previous(tmp_path, monkeypatch, hard_links):
     """``keep_previous`` (last.pt -> last.prev.pt): the file replaced is kept, a failed save changes
     neither file, and no temporary file is left; also where the filesystem has no hard links."""
+
     def no_hard_links(src, dst):
         raise PermissionError(1, "Operation not permitted", str(dst))
 
@@ -222,8 +223,10 @@ def test_truncated_file(saved):
     saved.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(saved)
-    assert str(err.value) == (f"{saved}: cannot read as a PyTorch weights file: truncated or corrupt "
-                              "(PytorchStreamReader failed reading zip archive: failed finding central directory)")  # fmt: skip
+    assert str(err.value) == (
+        f"{saved}: cannot read as a PyTorch weights file: truncated or corrupt "
+        "(PytorchStreamReader failed reading zip archive: failed finding central directory)"
+    )
 
 
 def test_not_a_torch_file(tmp_path):
@@ -236,7 +239,10 @@ def test_not_a_torch_file(tmp_path):
     pickled.write_bytes(pickle.dumps({"model": [1, 2]}, protocol=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(CheckpointError, match=re.escape(f"{pickled}: cannot read as a PyTorch weights file: not a file written by torch.save")):
+        with pytest.raises(
+            CheckpointError,
+            match=re.escape(f"{pickled}: cannot read as a PyTorch weights file: not a file written by torch.save"),
+        ):
             load_checkpoint(pickled)
 
 
@@ -265,20 +271,33 @@ def test_pickled_object_is_refused_and_not_executed(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert not marker.exists()
-    assert str(err.value) == (f"{path}: cannot read as a PyTorch weights file: it holds a Python object (posix.mkdir); checkpoints "
-                              "are read as tensors and plain containers only (torch.load with weights_only=True): save a state_dict instead")  # fmt: skip
+    assert str(err.value) == (
+        f"{path}: cannot read as a PyTorch weights file: it holds a Python object (posix.mkdir); checkpoints "
+        "are read as tensors and plain containers only (torch.load with weights_only=True): save a state_dict instead"
+    )
 
 
-@pytest.mark.parametrize("command", ["predict --weights README.md README.md", "eval configs/shapes_tiny.yaml --weights README.md",
-                                     "train configs/shapes_tiny.yaml --init README.md --output-dir {tmp}/run"])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        "predict --weights README.md README.md",
+        "eval configs/shapes_tiny.yaml --weights README.md",
+        "train configs/shapes_tiny.yaml --init README.md --output-dir {tmp}/run",
+    ],
+)
 def test_cli_names_a_file_that_is_not_a_checkpoint_in_one_line(command, tmp_path):
     """The whole stderr is one line naming the file, with no traceback and none of torch's advice to load
     with ``weights_only=False``; nothing is written."""
     root = Path(__file__).resolve().parents[1]
     args = command.format(tmp=tmp_path).split()
-    proc = subprocess.run([sys.executable, "-m", "ssd.cli", *args], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssd.cli", *args], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr == f"ssd {args[0]}: error: README.md: cannot read as a PyTorch weights file: not a file written by torch.save\n"
+    assert (
+        proc.stderr
+        == f"ssd {args[0]}: error: README.md: cannot read as a PyTorch weights file: not a file written by torch.save\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,8 +22,13 @@ from ssd.engine.evalset import EvalSet, evaluate_predictions
 from ssd.model import build_ssd
 
 # the ground truth, (image id, category name, [x, y, w, h]); torchvision's label of a name is its COCO id
-OBJECTS = [(1, "person", [10, 10, 30, 40]), (1, "car", [50, 20, 30, 20]), (2, "dog", [5, 5, 40, 40]),
-           (2, "toothbrush", [60, 50, 10, 20]), (3, "train", [0, 0, 90, 60])]  # fmt: skip
+OBJECTS = [
+    (1, "person", [10, 10, 30, 40]),
+    (1, "car", [50, 20, 30, 20]),
+    (2, "dog", [5, 5, 40, 40]),
+    (2, "toothbrush", [60, 50, 10, 20]),
+    (3, "train", [0, 0, 90, 60]),
+]
 TV_LABEL = {"person": 1, "car": 3, "train": 7, "N/A": 12, "cat": 17, "dog": 18, "toothbrush": 90}
 # COCO's own ids; and a file with other ids, names in other case / with spaces, out of order, plus a
 # category no COCO model knows (it has one object, which the model cannot find: AP 0)
@@ -40,10 +45,12 @@ def write_coco(root: Path, name: str, categories: dict[str, int]) -> Path:
             cv2.imwrite(str(root / f"{image_id}.png"), np.full((80, 100, 3), 40 * image_id, np.uint8))
     data = {
         "images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 80} for i in (1, 2, 3)],
-        "annotations": [{"id": n, "image_id": i, "category_id": cat_id[c], "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                        for n, (i, c, b) in enumerate(objects, 1)],
+        "annotations": [
+            {"id": n, "image_id": i, "category_id": cat_id[c], "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for n, (i, c, b) in enumerate(objects, 1)
+        ],
         "categories": [{"id": cid, "name": key} for key, cid in categories.items()],
-    }  # fmt: skip
+    }
     path = root / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -79,7 +86,7 @@ def test_torchvision_labels_match_the_80_coco_categories_by_name():
         (["a", "b", "c"], [" B", "x", "a ", "y"], {1: 3, 2: 1}, "name"),  # case and surrounding whitespace ignored
         (["N/A", "a", "N/A", "b"], ["b", "a"], {2: 2, 4: 1}, "name"),  # a repeated name that is not in the data is fine
     ],
-)  # fmt: skip
+)
 def test_match_classes(model, data, expected, how):
     assert match_classes(model, data) == (expected, how)
 
@@ -91,7 +98,7 @@ def test_match_classes(model, data, expected, how):
         (["a", "a", "b"], ["a", "b"], "'a' appear twice in the model classes"),
         (["a", "b", "c"], ["B", "b"], "'b' appear twice in the data classes"),
     ],
-)  # fmt: skip
+)
 def test_match_classes_refuses_what_it_cannot_match(model, data, message):
     with pytest.raises(ValueError, match=message):
         match_classes(model, data)
@@ -111,8 +118,10 @@ def test_torchvision_labels_are_scored_against_the_category_of_the_same_name(fil
     for image_id, name, score, xywh in extra:
         for key, value in (("boxes", box(xywh)), ("scores", score), ("labels", TV_LABEL[name])):
             predictions[str(image_id)][key].append(value)
-    predictions = {k: {"boxes": np.array(v["boxes"]), "scores": np.array(v["scores"]), "labels": np.array(v["labels"])}
-                   for k, v in predictions.items()}  # fmt: skip
+    predictions = {
+        k: {"boxes": np.array(v["boxes"]), "scores": np.array(v["scores"]), "labels": np.array(v["labels"])}
+        for k, v in predictions.items()
+    }
 
     categories = COCO_IDS if file == "coco_ids" else OWN_IDS
     with caplog.at_level(logging.INFO, logger="ssd"):
@@ -121,14 +130,19 @@ def test_torchvision_labels_are_scored_against_the_category_of_the_same_name(fil
     expected = {name: ap.get(name.strip().lower(), 1.0) for name in categories}
     assert res["per_class"] == pytest.approx(expected)
     assert res["map"] == pytest.approx(sum(expected.values()) / len(expected))
-    assert "2 detection(s) of model labels without a class in data.val were left out (label: count {12: 1, 17: 1})" in caplog.text
+    assert (
+        "2 detection(s) of model labels without a class in data.val were left out (label: count {12: 1, 17: 1})"
+        in caplog.text
+    )
     assert ("not detected by the model (AP 0): unicorn" in caplog.text) == (file == "own_ids")
 
     evalset = EvalSet(dataset, path)
     results = evalset.results(evalset.from_predictions(predictions, coco_91_names()))
     cat_of_box = {(r["image_id"], tuple(r["bbox"])): r["category_id"] for r in results if r["score"] == 0.9}
     by_name = {key.strip().lower(): cid for key, cid in categories.items()}
-    assert cat_of_box == {(i, tuple(map(float, b))): by_name[name] for i, name, b in OBJECTS}  # person -> 1 / 2, dog -> 18 / 5, ...
+    assert cat_of_box == {
+        (i, tuple(map(float, b))): by_name[name] for i, name, b in OBJECTS
+    }  # person -> 1 / 2, dog -> 18 / 5, ...
     assert sorted(r["category_id"] for r in results if r["score"] != 0.9) == [by_name["person"]]  # N/A and cat left out
 
 
@@ -146,15 +160,39 @@ def test_ssd_eval_runs_a_torchvision_label_space_checkpoint_on_a_subset_file(fil
                 p.view(-1, 91)[:, [TV_LABEL["N/A"], TV_LABEL["cat"], TV_LABEL["person"], TV_LABEL["dog"]]] = 3.0
     save_checkpoint(make_checkpoint(model.state_dict(), model_cfg, coco_91_names(), "torchvision"), tmp_path / "tv.pt")
     path = files["own_ids"]
-    cfg = {"data": {"train": val_config(path), "val": val_config(path), "num_workers": 0},
-           "postprocess": {"detections_per_image": 2000}}  # every class's detections, whatever the ties
+    cfg = {
+        "data": {"train": val_config(path), "val": val_config(path), "num_workers": 0},
+        "postprocess": {"detections_per_image": 2000},
+    }  # every class's detections, whatever the ties
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
     with caplog.at_level(logging.INFO, logger="ssd"):
-        assert main(["eval", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "tv.pt"), "--device", "cpu",
-                     "--json", str(tmp_path / "m.json"), "--out-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tmp_path / "cfg.yaml"),
+                    "--weights",
+                    str(tmp_path / "tv.pt"),
+                    "--device",
+                    "cpu",
+                    "--json",
+                    str(tmp_path / "m.json"),
+                    "--out-dir",
+                    str(tmp_path / "out"),
+                ]
+            )
+            == 0
+        )
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert list(metrics["per_class"]) == ["PERSON", " Dog", "car ", "Train", "toothbrush", "unicorn"]  # the file's, by id
+    assert list(metrics["per_class"]) == [
+        "PERSON",
+        " Dog",
+        "car ",
+        "Train",
+        "toothbrush",
+        "unicorn",
+    ]  # the file's, by id
     assert metrics["num_gt"] == {"PERSON": 1, " Dog": 1, "car ": 1, "Train": 1, "toothbrush": 1, "unicorn": 1}
     assert metrics["per_class"]["unicorn"] == 0.0 and metrics["per_class"]["car "] == 0.0
     detections = json.loads((tmp_path / "out" / "detections.json").read_text())

@@ -103,7 +103,9 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
 
 def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"train": {"lr": 0.5, "max_iter": 10}, "model": {"num_classes": 5}})
-    cfg = load_config(path, ["train.lr=0.002", "train.steps=[10, 20]", "train.clip_grad_norm=null", "model.init=/w/a.pt"])
+    cfg = load_config(
+        path, ["train.lr=0.002", "train.steps=[10, 20]", "train.clip_grad_norm=null", "model.init=/w/a.pt"]
+    )
     assert cfg.train.lr == 0.002 and cfg.train.max_iter == 10 and cfg.model.num_classes == 5
     assert cfg.train.steps == [10, 20] and cfg.train.clip_grad_norm is None and cfg.model.init == "/w/a.pt"
 
@@ -142,8 +144,12 @@ def test_an_error_in_the_file_names_the_file_and_the_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ssd train: error: {typo}") and not (tmp_path / "run").exists()
 
-    nested = write_yaml(tmp_path / "nested.yaml", {"model": {"extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": "x"}]}})
-    with pytest.raises(ConfigError, match=re.escape(f"{nested}, line 6: model.extras[1].out: expected an integer, got 'x'")):
+    nested = write_yaml(
+        tmp_path / "nested.yaml", {"model": {"extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": "x"}]}}
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{nested}, line 6: model.extras[1].out: expected an integer, got 'x'")
+    ):
         load_config(nested)  # safe_dump writes one key per line: model, extras, - mid, out, - mid, out
 
     section = write_yaml(tmp_path / "section.yaml", {"model": {"num_classes": 5}, "train": {"schedule_by_time": True}})
@@ -169,21 +175,28 @@ def test_relative_data_paths_are_resolved_against_the_working_directory(tmp_path
 
     generate_shapes(tmp_path / "shapes", 0, 3, size=64, seed=0)
     (tmp_path / "configs").mkdir()  # the config's own folder has no shapes/: it is not where paths start
-    path = write_yaml(tmp_path / "configs" / "c.yaml", {"data": {"val": {"root": "shapes", "split": "val", "classes": list(SHAPES_CLASSES)}}})
+    path = write_yaml(
+        tmp_path / "configs" / "c.yaml",
+        {"data": {"val": {"root": "shapes", "split": "val", "classes": list(SHAPES_CLASSES)}}},
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
     assert len(build_dataset(cfg.data.val, None, train=False, key="data.val")) == 3
     (tmp_path / "runs").mkdir()
     save_config(cfg, tmp_path / "runs" / "x.yaml")
     again = load_config("runs/x.yaml")  # a run's saved config keeps the path as written: same directory, same data
-    assert again.data.val.root == "shapes" and len(build_dataset(again.data.val, None, train=False, key="data.val")) == 3
+    assert (
+        again.data.val.root == "shapes" and len(build_dataset(again.data.val, None, train=False, key="data.val")) == 3
+    )
     monkeypatch.chdir(tmp_path / "configs")
     with pytest.raises(FileNotFoundError, match="^shapes: VOC root folder not found"):
         build_dataset(load_config("c.yaml").data.val, None, train=False, key="data.val")
 
 
 def test_saved_config_loads_back_equal(tmp_path):
-    cfg = load_config(None, ["model.input_size=64", "model.extras=[{mid: 8, out: 16}]", "train.lr=0.01", "data.train.root=[a, b]"])
+    cfg = load_config(
+        None, ["model.input_size=64", "model.extras=[{mid: 8, out: 16}]", "train.lr=0.01", "data.train.root=[a, b]"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and to_dict(again) == to_dict(cfg)
@@ -195,18 +208,36 @@ def test_saved_config_loads_back_equal(tmp_path):
 
 def test_load_config_records_the_keys_the_file_and_overrides_set(tmp_path):
     scales = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05]
-    path = write_yaml(tmp_path / "c.yaml", {"model": {"num_classes": 5, "priors": {"scales": scales}}, "train": {"lr": 0.1}})
+    path = write_yaml(
+        tmp_path / "c.yaml", {"model": {"num_classes": 5, "priors": {"scales": scales}}, "train": {"lr": 0.1}}
+    )
     cfg = load_config(path, ["model.preprocess.mean=[1, 2, 3]", "data.num_workers=0"])
-    assert cfg.user_keys == {"model", "model.num_classes", "model.priors", "model.priors.scales", "train", "train.lr",
-                             "model.preprocess", "model.preprocess.mean", "data", "data.num_workers"}  # fmt: skip
-    assert is_user_set(cfg, "model.priors.scales") and is_user_set(cfg, "model.priors") and is_user_set(cfg, "data.num_workers")
+    assert cfg.user_keys == {
+        "model",
+        "model.num_classes",
+        "model.priors",
+        "model.priors.scales",
+        "train",
+        "train.lr",
+        "model.preprocess",
+        "model.preprocess.mean",
+        "data",
+        "data.num_workers",
+    }
+    assert (
+        is_user_set(cfg, "model.priors.scales")
+        and is_user_set(cfg, "model.priors")
+        and is_user_set(cfg, "data.num_workers")
+    )
     # a section marks only the keys it lists; defaults are not recorded
     assert not is_user_set(cfg, "model.priors.clip") and not is_user_set(cfg, "model.preprocess.std")
     assert not is_user_set(cfg, "train.max_iter") and not is_user_set(cfg, "eval")
     section = load_config(None, ["model.priors={scales: [0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0], clip: wh}"])
     assert section.user_keys == {"model", "model.priors", "model.priors.scales", "model.priors.clip"}
     assert load_config(None).user_keys == frozenset() and Config().user_keys == frozenset()
-    assert not hasattr(from_dict(ModelConfig, {"num_classes": 3}, "model"), "user_keys")  # only the whole config records
+    assert not hasattr(
+        from_dict(ModelConfig, {"num_classes": 3}, "model"), "user_keys"
+    )  # only the whole config records
 
 
 def test_the_record_survives_copies_and_is_not_a_config_key(tmp_path):
@@ -227,7 +258,11 @@ def test_a_saved_config_sets_every_key_when_loaded_back(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again.user_keys == user_keys(to_dict(cfg))
-    assert is_user_set(again, "model.preprocess.mean") and is_user_set(again, "model.priors.clip") and is_user_set(again, "data.num_workers")
+    assert (
+        is_user_set(again, "model.preprocess.mean")
+        and is_user_set(again, "model.priors.clip")
+        and is_user_set(again, "data.num_workers")
+    )
 
 
 # --- the CLI: one line, exit 2 --------------------------------------------------------------------
@@ -236,8 +271,14 @@ def test_a_saved_config_sets_every_key_when_loaded_back(tmp_path):
 def test_cli_missing_config_file_exits_2_with_one_line(tmp_path):
     """The real process: no traceback, one line on stderr, exit status 2."""
     env = {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "ssd", "train", str(tmp_path / "missing.yaml")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssd", "train", str(tmp_path / "missing.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"ssd train: error: {tmp_path / 'missing.yaml'}: config file not found"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
@@ -281,12 +322,16 @@ def test_cli_resume_without_a_checkpoint_exits_2(minimal_config, tmp_path, capsy
     monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
     generate_shapes(tmp_path / "shapes", 8, 2, size=64)
     data = [f"data.{s}.root={tmp_path / 'shapes'}" for s in ("train", "val")]
-    data += [f"data.{s}.split={s}" for s in ("train", "val")] + [f"data.{s}.classes={SHAPES_CLASSES}" for s in ("train", "val")]
+    data += [f"data.{s}.split={s}" for s in ("train", "val")] + [
+        f"data.{s}.classes={SHAPES_CLASSES}" for s in ("train", "val")
+    ]
     data += ["data.num_workers=0", "train.batch_size=4"]
     run = ["train", str(minimal_config), "--output-dir", str(tmp_path / "run")]
     assert main([*run, "--resume", *data]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"ssd train: error: {tmp_path / 'run' / 'last.pt'}: nothing to resume (train without --resume to start)"
+    assert (
+        err == f"ssd train: error: {tmp_path / 'run' / 'last.pt'}: nothing to resume (train without --resume to start)"
+    )
     assert main([*run, *data, "model.num_classes=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ssd train: error: model.num_classes is 3 but data.train has 4 classes (+1 background = 5)"

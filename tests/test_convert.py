@@ -101,7 +101,12 @@ LUFFICC_KEYS = dict(
 
 
 def caffe_port_priors(
-    image_size: int, grid: list[int], steps: list[float], min_sizes: list[float], max_sizes: list[float], ratios: list[list[int]]
+    image_size: int,
+    grid: list[int],
+    steps: list[float],
+    min_sizes: list[float],
+    max_sizes: list[float],
+    ratios: list[list[int]],
 ) -> Tensor:
     """The prior loop of ssd.pytorch's / lufficc's ``PriorBox`` written out plainly (cxcywh, clamped)."""
     rows = []
@@ -287,8 +292,14 @@ def test_amdegroot_checkpoint_config(tv21_state):
     pp = cfg.preprocess
     assert (pp.channel_order, pp.pixel_scale, pp.mean, pp.std) == ("bgr", 1.0, [104.0, 117.0, 123.0], [1.0, 1.0, 1.0])
     assert cfg.priors.clip == "corners"
-    expected = caffe_port_priors(300, SSD300_GRID, [8, 16, 32, 64, 100, 300], [30, 60, 111, 162, 213, 264],
-                                 [60, 111, 162, 213, 264, 315], [[2], [2, 3], [2, 3], [2, 3], [2], [2]])  # fmt: skip
+    expected = caffe_port_priors(
+        300,
+        SSD300_GRID,
+        [8, 16, 32, 64, 100, 300],
+        [30, 60, 111, 162, 213, 264],
+        [60, 111, 162, 213, 264, 315],
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+    )
     torch.testing.assert_close(build_ssd(cfg).priors, expected, rtol=0, atol=1e-6)
 
 
@@ -360,8 +371,14 @@ def test_lufficc_ssd512_round_trip(ssd512_lufficc):
     assert ckpt["model"].keys() == ours.keys()
     assert all(torch.equal(ckpt["model"][k], ours[k]) for k in ours)
     model = model_from_ckpt(ckpt)
-    expected = caffe_port_priors(512, SSD512_GRID, SSD512_STEPS, [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
-                                 [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.65], SSD512_RATIOS)  # fmt: skip
+    expected = caffe_port_priors(
+        512,
+        SSD512_GRID,
+        SSD512_STEPS,
+        [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
+        [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.65],
+        SSD512_RATIOS,
+    )
     torch.testing.assert_close(model.priors, expected, rtol=0, atol=1e-6)
 
 
@@ -378,8 +395,14 @@ def test_lufficc_ssd512_coco_picks_coco_priors_and_classes(ssd512_lufficc):
     assert cfg.arch == "ssd512" and cfg.num_classes == 81
     assert ckpt["classes"] == COCO_CLASSES and len(COCO_CLASSES) == 80
     model = model_from_ckpt(ckpt)  # the COCO head loads strictly into the model the config describes
-    expected = caffe_port_priors(512, SSD512_GRID, SSD512_STEPS, [20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8],
-                                 [51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72], SSD512_RATIOS)  # fmt: skip
+    expected = caffe_port_priors(
+        512,
+        SSD512_GRID,
+        SSD512_STEPS,
+        [20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8],
+        [51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72],
+        SSD512_RATIOS,
+    )
     torch.testing.assert_close(model.priors, expected, rtol=0, atol=1e-6)
 
 
@@ -439,7 +462,9 @@ def test_vgg16_fc_subsampling(vgg16):
     assert ours["backbone.fc6.conv.weight"].shape == (1024, 512, 3, 3)
     assert torch.equal(ours["backbone.fc6.conv.weight"], fc6_w.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3])
     assert torch.equal(ours["backbone.fc6.conv.bias"], fc6_b[::4])
-    assert torch.equal(ours["backbone.fc7.conv.weight"], state["classifier.3.weight"][::4, ::4].reshape(1024, 1024, 1, 1))
+    assert torch.equal(
+        ours["backbone.fc7.conv.weight"], state["classifier.3.weight"][::4, ::4].reshape(1024, 1024, 1, 1)
+    )
     assert torch.equal(ours["backbone.fc7.conv.bias"], state["classifier.3.bias"][::4])
     # meaning of the sub-sampling: the reduced fc6, as a 3x3 conv with dilation 3 over a 7x7 pool5
     # map, is the ImageNet fc6 (every 4th unit) looking only at the taps (0, 3, 6) x (0, 3, 6)
@@ -471,7 +496,9 @@ def test_vgg16_trunk_keys_and_partial_load(vgg16):
     model = build_ssd(checkpoint_model_config(ckpt))
     result = model.load_state_dict(ours, strict=False)
     assert result.unexpected_keys == []
-    expected_missing = {k for k in model.state_dict() if k.startswith(("extras.", "head.")) or k == "backbone.l2norm.weight"}
+    expected_missing = {
+        k for k in model.state_dict() if k.startswith(("extras.", "head.")) or k == "backbone.l2norm.weight"
+    }
     assert set(result.missing_keys) == expected_missing
 
 

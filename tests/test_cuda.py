@@ -59,9 +59,7 @@ def on_two_gpus(test):
     return test
 
 
-def run_dict(
-    root: Path, init: Path | None, device: str = "cuda", **train_options
-) -> dict:
+def run_dict(root: Path, init: Path | None, device: str = "cuda", **train_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     model = {
         "num_classes": len(SHAPES_CLASSES) + 1,
@@ -96,9 +94,7 @@ def run_dict(
     }
 
 
-def config(
-    root: Path, init: Path | None, device: str = "cuda", **train_options
-) -> Config:
+def config(root: Path, init: Path | None, device: str = "cuda", **train_options) -> Config:
     return from_dict(Config, run_dict(root, init, device, **train_options))
 
 
@@ -114,23 +110,16 @@ def parameter_names(root: Path) -> list[str]:
 def scale_drops(rows: list[dict]) -> list[int]:
     """Iterations whose logged GradScaler scale is below the one before (65536 at the start)."""
     scales = [65536.0] + [r["grad_scale"] for r in rows]
-    return [
-        r["iter"] for r, before, now in zip(rows, scales, scales[1:]) if now < before
-    ]
+    return [r["iter"] for r, before, now in zip(rows, scales, scales[1:]) if now < before]
 
 
-def assert_trained(
-    out: Path, init_state: dict, names: list[str], iterations: int
-) -> list[dict]:
+def assert_trained(out: Path, init_state: dict, names: list[str], iterations: int) -> list[dict]:
     """Every iteration logged with a finite loss, a step skipped only where an fp16 overflow halved the
     GradScaler's scale, every parameter moved away from ``init_state``, and last.pt's conv weights
     channels_last. Returns the loss rows."""
     rows = loss_rows(out)
     assert [r["iter"] for r in rows] == list(range(1, iterations + 1))
-    assert all(
-        torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all()
-        for r in rows
-    )
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in rows)
     overflows = scale_drops(rows) if "grad_scale" in rows[0] else []
     assert {r["iter"] for r in rows if r["skipped"]} <= set(overflows)
     state = load_checkpoint(out / "last.pt")["model"]
@@ -157,9 +146,7 @@ def shapes(tmp_path_factory) -> Path:
     generate_shapes(out, 40, 10, size=SIZE, seed=3)
     model_cfg = config(out, None).model
     torch.manual_seed(0)
-    ckpt = make_checkpoint(
-        build_ssd(model_cfg).state_dict(), model_cfg, SHAPES_CLASSES, "train"
-    )
+    ckpt = make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, SHAPES_CLASSES, "train")
     save_checkpoint(ckpt, out / "init.pt")
     return out
 
@@ -178,9 +165,7 @@ def fp16_run(shapes, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_a_short_run_moves_every_parameter_and_keeps_channels_last(
-    shapes, device, tmp_path
-):
+def test_a_short_run_moves_every_parameter_and_keeps_channels_last(shapes, device, tmp_path):
     """fp16 + channels_last on CUDA (the GradScaler's scale logged at every row); on the CPU the same
     config trains in fp32, channels_last by ``auto``, with no scale to log."""
     init = load_checkpoint(shapes / "init.pt")["model"]
@@ -216,18 +201,14 @@ def test_bf16_trains_without_a_grad_scaler(shapes, tmp_path):
 def test_compile_trains_and_its_first_loss_is_eager_s(shapes, fp16_run, tmp_path):
     """The same weights and the same first batch: the compiled forward gives eager's first loss."""
     init = load_checkpoint(shapes / "init.pt")["model"]
-    cfg = config(
-        shapes, shapes / "init.pt", amp="fp16", channels_last="true", compile=True
-    )
+    cfg = config(shapes, shapes / "init.pt", amp="fp16", channels_last="true", compile=True)
     train(cfg, tmp_path / "run")
     rows = assert_trained(tmp_path / "run", init, parameter_names(shapes), 8)
     assert rows[0]["loss"] == pytest.approx(loss_rows(fp16_run)[0]["loss"], rel=1e-2)
 
 
 @on_cuda
-def test_a_grad_scaler_overflow_skips_exactly_that_update(
-    shapes, tmp_path, monkeypatch
-):
+def test_a_grad_scaler_overflow_skips_exactly_that_update(shapes, tmp_path, monkeypatch):
     """A loss 1e6 times too large at iteration 3 overflows the fp16 gradients: the scale halves there,
     and every halving is one update AdamW did not take (its step count), the forced one included."""
     real_build_loss = engine.build_loss
@@ -258,9 +239,7 @@ def test_a_grad_scaler_overflow_skips_exactly_that_update(
 def test_sync_debug_finds_no_synchronisation_in_steady_steps(shapes, tmp_path, amp):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    cfg = config(
-        shapes, shapes / "init.pt", amp=amp, sync_debug=True, log_period=4, max_iter=12
-    )
+    cfg = config(shapes, shapes / "init.pt", amp=amp, sync_debug=True, log_period=4, max_iter=12)
     assert train(cfg, tmp_path / "run")["stopped"] == "done"
     assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [4, 8, 12]
     assert torch.cuda.get_sync_debug_mode() == 0  # left as it was
@@ -316,9 +295,7 @@ def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path):
     )
     assert [r["iter"] for r in resumed] == list(range(1, 9))
     for key in ("loss", "loc", "conf", "grad_scale"):
-        assert [r[key] for r in resumed] == pytest.approx(
-            [r[key] for r in straight], rel=1e-3
-        ), key
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in straight], rel=1e-3), key
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
     for name, value in a.items():
@@ -339,9 +316,7 @@ def test_a_cuda_checkpoint_predicts_the_same_on_the_cpu(fp16_run):
     with torch.no_grad(), tf32_off():
         on_cpu, on_gpu = cpu_model.eval()(x), gpu_model(x.cuda())
     for key in ("loc", "conf"):
-        torch.testing.assert_close(
-            on_gpu[key].cpu(), on_cpu[key], rtol=1e-3, atol=1e-4, msg=key
-        )
+        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 @on_cuda
@@ -372,9 +347,7 @@ def test_ssd_eval_on_cuda_gives_the_cpu_map(shapes, fp16_run, tmp_path):
             results[device] = json.loads((out / "m.json").read_text())
             top_scores[device] = top_scores_per_image(out / "detections.json")
     assert results["cuda"]["map"] == pytest.approx(results["cpu"]["map"], abs=1e-4)
-    assert results["cuda"]["per_class"] == pytest.approx(
-        results["cpu"]["per_class"], abs=1e-4
-    )
+    assert results["cuda"]["per_class"] == pytest.approx(results["cpu"]["per_class"], abs=1e-4)
     # a barely trained model's mAP is near 0: the detections themselves are the stronger comparison
     assert top_scores["cuda"].keys() == top_scores["cpu"].keys()
     for image, scores in top_scores["cpu"].items():
@@ -424,10 +397,7 @@ def test_two_ranks_on_nccl_with_sync_bn_and_precise_bn(shapes, tmp_path):
     results = launch_train(tmp_path, shapes, [*overrides, "data.num_workers=2"])
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
     assert "precise BN at iteration 3" in results[0].stdout
-    rows = [
-        json.loads(x)
-        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "map" in r] == [3, 6]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]

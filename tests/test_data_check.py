@@ -70,9 +70,13 @@ def planted(clean, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
         else:
             tree.getroot().find("object/bndbox/xmax").text = "200"
         tree.write(xml)
-    files = {"missing image": jpg / f"{missing}.*", "unreadable image": jpg / f"{truncated}.jpg",
-             "unknown class": ann / f"{unknown}.xml", "size mismatch": jpg / f"{resized}.jpg",
-             "box crossing the image border clipped": ann / f"{clipped}.xml"}  # fmt: skip
+    files = {
+        "missing image": jpg / f"{missing}.*",
+        "unreadable image": jpg / f"{truncated}.jpg",
+        "unknown class": ann / f"{unknown}.xml",
+        "size mismatch": jpg / f"{resized}.jpg",
+        "box crossing the image border clipped": ann / f"{clipped}.xml",
+    }
     return root, files
 
 
@@ -97,7 +101,9 @@ def test_clean_tree_has_no_problems_and_the_generators_counts(clean):
         assert sum(cov[k]["boxes"] for k in ("small", "medium", "large")) == stats["objects"]
         assert 0.0 <= cov["all"]["recall"] <= 1.0 and cov["iou_threshold"] == cfg.loss.iou_threshold
         text = format_report(report)
-        assert text.startswith(f"data.{split}: {stats['images']} images, {stats['objects']} objects (0 difficult/crowd)")
+        assert text.startswith(
+            f"data.{split}: {stats['images']} images, {stats['objects']} objects (0 difficult/crowd)"
+        )
         assert text.endswith("no problems found")
 
 
@@ -107,10 +113,14 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
     train, val = check_dataset(cfg, ["train", "val"])
     assert val.ok
     assert not train.ok
-    assert train.problems.counts == Counter({"missing image": 1, "unreadable image": 1, "unknown class": 1, "size mismatch": 1})
+    assert train.problems.counts == Counter(
+        {"missing image": 1, "unreadable image": 1, "unknown class": 1, "size mismatch": 1}
+    )
     assert train.problems.fixed == Counter({"box crossing the image border clipped": 1})
     assert train.num_images == NUM_TRAIN - 1  # only the missing image has no record
-    assert train.coverage is None and val.coverage is None  # no coverage function: the data package never builds the model
+    assert (
+        train.coverage is None and val.coverage is None
+    )  # no coverage function: the data package never builds the model
     for kind, path in files.items():
         assert train.problems.examples[kind][0].startswith(str(path)), kind
     assert "truncated JPEG" in train.problems.examples["unreadable image"][0]
@@ -118,7 +128,10 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
     assert f"image is {SIZE}x{SIZE}, annotation says 120x{SIZE}" in train.problems.examples["size mismatch"][0]
     text = format_report(train)
     assert "  problems:" in text
-    assert f"1 x box crossing the image border clipped (repaired), e.g. {files['box crossing the image border clipped']}: 1 box" in text
+    assert (
+        f"1 x box crossing the image border clipped (repaired), e.g. {files['box crossing the image border clipped']}: 1 box"
+        in text
+    )
 
 
 def test_every_repaired_file_is_named_and_all_lists_every_problem():
@@ -130,19 +143,32 @@ def test_every_repaired_file_is_named_and_all_lists_every_problem():
     for name in ("d.xml", "e.xml"):
         problems.report("unknown class", name, "object class 'hexagon'")
     short = problems.summary()
-    assert short == ["2 x unknown class, e.g. d.xml: object class 'hexagon' (and 1 more)",
-                     "3 x box crossing the image border clipped (repaired), e.g. a.xml: 1 box (and 2 more)",
-                     "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired), e.g. a.xml: 1 box (and 2 more)"]  # fmt: skip
+    assert short == [
+        "2 x unknown class, e.g. d.xml: object class 'hexagon' (and 1 more)",
+        "3 x box crossing the image border clipped (repaired), e.g. a.xml: 1 box (and 2 more)",
+        "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired), e.g. a.xml: 1 box (and 2 more)",
+    ]
     every = problems.summary(every=True)
-    assert every == ["2 x unknown class:", "  d.xml: object class 'hexagon'", "  e.xml: object class 'hexagon'",
-                     "3 x box crossing the image border clipped (repaired):", "  a.xml: 1 box", "  b.xml: 1 box", "  c.xml: 1 box",
-                     "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired):", "  a.xml: 1 box", "  b.xml: 1 box",
-                     "  c.xml: 2 boxes"]  # fmt: skip
+    assert every == [
+        "2 x unknown class:",
+        "  d.xml: object class 'hexagon'",
+        "  e.xml: object class 'hexagon'",
+        "3 x box crossing the image border clipped (repaired):",
+        "  a.xml: 1 box",
+        "  b.xml: 1 box",
+        "  c.xml: 1 box",
+        "4 x degenerate box dropped (x2 <= x1 or y2 <= y1) (repaired):",
+        "  a.xml: 1 box",
+        "  b.xml: 1 box",
+        "  c.xml: 2 boxes",
+    ]
 
 
 def test_check_split_without_decoding_misses_only_the_pixel_problems(planted):
     root, _ = planted
-    report, records, classes = check_split(load_config(CONFIG, overrides(root)).data.train, "data.train", decode_images=False)
+    report, records, classes = check_split(
+        load_config(CONFIG, overrides(root)).data.train, "data.train", decode_images=False
+    )
     assert report.problems.counts == Counter({"missing image": 1, "unknown class": 1})
     assert len(records) == NUM_TRAIN - 1 and classes == ["circle", "square", "triangle", "star"]
 
@@ -175,13 +201,19 @@ def test_boxes_smaller_than_every_prior_are_missed_and_the_advice_says_lower_min
     records = [record(128, 128, [[x, x, x + 4, x + 4] for x in (10, 50, 90)])]
     grid = torch.arange(0.15, 0.9, 0.1)
     cx, cy = torch.meshgrid(grid, grid, indexing="xy")
-    priors = torch.stack([cx.flatten(), cy.flatten(), torch.full_like(cx.flatten(), 0.3), torch.full_like(cx.flatten(), 0.3)], 1)
+    priors = torch.stack(
+        [cx.flatten(), cy.flatten(), torch.full_like(cx.flatten(), 0.3), torch.full_like(cx.flatten(), 0.3)], 1
+    )
     cov = prior_coverage(records, priors, input_size=128)
     assert cov["all"] == {"boxes": 3, "recall": 0.0} and cov["small"] == {"boxes": 3, "recall": 0.0}
     assert cov["best_iou_mean"] < 0.02
     assert cov["unmatched_median_side_px"] == pytest.approx(4.0)
     advice = coverage_advice(cov, smallest_prior_px=0.3 * 128, input_size=128)
-    assert "lower model.priors.min_sizes" in advice and "median side 4 px" in advice and "smallest prior is 38 px" in advice
+    assert (
+        "lower model.priors.min_sizes" in advice
+        and "median side 4 px" in advice
+        and "smallest prior is 38 px" in advice
+    )
 
 
 def test_elongated_unmatched_boxes_get_aspect_ratio_advice():
@@ -194,7 +226,9 @@ def test_elongated_unmatched_boxes_get_aspect_ratio_advice():
 def test_size_buckets_count_area_in_input_pixels():
     # 256 px images seen at a 128 px input: sides 62, 64, 190, 192 become 31, 32, 95, 96 input pixels
     records = [
-        record(256, 256, [[0, 0, 62, 62], [100, 100, 110, 110]], difficult=[False, True]),  # the difficult one is ignored
+        record(
+            256, 256, [[0, 0, 62, 62], [100, 100, 110, 110]], difficult=[False, True]
+        ),  # the difficult one is ignored
         record(256, 256, [[192, 192, 256, 256]]),
         record(256, 256, [[0, 0, 190, 190]]),
         record(256, 256, [[64, 64, 256, 256]]),
@@ -235,7 +269,9 @@ def test_cli_clean_data_exits_0(clean):
 def test_cli_unknown_key_exits_2_with_one_line_and_a_suggestion(clean):
     result = run_cli("data", "check", str(CONFIG), f"data.train.rot={clean[0]}")
     assert result.returncode == 2
-    assert result.stderr.startswith("ssd data: error: unknown config key 'data.train.rot' (did you mean data.train.root?)")
+    assert result.stderr.startswith(
+        "ssd data: error: unknown config key 'data.train.rot' (did you mean data.train.root?)"
+    )
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
 

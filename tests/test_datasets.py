@@ -56,8 +56,14 @@ def write_jpeg(path: Path, width: int, height: int) -> np.ndarray:
     """A real JPEG of a colour gradient; returns the BGR pixels written."""
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
-    image = np.stack([np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)),
-                      np.full((height, width), 90, np.float32)], -1).astype(np.uint8)  # fmt: skip
+    image = np.stack(
+        [
+            np.broadcast_to(x, (height, width)),
+            np.broadcast_to(y, (height, width)),
+            np.full((height, width), 90, np.float32),
+        ],
+        -1,
+    ).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), image)
     return image
@@ -66,16 +72,22 @@ def write_jpeg(path: Path, width: int, height: int) -> np.ndarray:
 def obj_xml(name: str, box: tuple, difficult: int | None = 0) -> str:
     xmin, ymin, xmax, ymax = box
     diff = "" if difficult is None else f"<difficult>{difficult}</difficult>"
-    return (f"<object><name>{name}</name>{diff}<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
-            f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")  # fmt: skip
+    return (
+        f"<object><name>{name}</name>{diff}<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin>"
+        f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+    )
 
 
 def voc_xml(objects: list[str], size: tuple[int, int] | None = (64, 48), filename: str = "whatever.jpg") -> str:
-    size_xml = "" if size is None else f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+    size_xml = (
+        "" if size is None else f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+    )
     return f"<annotation><filename>{filename}</filename>{size_xml}{''.join(objects)}</annotation>"
 
 
-def make_voc(root: Path, annotations: dict[str, str], image_size: tuple[int, int] = (64, 48), split: str = "train") -> Path:
+def make_voc(
+    root: Path, annotations: dict[str, str], image_size: tuple[int, int] = (64, 48), split: str = "train"
+) -> Path:
     """A VOC tree: one JPEG of ``image_size`` (w, h) and the given XML text per id, and the split file."""
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
@@ -86,13 +98,18 @@ def make_voc(root: Path, annotations: dict[str, str], image_size: tuple[int, int
     return root
 
 
-def write_coco(path: Path, images: list[tuple[int, str, int, int]], annotations: list[dict], categories: list[dict]) -> Path:
+def write_coco(
+    path: Path, images: list[tuple[int, str, int, int]], annotations: list[dict], categories: list[dict]
+) -> Path:
     """A COCO instances JSON; writes a real JPEG next to it (in ``images/``) for every image entry."""
     for _, file_name, w, h in images:
         write_jpeg(path.parent / "images" / file_name, w, h)
     anns = [{"id": i + 1, "iscrowd": 0, "area": a["bbox"][2] * a["bbox"][3], **a} for i, a in enumerate(annotations)]
-    data = {"images": [{"id": i, "file_name": f, "width": w, "height": h} for i, f, w, h in images],
-            "annotations": anns, "categories": categories}  # fmt: skip
+    data = {
+        "images": [{"id": i, "file_name": f, "width": w, "height": h} for i, f, w, h in images],
+        "annotations": anns,
+        "categories": categories,
+    }
     path.write_text(json.dumps(data))
     return path
 
@@ -151,9 +168,12 @@ def test_voc_finds_images_by_id_with_any_extension(shapes_copy):
 
 def test_voc_box_convention_classes_difficult_and_tag_order(tmp_path):
     # tags out of order (xmax before ymin), no <difficult> tag on the first object
-    shuffled = ("<object><bndbox><xmax>10</xmax><ymin>1</ymin><ymax>20</ymax><xmin>1</xmin></bndbox>"
-                "<name>cat</name></object>")  # fmt: skip
-    text = voc_xml([shuffled, obj_xml("dog", (31, 6, 40, 25), difficult=1), obj_xml("cat", (5, 5, 8, 9), difficult=None)])
+    shuffled = (
+        "<object><bndbox><xmax>10</xmax><ymin>1</ymin><ymax>20</ymax><xmin>1</xmin></bndbox><name>cat</name></object>"
+    )
+    text = voc_xml(
+        [shuffled, obj_xml("dog", (31, 6, 40, 25), difficult=1), obj_xml("cat", (5, 5, 8, 9), difficult=None)]
+    )
     root = make_voc(tmp_path / "voc", {"a": text})
     (rec,) = voc.index_voc(root, "train", ["dog", "cat"], Problems("raise"))
     assert (rec.image_id, rec.width, rec.height) == ("a", 64, 48)
@@ -195,8 +215,9 @@ def test_difficult_objects_stay_in_records_but_not_in_training_samples(tmp_path)
 def test_coco_index_matches_voc_index_of_the_same_images(shapes_tree):
     for split in ("train", "val"):
         from_voc = voc.index_voc(shapes_tree, split, SHAPES_CLASSES, Problems("raise"))
-        from_coco, classes = index_coco(shapes_tree / "JPEGImages", shapes_tree / "annotations" / f"instances_{split}.json",
-                                        None, Problems("raise"))  # fmt: skip
+        from_coco, classes = index_coco(
+            shapes_tree / "JPEGImages", shapes_tree / "annotations" / f"instances_{split}.json", None, Problems("raise")
+        )
         assert classes == SHAPES_CLASSES  # the file's categories sorted by id
         by_name = {Path(r.path).name: r for r in from_coco}
         assert sorted(by_name) == sorted(Path(r.path).name for r in from_voc)
@@ -251,7 +272,10 @@ def test_coco_crowd_is_difficult_and_kept_out_of_training(shapes_copy):
     train = DetectionDataset(records, SHAPES_CLASSES, train=True)[index]
     np.testing.assert_array_equal(train["boxes"], rec.boxes[1:])
     np.testing.assert_array_equal(train["labels"], rec.labels[1:])
-    assert len(DetectionDataset(records, SHAPES_CLASSES, train=True, keep_difficult=True)[index]["boxes"]) == per_image[image_id]
+    assert (
+        len(DetectionDataset(records, SHAPES_CLASSES, train=True, keep_difficult=True)[index]["boxes"])
+        == per_image[image_id]
+    )
     assert len(DetectionDataset(records, SHAPES_CLASSES, train=False)[index]["boxes"]) == per_image[image_id]
 
 
@@ -265,7 +289,9 @@ def test_keep_empty_through_build_dataset(shapes_copy):
     assert len(usable) <= NUM_TRAIN - 2
 
     def ids(keep_empty: bool) -> list[str]:
-        cfg = DatasetConfig(format="coco", images=str(shapes_copy / "JPEGImages"), annotations=str(path), keep_empty=keep_empty)
+        cfg = DatasetConfig(
+            format="coco", images=str(shapes_copy / "JPEGImages"), annotations=str(path), keep_empty=keep_empty
+        )
         ds = build_dataset(cfg, None, train=True)
         assert ds.classes == SHAPES_CLASSES
         return [r.image_id for r in ds.records]
@@ -325,18 +351,43 @@ def _broken_xml(text: str):
 # (kind, plant the problem in image "b" of a, b, c; the file the message names; its reason; records under skip)
 VOC_PROBLEMS = [
     ("missing image", lambda r: (r / "JPEGImages" / "b.jpg").unlink(), "JPEGImages/b.*", "no image for id 'b'", 2),
-    ("missing annotation", lambda r: (r / "Annotations" / "b.xml").unlink(), "Annotations/b.xml", "annotation file not found", 2),
+    (
+        "missing annotation",
+        lambda r: (r / "Annotations" / "b.xml").unlink(),
+        "Annotations/b.xml",
+        "annotation file not found",
+        2,
+    ),
     ("malformed annotation", _broken_xml("<annotation><object><name>cat"), "Annotations/b.xml", "malformed XML", 2),
-    ("malformed annotation", _broken_xml(voc_xml([obj_xml("cat", (1, 1, "", 20))])), "Annotations/b.xml",
-     "has no numeric <xmax>", 2),
-    ("unknown class", _broken_xml(voc_xml([obj_xml("zebra", (1, 1, 10, 20))])), "Annotations/b.xml",
-     "object class 'zebra' is not in classes", 3),
-    ("non-finite box", _broken_xml(voc_xml([obj_xml("cat", ("nan", 1, 10, 20))])), "Annotations/b.xml",
-     "1 box(es) with non-finite coordinates", 3),
-]  # fmt: skip
+    (
+        "malformed annotation",
+        _broken_xml(voc_xml([obj_xml("cat", (1, 1, "", 20))])),
+        "Annotations/b.xml",
+        "has no numeric <xmax>",
+        2,
+    ),
+    (
+        "unknown class",
+        _broken_xml(voc_xml([obj_xml("zebra", (1, 1, 10, 20))])),
+        "Annotations/b.xml",
+        "object class 'zebra' is not in classes",
+        3,
+    ),
+    (
+        "non-finite box",
+        _broken_xml(voc_xml([obj_xml("cat", ("nan", 1, 10, 20))])),
+        "Annotations/b.xml",
+        "1 box(es) with non-finite coordinates",
+        3,
+    ),
+]
 
 
-@pytest.mark.parametrize("kind, plant, where, reason, num_skip", VOC_PROBLEMS, ids=["missing-image", "missing-xml", "malformed-xml", "non-numeric", "unknown-class", "non-finite"])
+@pytest.mark.parametrize(
+    "kind, plant, where, reason, num_skip",
+    VOC_PROBLEMS,
+    ids=["missing-image", "missing-xml", "malformed-xml", "non-numeric", "unknown-class", "non-finite"],
+)
 def test_voc_problem_raises_naming_the_file_or_is_counted(tmp_path, kind, plant, where, reason, num_skip):
     root = make_voc(tmp_path / "voc", dict.fromkeys("abc", GOOD_XML))
     plant(root)
@@ -362,7 +413,9 @@ def test_raise_stops_at_the_first_problem_and_skip_counts_them_all(tmp_path):
     problems = Problems("skip")
     records = voc.index_voc(root, "train", ["cat"], problems)
     assert problems.counts == Counter({"unknown class": 2})
-    assert [e.split(":")[0] for e in problems.examples["unknown class"]] == [str(root / "Annotations" / f"{i}.xml") for i in "bc"]
+    assert [e.split(":")[0] for e in problems.examples["unknown class"]] == [
+        str(root / "Annotations" / f"{i}.xml") for i in "bc"
+    ]
     assert [len(r.boxes) for r in records] == [1, 0, 0, 1]
 
 
@@ -379,9 +432,13 @@ def test_box_repairs_are_applied_and_counted_but_never_raise(tmp_path):
     np.testing.assert_array_equal(rec.boxes, [[0, 0, 64, 20], [4, 29, 9, 30]])
     np.testing.assert_array_equal(rec.source_boxes, [[1, 1, 100, 20], [5, 30, 9, 30]])  # the file's own numbers
     np.testing.assert_array_equal(rec.labels, [2, 2])
-    assert problems.fixed == Counter({"box crossing the image border clipped": 1,
-                                      "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1,
-                                      "box outside the image dropped": 1})  # fmt: skip
+    assert problems.fixed == Counter(
+        {
+            "box crossing the image border clipped": 1,
+            "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1,
+            "box outside the image dropped": 1,
+        }
+    )
     assert not problems  # repairs are not problems
     xml = str(root / "Annotations" / "a.xml")
     assert problems.examples["degenerate box dropped (x2 <= x1 or y2 <= y1)"] == [f"{xml}: 1 box"]
@@ -391,16 +448,22 @@ def test_box_repairs_are_applied_and_counted_but_never_raise(tmp_path):
 def test_coco_problems_name_the_file(tmp_path):
     cats = [{"id": 1, "name": "a"}]
     images = [(1, "one.jpg", 64, 48), (2, "two.jpg", 64, 48)]
-    anns = [{"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},  # crosses the border: clipped
-            {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width: dropped
-            {"image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5]}]  # unknown category  # fmt: skip
+    anns = [
+        {"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},  # crosses the border: clipped
+        {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width: dropped
+        {"image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5]},
+    ]  # unknown category
     path = write_coco(tmp_path / "instances.json", images, anns, cats)
-    with pytest.raises(DatasetError, match=re.escape(f"{path} image id 2 (two.jpg): annotation 3 has unknown category_id 9")):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{path} image id 2 (two.jpg): annotation 3 has unknown category_id 9")
+    ):
         index_coco(tmp_path / "images", path, None, Problems("raise"))
     problems = Problems("skip")
     records, _ = index_coco(tmp_path / "images", path, None, problems)
     assert problems.counts == Counter({"unknown class": 1})
-    assert problems.fixed == Counter({"box crossing the image border clipped": 1, "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1})
+    assert problems.fixed == Counter(
+        {"box crossing the image border clipped": 1, "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1}
+    )
     np.testing.assert_array_equal(records[0].boxes, [[50, 40, 64, 48]])
     assert len(records[1].boxes) == 0
 
@@ -427,7 +490,10 @@ def test_unreadable_image_is_skipped_by_collate_or_raises(shapes_copy):
 
     ds = DetectionDataset(records, SHAPES_CLASSES, transform, on_error="skip")
     samples = [ds[i] for i in range(3)]
-    assert samples[1] == {"error": f"{bad}: truncated JPEG (no end-of-image marker after the image data)", "image_id": records[1].image_id}
+    assert samples[1] == {
+        "error": f"{bad}: truncated JPEG (no end-of-image marker after the image data)",
+        "image_id": records[1].image_id,
+    }
     batch = collate(samples)
     assert batch["errors"] == [samples[1]["error"]]
     assert batch["image_ids"] == [records[0].image_id, records[2].image_id]
@@ -451,7 +517,9 @@ def test_build_dataset_auto_raises_on_index_problems_and_skip_drops_them(shapes_
     assert build_dataset(cfg, None, train=True).on_error == "skip"  # auto: reading images skips bad ones
     assert build_dataset(cfg, None, train=True, on_error="raise").on_error == "raise"
     (shapes_copy / "JPEGImages" / "train_000003.jpg").unlink()
-    with pytest.raises(DatasetError, match=re.escape(f"{shapes_copy / 'JPEGImages' / 'train_000003.*'}: no image for id")):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{shapes_copy / 'JPEGImages' / 'train_000003.*'}: no image for id")
+    ):
         build_dataset(cfg, None, train=True)  # on_error="auto"
     ds = build_dataset(cfg, None, train=True, on_error="skip")
     assert len(ds) == NUM_TRAIN - 1 and "train_000003" not in [r.image_id for r in ds.records]

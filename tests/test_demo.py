@@ -11,8 +11,16 @@ import torch
 from ssd.checkpoint import load_checkpoint
 from ssd.demo import run_demo
 
-TOY = ["model.input_size=64", "train.max_iter=6", "train.eval_period=3", "train.checkpoint_period=6", "train.log_period=1",
-       "train.batch_size=8", "data.num_workers=0", "eval.batch_size=16"]  # fmt: skip
+TOY = [
+    "model.input_size=64",
+    "train.max_iter=6",
+    "train.eval_period=3",
+    "train.checkpoint_period=6",
+    "train.log_period=1",
+    "train.batch_size=8",
+    "data.num_workers=0",
+    "eval.batch_size=16",
+]
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path, monkeypatch):
@@ -20,7 +28,9 @@ def test_demo_trains_evaluates_and_draws(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        metrics = run_demo(tmp_path / "demo", TOY, num_images=3, data={"num_train": 24, "num_val": 6, "size": 80, "seed": 1})
+        metrics = run_demo(
+            tmp_path / "demo", TOY, num_images=3, data={"num_train": 24, "num_val": 6, "size": 80, "seed": 1}
+        )
     finally:
         torch.set_num_threads(threads)
 

@@ -55,8 +55,11 @@ def test_every_third_party_module_ssd_imports_is_declared(project):
     third_party = sorted(modules - set(sys.stdlib_module_names) - {"ssd", "__future__"})
     assert {"torch", "cv2", "albumentations", "pycocotools", "yaml"} <= set(third_party)  # the walk found the imports
     distributions = importlib.metadata.packages_distributions()
-    undeclared = {m: distributions.get(m) for m in third_party
-                  if not {canonicalize_name(d) for d in distributions.get(m, [])} & declared}  # fmt: skip
+    undeclared = {
+        m: distributions.get(m)
+        for m in third_party
+        if not {canonicalize_name(d) for d in distributions.get(m, [])} & declared
+    }
     assert not undeclared, f"imported by ssd/ but not in pyproject.toml: {undeclared}"
 
 
@@ -68,7 +71,9 @@ def test_the_docs_table_gives_the_floors_of_pyproject(project):
             table[canonicalize_name(cells[0].split(" (")[0])] = cells[1].split(",")[0]
     for name, req in requirements(project["dependencies"]).items():
         floors = [s.version for s in req.specifier if s.operator == ">="]
-        assert table.get(name) == floors[0], f"{name}: pyproject says >={floors[0]}, docs/dependencies.md {table.get(name)}"
+        assert table.get(name) == floors[0], (
+            f"{name}: pyproject says >={floors[0]}, docs/dependencies.md {table.get(name)}"
+        )
 
 
 def test_the_license_is_an_spdx_expression_setuptools_reads_without_warnings():
@@ -84,7 +89,9 @@ def test_the_license_is_an_spdx_expression_setuptools_reads_without_warnings():
         warnings.simplefilter("always")
         dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))  # reads, builds nothing
     assert [str(w.message).splitlines()[0] for w in caught] == []
-    assert dist.metadata.license_expression == "MIT" and [Path(f).name for f in dist.metadata.license_files] == ["LICENSE"]
+    assert dist.metadata.license_expression == "MIT" and [Path(f).name for f in dist.metadata.license_files] == [
+        "LICENSE"
+    ]
     assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
     (build,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     assert Requirement(build).name == "setuptools" and Requirement(build).specifier == SpecifierSet(">=77")

@@ -62,13 +62,29 @@ def ddp_run(tmp_path_factory) -> Path:
     generate_shapes(tmp_path / "shapes", 40, 10, size=SIZE, seed=4)
     dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
     cfg = {
-        "model": {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": 5,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "sgd", "lr": 0.01, "warmup_iters": 1,
-                  "device": "cpu", "checkpoint_period": 2, "eval_period": 100, "log_period": 1, "precise_bn_batches": 2},
+        "train": {
+            "max_iter": MAX_ITER,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "warmup_iters": 1,
+            "device": "cpu",
+            "checkpoint_period": 2,
+            "eval_period": 100,
+            "log_period": 1,
+            "precise_bn_batches": 2,
+        },
         "eval": {"batch_size": 4},
-    }  # fmt: skip
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     results = launch(2, [str(tmp_path / "run.yaml"), str(tmp_path / "run")], tmp_path)
     for rank, res in enumerate(results):
@@ -104,11 +120,21 @@ def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
     # rank 1's NaN loss skipped the step on both ranks (identical weights: test above); the logged terms are the ranks' mean
     assert [r["skipped"] for r in losses] == [int(i == NAN_AT) for i in range(1, MAX_ITER + 1)]
     assert [r["loss"] is None for r in losses] == [i == NAN_AT for i in range(1, MAX_ITER + 1)]
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in losses if r["loss"] is not None)
+    assert all(
+        torch.isfinite(torch.tensor([r["loss"], r["loc"], r["conf"]])).all() for r in losses if r["loss"] is not None
+    )
     (evaluation,) = [r for r in rows if "map" in r]
     assert evaluation["iter"] == MAX_ITER and 0.0 <= evaluation["map"] <= 1.0
     assert load_checkpoint(ddp_run / "best.pt")["iteration"] == MAX_ITER
-    names = ["best.pt", "config.yaml", "last.pt", "last.prev.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]  # .prev: the replaced last.pt
+    names = [
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "last.prev.pt",
+        "metrics.jsonl",
+        "rank0.pt",
+        "rank1.pt",
+    ]  # .prev: the replaced last.pt
     if importlib.util.find_spec("tensorboard"):
         names.append("tensorboard")
         assert len(list((ddp_run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's only

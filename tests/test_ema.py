@@ -162,7 +162,10 @@ def plain_run(shapes, tmp_path_factory) -> tuple[Path, dict]:
 
 def eval_map(out: Path, weights: str, tmp_path: Path, *options: str) -> float:
     json_path = tmp_path / "m.json"
-    assert main(["eval", str(out / "config.yaml"), "--weights", str(out / weights), "--json", str(json_path), *options]) == 0
+    assert (
+        main(["eval", str(out / "config.yaml"), "--weights", str(out / weights), "--json", str(json_path), *options])
+        == 0
+    )
     return json.loads(json_path.read_text())["map"]
 
 
@@ -336,7 +339,19 @@ def test_export_writes_the_ema_weights_by_default_and_the_raw_ones_on_request(em
     scores = {}
     for kind in (None, "ema", "raw"):
         onnx_path = tmp_path / f"{kind}.onnx"
-        assert main(["export", "--weights", str(out / "last.pt"), "--out", str(onnx_path), *(["--weights-kind", kind] if kind else [])]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "--weights",
+                    str(out / "last.pt"),
+                    "--out",
+                    str(onnx_path),
+                    *(["--weights-kind", kind] if kind else []),
+                ]
+            )
+            == 0
+        )
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         scores[kind] = session.run(None, {"images": x.numpy()})[1]
     assert (scores[None] == scores["ema"]).all()

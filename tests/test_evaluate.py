@@ -43,8 +43,14 @@ SIZE = 64
 NUM_VAL = 7  # odd: two ranks get 4 and 3 images
 PERFECT_07 = sum([1 / 11.0] * 11)  # the reference's 11 additions of 1/11
 COCO_IDS = {1: 7, 2: 3, 3: 12, 4: 40}  # label -> category id in the remapped COCO file
-MODEL = {"num_classes": 5, "input_size": SIZE, "width": 0.125, "batch_norm": "all", "dropout": 0.0,
-         "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]}  # fmt: skip
+MODEL = {
+    "num_classes": 5,
+    "input_size": SIZE,
+    "width": 0.125,
+    "batch_norm": "all",
+    "dropout": 0.0,
+    "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +70,32 @@ def ws(tmp_path_factory) -> Path:
     coco["annotations"] = [{**a, "category_id": COCO_IDS[a["category_id"]]} for a in coco["annotations"]]
     (root / "annotations" / "remapped_val.json").write_text(json.dumps(coco))
     voc = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    for name, val in (("voc", {**voc, "split": "val"}),
-                      ("coco", {"format": "coco", "images": str(root / "JPEGImages"), "classes": SHAPES_CLASSES,
-                                "annotations": str(root / "annotations" / "instances_val.json")}),
-                      ("remapped", {"format": "coco", "images": str(root / "JPEGImages"), "classes": SHAPES_CLASSES,
-                                    "annotations": str(root / "annotations" / "remapped_val.json")})):  # fmt: skip
-        cfg = {"model": MODEL, "data": {"train": {**voc, "split": "train"}, "val": val, "num_workers": 0}, "eval": {"batch_size": 3}}
+    for name, val in (
+        ("voc", {**voc, "split": "val"}),
+        (
+            "coco",
+            {
+                "format": "coco",
+                "images": str(root / "JPEGImages"),
+                "classes": SHAPES_CLASSES,
+                "annotations": str(root / "annotations" / "instances_val.json"),
+            },
+        ),
+        (
+            "remapped",
+            {
+                "format": "coco",
+                "images": str(root / "JPEGImages"),
+                "classes": SHAPES_CLASSES,
+                "annotations": str(root / "annotations" / "remapped_val.json"),
+            },
+        ),
+    ):
+        cfg = {
+            "model": MODEL,
+            "data": {"train": {**voc, "split": "train"}, "val": val, "num_workers": 0},
+            "eval": {"batch_size": 3},
+        }
         (ws / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     torch.manual_seed(0)
     from ssd.model import build_ssd
@@ -94,8 +120,18 @@ def weights_runs(ws, tmp_path_factory) -> dict[str, Path]:
         mp.setenv("SSD_CACHE_DIR", str(ws / "cache"))
         for name in ("voc", "remapped"):
             run_dir = tmp_path_factory.mktemp(f"weights-{name}")
-            assert ssd_eval(ws / f"{name}.yaml", "--weights", ws / "tiny.pt", "--json", run_dir / "metrics.json",
-                            "--out-dir", run_dir / "out") == 0  # fmt: skip
+            assert (
+                ssd_eval(
+                    ws / f"{name}.yaml",
+                    "--weights",
+                    ws / "tiny.pt",
+                    "--json",
+                    run_dir / "metrics.json",
+                    "--out-dir",
+                    run_dir / "out",
+                )
+                == 0
+            )
             out[name] = run_dir
     return out
 
@@ -114,8 +150,10 @@ def voc_objects(ws: Path) -> dict[str, list[tuple[str, tuple[float, ...]]]]:
     out = {}
     for image_id in (root / "ImageSets" / "Main" / "val.txt").read_text().split():
         objects = ET.parse(root / "Annotations" / f"{image_id}.xml").getroot().iter("object")
-        out[image_id] = [(o.findtext("name"), tuple(float(o.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
-                         for o in objects]  # fmt: skip
+        out[image_id] = [
+            (o.findtext("name"), tuple(float(o.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
+            for o in objects
+        ]
     return out
 
 
@@ -129,16 +167,34 @@ def test_weights_on_voc_and_coco_data_of_the_same_images(ws, weights_runs, capsy
     assert voc["num_gt"] == coco["num_gt"] and sum(voc["num_gt"].values()) >= 2 * NUM_VAL
     assert 0.0 < voc["map"] < 0.5 and set(COCO_STATS) <= set(coco) and coco["map"] == coco["AP"]
     # the same detections, each in its file's frame: VOC [x1 + 1, y1 + 1, x2 - x1 - 1, ...], COCO [x1, y1, x2 - x1, ...]
-    voc_dets, coco_dets = read_json(weights_runs["voc"] / "out" / "detections.json"), read_json(weights_runs["remapped"] / "out" / "detections.json")
+    voc_dets, coco_dets = (
+        read_json(weights_runs["voc"] / "out" / "detections.json"),
+        read_json(weights_runs["remapped"] / "out" / "detections.json"),
+    )
     assert len(voc_dets) == len(coco_dets) == NUM_VAL * 200  # post-processing keeps 200 per image
     ids = (ws / "shapes" / "ImageSets" / "Main" / "val.txt").read_text().split()
     for v, c in zip(voc_dets, coco_dets):
-        assert (v["image_id"], COCO_IDS[v["category_id"]], v["score"]) == (ids[c["image_id"] - 1], c["category_id"], c["score"])
+        assert (v["image_id"], COCO_IDS[v["category_id"]], v["score"]) == (
+            ids[c["image_id"] - 1],
+            c["category_id"],
+            c["score"],
+        )
         np.testing.assert_allclose(v["bbox"], np.add(c["bbox"], [1, 1, -1, -1]), rtol=0, atol=1e-9)
     # the VOC metric of the COCO-format data with continuous pixels is that of the XML numbers with the +1
     capsys.readouterr()
-    assert ssd_eval(ws / "remapped.yaml", "eval.voc_pixel_convention=continuous", "--detections", weights_runs["remapped"] / "out" / "detections.json",
-                    "--metric", "voc07", "--json", weights_runs["remapped"] / "as_voc.json") == 0  # fmt: skip
+    assert (
+        ssd_eval(
+            ws / "remapped.yaml",
+            "eval.voc_pixel_convention=continuous",
+            "--detections",
+            weights_runs["remapped"] / "out" / "detections.json",
+            "--metric",
+            "voc07",
+            "--json",
+            weights_runs["remapped"] / "as_voc.json",
+        )
+        == 0
+    )
     assert read_json(weights_runs["remapped"] / "as_voc.json")["per_class"] == voc["per_class"]
     table = capsys.readouterr().out
     assert all(name in table for name in SHAPES_CLASSES) and "mAP@0.5 (VOC07 11-point)" in table
@@ -156,28 +212,52 @@ def test_comp4_files_hold_the_detections_in_the_xml_frame(weights_runs):
             x, y, w, h = d["bbox"]
             expected = f"{d['image_id']} {d['score']:.3f} {x:.1f} {y:.1f} {x + w:.1f} {y + h:.1f}"
             assert line == expected
-    assert sorted(p.name for p in (weights_runs["remapped"] / "out").glob("comp4_*"))[0] == "comp4_det_remapped_val_circle.txt"  # COCO: the file stem
+    assert (
+        sorted(p.name for p in (weights_runs["remapped"] / "out").glob("comp4_*"))[0]
+        == "comp4_det_remapped_val_circle.txt"
+    )  # COCO: the file stem
 
 
 def test_detections_json_round_trips_to_identical_metrics(ws, weights_runs, tmp_path):
     for name in ("voc", "remapped"):
         run = weights_runs[name]
-        assert ssd_eval(ws / f"{name}.yaml", "--detections", run / "out" / "detections.json", "--json", tmp_path / f"{name}.json",
-                        "--out-dir", tmp_path / name) == 0  # fmt: skip
+        assert (
+            ssd_eval(
+                ws / f"{name}.yaml",
+                "--detections",
+                run / "out" / "detections.json",
+                "--json",
+                tmp_path / f"{name}.json",
+                "--out-dir",
+                tmp_path / name,
+            )
+            == 0
+        )
         assert read_json(tmp_path / f"{name}.json") == read_json(run / "metrics.json")  # every float identical
         assert (tmp_path / name / "detections.json").read_bytes() == (run / "out" / "detections.json").read_bytes()
 
 
 def test_training_loop_evaluates_coco_val_data_with_coco_ap_through_the_same_entry_point(ws, tmp_path):
     cfg = yaml.safe_load((ws / "remapped.yaml").read_text())
-    cfg["train"] = {"max_iter": 2, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "warmup_iters": 1, "device": "cpu",
-                    "eval_period": 100, "checkpoint_period": 100, "tensorboard": False}  # fmt: skip
+    cfg["train"] = {
+        "max_iter": 2,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "warmup_iters": 1,
+        "device": "cpu",
+        "eval_period": 100,
+        "checkpoint_period": 100,
+        "tensorboard": False,
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     summary = train(load_config(tmp_path / "run.yaml"), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     (evaluation,) = [r for r in rows if "eval" in r]
     assert evaluation["eval"] == "coco" and list(evaluation["per_class"]) == SHAPES_CLASSES
-    assert ssd_eval(tmp_path / "run.yaml", "--weights", tmp_path / "run" / "best.pt", "--json", tmp_path / "m.json") == 0
+    assert (
+        ssd_eval(tmp_path / "run.yaml", "--weights", tmp_path / "run" / "best.pt", "--json", tmp_path / "m.json") == 0
+    )
     assert read_json(tmp_path / "m.json")["map"] == evaluation["map"] == summary["best_map"]
 
 
@@ -205,9 +285,19 @@ def test_a_normalize_then_bilinear_checkpoint_evaluates_on_what_detector_predict
     (original images to the device, :mod:`ssd.preprocess`) gives Detector's detections bit for bit."""
     model_cfg = from_dict(ModelConfig, {**MODEL, "preprocess": {"resize": "normalize_then_bilinear"}}, "model")
     torch.manual_seed(3)
-    save_checkpoint(make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, SHAPES_CLASSES, "test"), tmp_path / "tv.pt")
-    cfg = from_dict(Config, {"model": MODEL, "data": {"val": {"format": "voc", "root": str(odd_sizes), "split": "val",
-                                                             "classes": SHAPES_CLASSES}, "num_workers": 0}})  # fmt: skip
+    save_checkpoint(
+        make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, SHAPES_CLASSES, "test"), tmp_path / "tv.pt"
+    )
+    cfg = from_dict(
+        Config,
+        {
+            "model": MODEL,
+            "data": {
+                "val": {"format": "voc", "root": str(odd_sizes), "split": "val", "classes": SHAPES_CLASSES},
+                "num_workers": 0,
+            },
+        },
+    )
     dataset, predictions = predict_checkpoint(cfg, str(tmp_path / "tv.pt"), "cpu", batch_size=2)
     # both in their default memory format: channels_last on the CPU (train.channels_last auto, Detector's None)
     detector = Detector.from_checkpoint(tmp_path / "tv.pt", device="cpu", score_thresh=0.01, batch_size=2, fuse=False)
@@ -222,7 +312,9 @@ def test_a_normalize_then_bilinear_checkpoint_evaluates_on_what_detector_predict
 def imported_modules(path: Path, top_level_only: bool) -> set[str]:
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))
-    return {n.module for n in nodes if isinstance(n, ast.ImportFrom)} | {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    return {n.module for n in nodes if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in nodes if isinstance(n, ast.Import) for a in n.names
+    }
 
 
 def test_evaluation_and_deployment_share_preprocessing_without_importing_each_other():
@@ -239,19 +331,35 @@ def test_evaluation_and_deployment_share_preprocessing_without_importing_each_ot
 
 def test_ground_truth_as_detections_scores_one_in_both_formats(ws, tmp_path):
     objects = voc_objects(ws)
-    voc_gt = [{"image_id": image_id, "category_id": SHAPES_CLASSES.index(name) + 1, "score": 1.0,
-               "bbox": [x1, y1, x2 - x1, y2 - y1]} for image_id, objs in objects.items() for name, (x1, y1, x2, y2) in objs]  # fmt: skip
+    voc_gt = [
+        {
+            "image_id": image_id,
+            "category_id": SHAPES_CLASSES.index(name) + 1,
+            "score": 1.0,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+        }
+        for image_id, objs in objects.items()
+        for name, (x1, y1, x2, y2) in objs
+    ]
     (tmp_path / "voc_gt.json").write_text(json.dumps(voc_gt))
     coco = read_json(ws / "shapes" / "annotations" / "remapped_val.json")
-    coco_gt = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in coco["annotations"]]
+    coco_gt = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in coco["annotations"]
+    ]
     (tmp_path / "coco_gt.json").write_text(json.dumps(coco_gt))
     expected = {"voc07": PERFECT_07, "voc": 1.0, "coco": 1.0}
     for config, dets in (("voc", "voc_gt.json"), ("remapped", "coco_gt.json")):
         for metric in ("voc07", "voc", "coco"):
             out = tmp_path / f"{config}-{metric}.json"
-            assert ssd_eval(ws / f"{config}.yaml", "--detections", tmp_path / dets, "--metric", metric, "--json", out) == 0
+            assert (
+                ssd_eval(ws / f"{config}.yaml", "--detections", tmp_path / dets, "--metric", metric, "--json", out) == 0
+            )
             result = read_json(out)
-            assert result["map"] == expected[metric] and set(result["per_class"].values()) == {expected[metric]}, (config, metric)
+            assert result["map"] == expected[metric] and set(result["per_class"].values()) == {expected[metric]}, (
+                config,
+                metric,
+            )
             if metric == "coco":
                 assert result["AP50"] == result["AP75"] == result["AR100"] == 1.0
 
@@ -265,11 +373,24 @@ def jittered(objects: list[tuple[int, object, tuple]], rng: np.random.Generator)
         for _ in range(int(rng.integers(0, 3))):
             nx1, ny1, nx2, ny2 = np.add((x1, y1, x2, y2), rng.normal(0, 0.1 * (x2 - x1 + 1), 4)).tolist()
             lab = label if rng.random() < 0.9 else int(rng.integers(1, 5))
-            out.append((image_id, lab, [nx1, ny1, max(nx2 - nx1, 0.5), max(ny2 - ny1, 0.5)], float(np.round(rng.random() * 20) / 20)))
+            out.append(
+                (
+                    image_id,
+                    lab,
+                    [nx1, ny1, max(nx2 - nx1, 0.5), max(ny2 - ny1, 0.5)],
+                    float(np.round(rng.random() * 20) / 20),
+                )
+            )
     for _ in range(25):
         x, y = rng.uniform(1, 40, 2).tolist()
-        out.append((image_ids[int(rng.integers(len(image_ids)))], int(rng.integers(1, 5)), [x, y, *rng.uniform(3, 24, 2).tolist()],
-                    float(np.round(rng.random() * 10) / 20)))  # fmt: skip
+        out.append(
+            (
+                image_ids[int(rng.integers(len(image_ids)))],
+                int(rng.integers(1, 5)),
+                [x, y, *rng.uniform(3, 24, 2).tolist()],
+                float(np.round(rng.random() * 10) / 20),
+            )
+        )
     return [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in out]
 
 
@@ -280,18 +401,48 @@ def test_voc_numbers_equal_the_reference_loop_on_the_xml_numbers(ws, tmp_path):
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     # the reference's inputs, per image in split order: detections xyxy = [x, y, x + w, y + h] of the file
     ids = list(objects)
-    gt = [{"boxes": np.array([b for _, b in objects[i]]).reshape(-1, 4), "labels": np.array([SHAPES_CLASSES.index(n) + 1 for n, _ in objects[i]]),
-           "difficult": np.zeros(len(objects[i]), bool)} for i in ids]  # fmt: skip
-    ref_dets = [{"boxes": np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
-                                    for d in dets if d["image_id"] == i]).reshape(-1, 4),
-                 "scores": np.array([d["score"] for d in dets if d["image_id"] == i]),
-                 "labels": np.array([d["category_id"] for d in dets if d["image_id"] == i])} for i in ids]  # fmt: skip
+    gt = [
+        {
+            "boxes": np.array([b for _, b in objects[i]]).reshape(-1, 4),
+            "labels": np.array([SHAPES_CLASSES.index(n) + 1 for n, _ in objects[i]]),
+            "difficult": np.zeros(len(objects[i]), bool),
+        }
+        for i in ids
+    ]
+    ref_dets = [
+        {
+            "boxes": np.array(
+                [
+                    [d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
+                    for d in dets
+                    if d["image_id"] == i
+                ]
+            ).reshape(-1, 4),
+            "scores": np.array([d["score"] for d in dets if d["image_id"] == i]),
+            "labels": np.array([d["category_id"] for d in dets if d["image_id"] == i]),
+        }
+        for i in ids
+    ]
     for metric, convention in (("voc07", "inclusive"), ("voc", "inclusive"), ("voc07", "continuous")):
         out = tmp_path / f"{metric}-{convention}.json"
-        assert ssd_eval(ws / "voc.yaml", f"eval.voc_pixel_convention={convention}", "--detections", tmp_path / "dets.json",
-                        "--metric", metric, "--json", out) == 0  # fmt: skip
+        assert (
+            ssd_eval(
+                ws / "voc.yaml",
+                f"eval.voc_pixel_convention={convention}",
+                "--detections",
+                tmp_path / "dets.json",
+                "--metric",
+                metric,
+                "--json",
+                out,
+            )
+            == 0
+        )
         result = read_json(out)
-        ref = [reference_voc_eval(ref_dets, gt, c, 0.5, metric == "voc07", 1.0 if convention == "inclusive" else 0.0) for c in range(1, 5)]
+        ref = [
+            reference_voc_eval(ref_dets, gt, c, 0.5, metric == "voc07", 1.0 if convention == "inclusive" else 0.0)
+            for c in range(1, 5)
+        ]
         assert list(result["per_class"].values()) == ref, (metric, convention)
         assert result["map"] == float(np.mean(ref)) and 0.2 < result["map"] < 0.95
 
@@ -300,8 +451,14 @@ def test_coco_numbers_equal_pycocotools_called_directly(ws, tmp_path):
     ann = ws / "shapes" / "annotations" / "remapped_val.json"
     coco = read_json(ann)
     label_of = {cat: label for label, cat in COCO_IDS.items()}
-    flat = [(label_of[a["category_id"]], a["image_id"], (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]))
-            for a in coco["annotations"]]  # fmt: skip
+    flat = [
+        (
+            label_of[a["category_id"]],
+            a["image_id"],
+            (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]),
+        )
+        for a in coco["annotations"]
+    ]
     dets = [{**d, "category_id": COCO_IDS[d["category_id"]]} for d in jittered(flat, np.random.default_rng(4))]
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     assert ssd_eval(ws / "remapped.yaml", "--detections", tmp_path / "dets.json", "--json", tmp_path / "m.json") == 0
@@ -314,29 +471,86 @@ def test_coco_numbers_equal_pycocotools_called_directly(ws, tmp_path):
     assert [ours[k] for k in COCO_STATS] == [float(s) for s in direct.stats]
     assert 0.1 < ours["AP"] < 0.9 and ours["map"] == ours["AP"]
     for k, cat in enumerate(direct.params.catIds):
-        assert ours["per_class"][SHAPES_CLASSES[label_of[cat] - 1]] == float(np.mean(direct.eval["precision"][:, :, k, 0, 2]))
+        assert ours["per_class"][SHAPES_CLASSES[label_of[cat] - 1]] == float(
+            np.mean(direct.eval["precision"][:, :, k, 0, 2])
+        )
 
 
 BAD_FILES = [
     ("voc", "not json {", "not a readable JSON file"),
     ("voc", '{"image_id": "val_000000"}', "expected a JSON list of detections"),
-    ("voc", '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, {"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5]}]',
-     "entry 1: missing key(s) score"),
-    ("voc", '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, 3]', "entry 1: expected an object"),
-    ("voc", '[{"image_id": "val_000099", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown image_id 'val_000099'"),
+    (
+        "voc",
+        '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, {"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5]}]',
+        "entry 1: missing key(s) score",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, 3]',
+        "entry 1: expected an object",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000099", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]',
+        "entry 0: unknown image_id 'val_000099'",
+    ),
     ("voc", '[{"image_id": 0, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown image_id 0"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 5, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown category_id 5 (valid: 1..4"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 0, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown category_id 0"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5], "score": 0.5}]', "entry 0: bbox must be 4 numbers"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, "5", 5], "score": 0.5}]', "entry 0: bbox must be 4 numbers"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, -1.5, 5], "score": 0.5}]', "entry 0: bbox [1, 1, -1.5, 5] has a negative size"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, NaN], "score": 0.5}]', "entry 0: bbox [1, 1, 5, nan] has a non-finite value"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, 5], "score": NaN}]', "entry 0: score must be a finite number"),
-    ("voc", '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, 5], "score": "high"}]', "entry 0: score must be a finite number"),
-    ("remapped", '[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown category_id 1 (valid: the annotation file's category ids [3, 7, 12, 40])"),
-    ("remapped", '[{"image_id": "1", "category_id": 7, "bbox": [1, 1, 5, 5], "score": 0.5}]', "entry 0: unknown image_id '1'"),
-    ("remapped", '[{"image_id": 2, "category_id": 7, "bbox": [1, 1, -0.5, 5], "score": 0.5}]', "entry 0: bbox [1, 1, -0.5, 5] has a negative size"),
-]  # fmt: skip
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 5, "bbox": [1, 1, 5, 5], "score": 0.5}]',
+        "entry 0: unknown category_id 5 (valid: 1..4",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 0, "bbox": [1, 1, 5, 5], "score": 0.5}]',
+        "entry 0: unknown category_id 0",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5], "score": 0.5}]',
+        "entry 0: bbox must be 4 numbers",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, "5", 5], "score": 0.5}]',
+        "entry 0: bbox must be 4 numbers",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, -1.5, 5], "score": 0.5}]',
+        "entry 0: bbox [1, 1, -1.5, 5] has a negative size",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, NaN], "score": 0.5}]',
+        "entry 0: bbox [1, 1, 5, nan] has a non-finite value",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, 5], "score": NaN}]',
+        "entry 0: score must be a finite number",
+    ),
+    (
+        "voc",
+        '[{"image_id": "val_000001", "category_id": 1, "bbox": [1, 1, 5, 5], "score": "high"}]',
+        "entry 0: score must be a finite number",
+    ),
+    (
+        "remapped",
+        '[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]',
+        "entry 0: unknown category_id 1 (valid: the annotation file's category ids [3, 7, 12, 40])",
+    ),
+    (
+        "remapped",
+        '[{"image_id": "1", "category_id": 7, "bbox": [1, 1, 5, 5], "score": 0.5}]',
+        "entry 0: unknown image_id '1'",
+    ),
+    (
+        "remapped",
+        '[{"image_id": 2, "category_id": 7, "bbox": [1, 1, -0.5, 5], "score": 0.5}]',
+        "entry 0: bbox [1, 1, -0.5, 5] has a negative size",
+    ),
+]
 
 
 @pytest.mark.parametrize("config, content, message", BAD_FILES, ids=[f"{c}-{m[:28]}" for c, _, m in BAD_FILES])
@@ -367,7 +581,9 @@ def test_bad_arguments_exit_2(ws, tmp_path, capsys):
     three = from_dict(ModelConfig, {**MODEL, "num_classes": 4}, "model")
     from ssd.model import build_ssd
 
-    save_checkpoint(make_checkpoint(build_ssd(three).state_dict(), three, ["a", "b", "c"], "test"), tmp_path / "three.pt")
+    save_checkpoint(
+        make_checkpoint(build_ssd(three).state_dict(), three, ["a", "b", "c"], "test"), tmp_path / "three.pt"
+    )
     capsys.readouterr()
     assert ssd_eval(ws / "voc.yaml", "--weights", tmp_path / "three.pt") == 2
     err = capsys.readouterr().err
@@ -394,14 +610,30 @@ def test_images_without_predictions_count_as_misses(ws):
 def test_plots_write_one_png_per_class(ws, weights_runs, tmp_path):
     for name, metric in (("voc", "voc07"), ("remapped", "coco")):
         out = tmp_path / name
-        assert ssd_eval(ws / f"{name}.yaml", "--detections", weights_runs[name] / "out" / "detections.json", "--metric", metric, "--plots", out) == 0
+        assert (
+            ssd_eval(
+                ws / f"{name}.yaml",
+                "--detections",
+                weights_runs[name] / "out" / "detections.json",
+                "--metric",
+                metric,
+                "--plots",
+                out,
+            )
+            == 0
+        )
         assert sorted(p.name for p in out.iterdir()) == sorted(f"pr_{c}.png" for c in SHAPES_CLASSES)
         assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in out.iterdir())
 
 
 def test_plots_without_matplotlib_is_a_clear_error(ws, weights_runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    assert ssd_eval(ws / "voc.yaml", "--detections", weights_runs["voc"] / "out" / "detections.json", "--plots", tmp_path / "p") == 2
+    assert (
+        ssd_eval(
+            ws / "voc.yaml", "--detections", weights_runs["voc"] / "out" / "detections.json", "--plots", tmp_path / "p"
+        )
+        == 2
+    )
     assert "--plots needs matplotlib, which is not installed: pip install 'ssd[plots]'" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
@@ -418,8 +650,19 @@ def test_two_gloo_processes_give_exactly_the_single_process_metric(ws, tmp_path,
     """Batch size 1 and one thread on both sides (per-image arithmetic then depends on neither the
     batch nor the process), so the predictions, and not only the metric, must be bit-identical;
     7 images split 4 + 3."""
-    args = lambda out: [ws / "voc.yaml", "--weights", ws / "tiny.pt", "--batch-size", 1, "--device", "cpu",  # noqa: E731
-                        "--json", out / "metrics.json", "--out-dir", out]  # fmt: skip
+    args = lambda out: [
+        ws / "voc.yaml",
+        "--weights",
+        ws / "tiny.pt",
+        "--batch-size",
+        1,
+        "--device",
+        "cpu",  # noqa: E731
+        "--json",
+        out / "metrics.json",
+        "--out-dir",
+        out,
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives the ranks
     try:
@@ -432,5 +675,7 @@ def test_two_gloo_processes_give_exactly_the_single_process_metric(ws, tmp_path,
     assert "rank 0: 4 images" in ranks[0].stdout and "rank 1: 3 images" in ranks[1].stdout
     assert "mAP@0.5" in ranks[0].stdout and "mAP@0.5" not in ranks[1].stdout  # only rank 0 reports
     assert read_json(tmp_path / "ranks" / "metrics.json") == read_json(tmp_path / "single" / "metrics.json")
-    assert (tmp_path / "ranks" / "detections.json").read_bytes() == (tmp_path / "single" / "detections.json").read_bytes()
+    assert (tmp_path / "ranks" / "detections.json").read_bytes() == (
+        tmp_path / "single" / "detections.json"
+    ).read_bytes()
     assert len(read_json(tmp_path / "ranks" / "detections.json")) == NUM_VAL * 200  # no image counted twice

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def bn_ckpt(tmp_path_factory, make_tiny_config) -> Path:
     """A tiny BN model in BGR with non-trivial BN statistics (channel order and folding both matter)."""
-    cfg = make_tiny_config(batch_norm="all", num_classes=6, preprocess={"channel_order": "bgr", "mean": [0.4, 0.45, 0.5]})
+    cfg = make_tiny_config(
+        batch_norm="all", num_classes=6, preprocess={"channel_order": "bgr", "mean": [0.4, 0.45, 0.5]}
+    )
     torch.manual_seed(0)
     model = build_ssd(cfg)
     g = torch.Generator().manual_seed(1)
@@ -97,7 +99,10 @@ def test_export_dynamic_batch_matches_pytorch(bn_ckpt, tmp_path, caplog):
     onnx.checker.check_model(graph, full_check=True)
     assert graph.opset_import[0].version == 13
     assert not [n for n in graph.graph.node if n.op_type == "BatchNormalization"]  # folded
-    assert [i.name for i in graph.graph.input] == ["images"] and [o.name for o in graph.graph.output] == ["boxes", "scores"]
+    assert [i.name for i in graph.graph.input] == ["images"] and [o.name for o in graph.graph.output] == [
+        "boxes",
+        "scores",
+    ]
     for batch in (1, 3):  # the batch dimension is dynamic
         x = images(batch, seed=batch)
         boxes, scores = run_onnx(out, x)
@@ -106,7 +111,9 @@ def test_export_dynamic_batch_matches_pytorch(bn_ckpt, tmp_path, caplog):
         assert (boxes - ref_boxes).abs().max() <= 1e-4
         assert (scores - ref_scores).abs().max() <= 1e-4
         torch.testing.assert_close(scores.sum(-1), torch.ones(batch, 1524))
-        assert ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5  # informative
+        assert (
+            ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5
+        )  # informative
 
 
 def test_static_export_without_folding_keeps_batchnorm_and_a_fixed_batch(bn_ckpt, tmp_path):
@@ -160,7 +167,20 @@ def test_export_with_head_batchnorm_matches_pytorch(heads_ckpt, tmp_path, caplog
     to the exporter with --no-fuse; onnxruntime matches the unfused PyTorch model either way."""
     caplog.set_level(logging.INFO)
     out = tmp_path / "heads.onnx"
-    assert main(["export", "--weights", str(heads_ckpt), "--out", str(out), "--dynamic-batch", *([] if fuse else ["--no-fuse"])]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--weights",
+                str(heads_ckpt),
+                "--out",
+                str(out),
+                "--dynamic-batch",
+                *([] if fuse else ["--no-fuse"]),
+            ]
+        )
+        == 0
+    )
     assert ("31 BatchNorms folded" in caplog.text) == fuse
     graph = onnx.load(str(out))
     assert not [n for n in graph.graph.node if n.op_type == "BatchNormalization"]  # without --no-fuse: folded by us,

@@ -22,7 +22,17 @@ import yaml
 
 from ssd.checkpoint import make_checkpoint, save_checkpoint
 from ssd.cli import main
-from ssd.config import Config, ConfigError, ModelConfig, PreprocessConfig, PriorConfig, from_dict, is_user_set, load_config, save_config
+from ssd.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    PreprocessConfig,
+    PriorConfig,
+    from_dict,
+    is_user_set,
+    load_config,
+    save_config,
+)
 from ssd.convert import convert_file, convert_vgg
 from ssd.convert.caffe_ports import LAYOUTS, caffe_port_key_map
 from ssd.convert.common import OUR_TRUNK
@@ -35,7 +45,9 @@ from ssd.inference import Detector
 from ssd.model import build_ssd
 
 WIDTH = 0.125  # the converters describe full-width networks; the tests patch the width into the checkpoint
-CAFFE_BGR = dict(channel_order="bgr", pixel_scale=1.0, mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0], resize="bilinear")
+CAFFE_BGR = dict(
+    channel_order="bgr", pixel_scale=1.0, mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0], resize="bilinear"
+)
 IMAGENET = PreprocessConfig()
 
 
@@ -118,7 +130,12 @@ def test_torchvision_priors_and_resize_are_adopted(converted, tmp_path, caplog):
     assert f"model.priors.clip: 'corners' -> 'wh' (adopted from model.init {path})" in lines
     assert f"model.priors.scales: None -> {TV_SCALES} (adopted from model.init {path})" in lines
     assert [line.split(":")[0] for line in lines] == [  # channel order and pixel scale already match
-        "model.preprocess.mean", "model.preprocess.std", "model.preprocess.resize", "model.priors.clip", "model.priors.scales"]
+        "model.preprocess.mean",
+        "model.preprocess.std",
+        "model.preprocess.resize",
+        "model.priors.clip",
+        "model.priors.scales",
+    ]
     assert out.model.preprocess == PreprocessConfig(**TV_PREPROCESS)
     assert out.model.priors == PriorConfig(scales=TV_SCALES, clip="wh")
 
@@ -126,28 +143,53 @@ def test_torchvision_priors_and_resize_are_adopted(converted, tmp_path, caplog):
 def test_user_set_conflicting_key_is_an_error_naming_both_values(converted, tmp_path):
     amdegroot, tv = converted["amdegroot"], converted["torchvision"]
     cfg = finetune_config(tmp_path, {"preprocess": {"channel_order": "rgb"}}, (f"model.init={amdegroot}",))
-    with pytest.raises(ConfigError, match=rf"^model.preprocess.channel_order: the config sets 'rgb' but model.init {amdegroot} "
-                                          r"was trained with 'bgr'; remove the key"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model.preprocess.channel_order: the config sets 'rgb' but model.init {amdegroot} "
+        r"was trained with 'bgr'; remove the key",
+    ):
         adopt_source_config(cfg)
     cfg = finetune_config(tmp_path, overrides=(f"model.init={tv}", "model.priors.clip=corners"))
-    with pytest.raises(ConfigError, match=r"^model.priors.clip: the config sets 'corners' but .* was trained with 'wh'"):
+    with pytest.raises(
+        ConfigError, match=r"^model.priors.clip: the config sets 'corners' but .* was trained with 'wh'"
+    ):
         adopt_source_config(cfg)
-    cfg = finetune_config(tmp_path, {"priors": {"min_sizes": [30, 60, 111, 162, 213, 264], "max_sizes": [60, 111, 162, 213, 264, 315]}},
-                          (f"model.init={tv}",))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"^model.priors.min_sizes, model.priors.max_sizes: the config sets min_sizes "
-                                          r"\[30.0, 60.0, .*\] / max_sizes \[60.0, .*, 315.0\] but .* was trained with scales \[0.07, 0.15"):  # fmt: skip
+    cfg = finetune_config(
+        tmp_path,
+        {"priors": {"min_sizes": [30, 60, 111, 162, 213, 264], "max_sizes": [60, 111, 162, 213, 264, 315]}},
+        (f"model.init={tv}",),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.priors.min_sizes, model.priors.max_sizes: the config sets min_sizes "
+        r"\[30.0, 60.0, .*\] / max_sizes \[60.0, .*, 315.0\] but .* was trained with scales \[0.07, 0.15",
+    ):
         adopt_source_config(cfg)
 
 
 def test_cli_train_exits_2_on_a_conflict_before_building_anything(converted, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg_path = write_yaml(tmp_path / "c.yaml", {"model": {"num_classes": 3, "width": WIDTH}, "train": {"device": "cpu"}})
+    cfg_path = write_yaml(
+        tmp_path / "c.yaml", {"model": {"num_classes": 3, "width": WIDTH}, "train": {"device": "cpu"}}
+    )
     out = tmp_path / "run"
-    code = main(["train", str(cfg_path), "--output-dir", str(out), "--init", str(converted["lufficc"]), "model.preprocess.pixel_scale=0.5"])
+    code = main(
+        [
+            "train",
+            str(cfg_path),
+            "--output-dir",
+            str(out),
+            "--init",
+            str(converted["lufficc"]),
+            "model.preprocess.pixel_scale=0.5",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"ssd train: error: model.preprocess.pixel_scale: the config sets 0.5 but model.init {converted['lufficc']} "
-                          "was trained with 1.0")  # fmt: skip
+    assert err.startswith(
+        f"ssd train: error: model.preprocess.pixel_scale: the config sets 0.5 but model.init {converted['lufficc']} "
+        "was trained with 1.0"
+    )
     assert not (out / "config.yaml").exists()  # stopped before the run folder was written (and before any data)
 
 
@@ -157,7 +199,9 @@ def test_matching_keys_adopt_nothing_and_log_nothing(tmp_path, caplog):
     cfg = finetune_config(tmp_path, {"preprocess": {"mean": [0.485, 0.456, 0.406]}}, (f"model.init={path}",))
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         assert adopt_source_config(cfg) is cfg  # a user-set key equal to the source's is no conflict either
-        hand_typed = finetune_config(tmp_path, overrides=(f"model.init={path}", "model.preprocess.pixel_scale=0.0039215686"))
+        hand_typed = finetune_config(
+            tmp_path, overrides=(f"model.init={path}", "model.preprocess.pixel_scale=0.0039215686")
+        )
         assert adopt_source_config(hand_typed) is hand_typed  # 1/255 to 8 decimals is 1/255
         assert adopt_source_config(finetune_config(tmp_path)).model.preprocess == IMAGENET  # no init: nothing to do
     assert caplog.records == []
@@ -174,7 +218,9 @@ def test_a_runs_config_yaml_sets_every_key(converted, tmp_path, caplog):
         assert adopt_source_config(again) is again and adopted_lines(caplog) == []
     scratch = Config(model=ModelConfig(num_classes=3, width=WIDTH))  # a from-scratch run's config.yaml (RGB ImageNet)
     save_config(scratch, tmp_path / "scratch.yaml")
-    with pytest.raises(ConfigError, match=r"model.preprocess.channel_order: the config sets 'rgb' .* 'bgr'.*config.yaml counts as set"):
+    with pytest.raises(
+        ConfigError, match=r"model.preprocess.channel_order: the config sets 'rgb' .* 'bgr'.*config.yaml counts as set"
+    ):
         adopt_source_config(load_config(tmp_path / "scratch.yaml", [f"model.init={path}"]))
 
 
@@ -185,26 +231,36 @@ def test_priors_across_levels_and_input_sizes(converted, tmp_path, caplog):
         out = adopt_source_config(finetune_config(tmp_path, {"input_size": 320}, (f"model.init={tv}",)))
         assert out.model.priors == PriorConfig(scales=TV_SCALES, clip="wh")
         # pixel sizes (lufficc's COCO priors at 300 px) at 320 px: kept as they are, with a warning
-        coco = ModelConfig(num_classes=81, priors=PriorConfig(min_sizes=[21, 45, 99, 153, 207, 261], max_sizes=[45, 99, 153, 207, 261, 315]),
-                           preprocess=PreprocessConfig(**CAFFE_BGR))  # fmt: skip
+        coco = ModelConfig(
+            num_classes=81,
+            priors=PriorConfig(min_sizes=[21, 45, 99, 153, 207, 261], max_sizes=[45, 99, 153, 207, 261, 315]),
+            preprocess=PreprocessConfig(**CAFFE_BGR),
+        )
         path = config_only_checkpoint(tmp_path / "coco.pt", coco)
         caplog.clear()
         out = adopt_source_config(finetune_config(tmp_path, {"input_size": 320}, (f"model.init={path}",)))
         assert out.model.priors == PriorConfig() and out.model.preprocess == PreprocessConfig(**CAFFE_BGR)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert warning.startswith(f"model.init {path} was trained at 300 px input, this model takes 320 px: its prior min_sizes "
-                                  "[21.0, 45.0, 99.0, 153.0, 207.0, 261.0] / max_sizes [45.0, 99.0, 153.0, 207.0, 261.0, 315.0] "
-                                  "is not adopted")  # fmt: skip
+        assert warning.startswith(
+            f"model.init {path} was trained at 300 px input, this model takes 320 px: its prior min_sizes "
+            "[21.0, 45.0, 99.0, 153.0, 207.0, 261.0] / max_sizes [45.0, 99.0, 153.0, 207.0, 261.0, 315.0] "
+            "is not adopted"
+        )
         # the same at 300 px: adopted
         out = adopt_source_config(finetune_config(tmp_path, overrides=(f"model.init={path}",)))
         assert out.model.priors == coco.priors
         # another number of feature levels: priors stay, preprocessing is still adopted
         caplog.clear()
         extras = [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}, {"mid": 128, "out": 256}]
-        out = adopt_source_config(finetune_config(tmp_path, {"input_size": 128, "extras": extras}, (f"model.init={tv}",)))
+        out = adopt_source_config(
+            finetune_config(tmp_path, {"input_size": 128, "extras": extras}, (f"model.init={tv}",))
+        )
         assert out.model.priors == PriorConfig() and out.model.preprocess == PreprocessConfig(**TV_PREPROCESS)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert warning == f"model.init {tv} has 6 feature levels, this model 5: its priors are not adopted (its heads do not fit anyway)"
+        assert (
+            warning
+            == f"model.init {tv} has 6 feature levels, this model 5: its priors are not adopted (its heads do not fit anyway)"
+        )
 
 
 # --- init_backbone -----------------------------------------------------------------------------------
@@ -236,24 +292,42 @@ def test_init_backbone_adopts_preprocessing_only(vgg16_trunk, tmp_path, caplog):
         report = init_weights_from(build_ssd(cfg.model), cfg.model.init_backbone, backbone_only=True)
         assert len(report["loaded"]) == 26  # conv1_1..conv5_3; fc6/fc7 are 1024 wide, this model's 128
         assert report["reinitialised"] == [f"backbone.fc{i}.conv.{p}" for i in (6, 7) for p in ("weight", "bias")]
-        with pytest.raises(ConfigError, match=rf"model.preprocess.channel_order: the config sets 'bgr' but model.init_backbone {vgg16_trunk}"):
-            adopt_source_config(finetune_config(tmp_path, overrides=(f"model.init_backbone={vgg16_trunk}", "model.preprocess.channel_order=bgr")))
+        with pytest.raises(
+            ConfigError,
+            match=rf"model.preprocess.channel_order: the config sets 'bgr' but model.init_backbone {vgg16_trunk}",
+        ):
+            adopt_source_config(
+                finetune_config(
+                    tmp_path, overrides=(f"model.init_backbone={vgg16_trunk}", "model.preprocess.channel_order=bgr")
+                )
+            )
         # a Caffe-trained trunk (BGR 0..255 minus the mean), whose config also names other priors: preprocessing only
-        caffe = ModelConfig(width=WIDTH, priors=PriorConfig(scales=TV_SCALES, clip="wh"), preprocess=PreprocessConfig(**CAFFE_BGR))
+        caffe = ModelConfig(
+            width=WIDTH, priors=PriorConfig(scales=TV_SCALES, clip="wh"), preprocess=PreprocessConfig(**CAFFE_BGR)
+        )
         path = config_only_checkpoint(tmp_path / "caffe_trunk.pt", caffe, kind="backbone")
         for key in ("model.init_backbone", "model.init"):  # a trunk-only file as model.init gives no priors either
             caplog.clear()
             out = adopt_source_config(finetune_config(tmp_path, overrides=(f"{key}={path}",)))
             assert out.model.preprocess == PreprocessConfig(**CAFFE_BGR) and out.model.priors == PriorConfig()
-            assert [line.split(":")[0] for line in adopted_lines(caplog)] == [f"model.preprocess.{k}" for k in ("channel_order", "pixel_scale", "mean", "std")]
+            assert [line.split(":")[0] for line in adopted_lines(caplog)] == [
+                f"model.preprocess.{k}" for k in ("channel_order", "pixel_scale", "mean", "std")
+            ]
 
 
 def test_init_and_init_backbone_together(converted, vgg16_trunk, tmp_path):
     tv, amdegroot = converted["torchvision"], converted["amdegroot"]
-    with pytest.raises(ConfigError, match=rf"model.preprocess.channel_order: model.init {amdegroot} was trained with 'bgr' but "
-                                          rf"model.init_backbone {vgg16_trunk} with 'rgb'; .* fine-tune from one of them"):  # fmt: skip
-        adopt_source_config(finetune_config(tmp_path, overrides=(f"model.init={amdegroot}", f"model.init_backbone={vgg16_trunk}")))
-    trunk = config_only_checkpoint(tmp_path / "tv_trunk.pt", ModelConfig(preprocess=PreprocessConfig(**TV_PREPROCESS)), kind="backbone")
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.preprocess.channel_order: model.init {amdegroot} was trained with 'bgr' but "
+        rf"model.init_backbone {vgg16_trunk} with 'rgb'; .* fine-tune from one of them",
+    ):
+        adopt_source_config(
+            finetune_config(tmp_path, overrides=(f"model.init={amdegroot}", f"model.init_backbone={vgg16_trunk}"))
+        )
+    trunk = config_only_checkpoint(
+        tmp_path / "tv_trunk.pt", ModelConfig(preprocess=PreprocessConfig(**TV_PREPROCESS)), kind="backbone"
+    )
     out = adopt_source_config(finetune_config(tmp_path, overrides=(f"model.init={tv}", f"model.init_backbone={trunk}")))
     assert out.model.priors == PriorConfig(scales=TV_SCALES, clip="wh")  # model.init decides the priors
 
@@ -283,7 +357,9 @@ def test_finetuning_sees_the_converted_models_features(converted, tmp_path, kind
     assert sorted(report["reinitialised"]) == sorted(f"head.conf.{i}.{p}" for i in range(6) for p in ("weight", "bias"))
     transform = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=False)
     resized, boxes, labels = transform(image, np.zeros((0, 4)), np.zeros(0))
-    batch = collate([{"image": resized, "boxes": boxes, "labels": labels, "image_id": "x", "orig_size": image.shape[:2]}])
+    batch = collate(
+        [{"image": resized, "boxes": boxes, "labels": labels, "image_id": "x", "orig_size": image.shape[:2]}]
+    )
     trained_on = capture_features(model.eval())
     with torch.no_grad():
         model(normalize_batch(batch["images"], cfg.model.preprocess).contiguous())  # NCHW, as the Detector below
@@ -326,7 +402,9 @@ def test_data_check_reports_coverage_of_the_priors_a_finetuning_run_trains_with(
 
 
 @pytest.mark.parametrize("source_bn, target_bn", [("all", ["all", "heads"]), (["all", "heads"], "all")])
-def test_head_bn_on_weights_without_it_and_back_says_what_starts_fresh(tmp_path, caplog, make_tiny_config, source_bn, target_bn):
+def test_head_bn_on_weights_without_it_and_back_says_what_starts_fresh(
+    tmp_path, caplog, make_tiny_config, source_bn, target_bn
+):
     """model.batch_norm [all, heads] from weights trained with 'all' (and the reverse): everything else loads,
     one line names the head BN layers that start fresh (or go unused) and what happens to the conv biases."""
     source_cfg, target_cfg = make_tiny_config(batch_norm=source_bn), make_tiny_config(batch_norm=target_bn)
@@ -345,15 +423,22 @@ def test_head_bn_on_weights_without_it_and_back_says_what_starts_fresh(tmp_path,
     bn_keys = [k for k in {**source.state_dict(), **target.state_dict()} if "_bn." in k]
     biases = [f"head.{kind}.{i}.bias" for kind in ("loc", "conf") for i in range(5)]
     if "heads" in target_bn:
-        assert line == (f"init from {path}: head.loc_bn.0..4, head.conf_bn.0..4 start fresh (not in the checkpoint, trained "
-                        "without BN in the heads); its head conv biases (10) are not used: with BN in the heads the convs "
-                        "have none, BN's shift takes their place")  # fmt: skip
+        assert line == (
+            f"init from {path}: head.loc_bn.0..4, head.conf_bn.0..4 start fresh (not in the checkpoint, trained "
+            "without BN in the heads); its head conv biases (10) are not used: with BN in the heads the convs "
+            "have none, BN's shift takes their place"
+        )
         assert sorted(report["ignored"]) == sorted(biases)
-        assert all(torch.equal(target.head.conf_bn[i].running_var, torch.ones(target.head.conf_bn[i].num_features)) for i in range(5))
+        assert all(
+            torch.equal(target.head.conf_bn[i].running_var, torch.ones(target.head.conf_bn[i].num_features))
+            for i in range(5)
+        )
     else:
-        assert line == (f"init from {path}: its head BN layers head.loc_bn.0..4, head.conf_bn.0..4 are not used (model.batch_norm "
-                        "has no 'heads'); the head convs load their weights, which were trained to feed those BN layers, and "
-                        "their biases start at 0")  # fmt: skip
+        assert line == (
+            f"init from {path}: its head BN layers head.loc_bn.0..4, head.conf_bn.0..4 are not used (model.batch_norm "
+            "has no 'heads'); the head convs load their weights, which were trained to feed those BN layers, and "
+            "their biases start at 0"
+        )
         assert sorted(report["ignored"]) == sorted(bn_keys)
         assert all(not target.head.loc[i].bias.any() for i in range(5))
     assert report["reinitialised"] == []

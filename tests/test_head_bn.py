@@ -40,14 +40,31 @@ HEAD_BN = [f"head.{kind}_bn.{i}" for kind in ("loc", "conf") for i in range(4)]
 def run_dict(root: Path, batch_norm=("all", "heads"), **train_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": len(SHAPES_CLASSES) + 1, "input_size": SIZE, "width": 0.125, "batch_norm": list(batch_norm),
-                  "dropout": 0.0, "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": len(SHAPES_CLASSES) + 1,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": list(batch_norm),
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine",
-                  "warmup_iters": 2, "device": "cpu", "checkpoint_period": 3, "eval_period": 6, "log_period": 1,
-                  "tensorboard": False, **train_options},
+        "train": {
+            "max_iter": MAX_ITER,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "schedule": "cosine",
+            "warmup_iters": 2,
+            "device": "cpu",
+            "checkpoint_period": 3,
+            "eval_period": 6,
+            "log_period": 1,
+            "tensorboard": False,
+            **train_options,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 def config(root: Path, batch_norm=("all", "heads"), **train_options) -> Config:
@@ -80,12 +97,21 @@ def reference(shapes, tmp_path_factory) -> Path:
 
 
 def test_head_bn_sits_on_every_prediction_conv_which_keeps_its_name_and_loses_its_bias(make_tiny_config):
-    plain, heads = build_ssd(make_tiny_config(batch_norm="all")), build_ssd(make_tiny_config(batch_norm=["all", "heads"]))
+    plain, heads = (
+        build_ssd(make_tiny_config(batch_norm="all")),
+        build_ssd(make_tiny_config(batch_norm=["all", "heads"])),
+    )
     assert [n for n, _ in heads.head.named_children()] == ["loc", "loc_bn", "conf", "conf_bn"]
     extra = set(heads.state_dict()) - set(plain.state_dict())
-    assert extra == {f"head.{k}_bn.{i}.{p}" for k in ("loc", "conf") for i in range(5)
-                     for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}  # fmt: skip
-    assert set(plain.state_dict()) - set(heads.state_dict()) == {f"head.{k}.{i}.bias" for k in ("loc", "conf") for i in range(5)}
+    assert extra == {
+        f"head.{k}_bn.{i}.{p}"
+        for k in ("loc", "conf")
+        for i in range(5)
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
+    assert set(plain.state_dict()) - set(heads.state_dict()) == {
+        f"head.{k}.{i}.bias" for k in ("loc", "conf") for i in range(5)
+    }
     for kind in ("loc", "conf"):
         for conv, bn in zip(getattr(heads.head, kind), getattr(heads.head, f"{kind}_bn")):
             assert conv.bias is None and bn.num_features == conv.out_channels
@@ -113,14 +139,25 @@ def test_a_real_run_learns_evaluates_and_checkpoints_with_head_bn(reference):
     evals = [r for r in metrics(reference) if "map" in r]
     assert [r["iter"] for r in evals] == [6, 12] and all(0.0 <= r["map"] <= 1.0 for r in evals)
     ckpt = load_checkpoint(reference / "last.pt")
-    assert ckpt["config"]["model"]["batch_norm"] == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "extras", "heads"]
+    assert ckpt["config"]["model"]["batch_norm"] == [
+        "conv1",
+        "conv2",
+        "conv3",
+        "conv4",
+        "conv5",
+        "fc",
+        "extras",
+        "heads",
+    ]
     for name in HEAD_BN:  # trained: statistics and affine parameters moved off their initial values
         assert int(ckpt["model"][f"{name}.num_batches_tracked"]) == MAX_ITER
         assert not torch.equal(ckpt["model"][f"{name}.weight"], torch.ones_like(ckpt["model"][f"{name}.weight"]))
     model, _ = model_from_checkpoint(reference / "best.pt")
     assert [n for n, _ in bn_tools.bn_layers(model)][BLOCK_BN:] == HEAD_BN
     # the Detector folds all 27 BN layers and predicts what the unfolded model does
-    image = torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).numpy()
+    image = torch.randint(
+        0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    ).numpy()
     fused = Detector.from_checkpoint(reference / "last.pt", device="cpu", score_thresh=0.05)
     kept = Detector.from_checkpoint(reference / "last.pt", device="cpu", score_thresh=0.05, fuse=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.model.modules())
@@ -148,7 +185,10 @@ def test_an_interrupted_head_bn_run_resumes_to_the_same_weights(shapes, referenc
     monkeypatch.setattr(engine, "build_loss", real_build_loss)
     assert engine.train(config(shapes), tmp_path / "run", resume=True)["iteration"] == MAX_ITER
 
-    whole, resumed = load_checkpoint(reference / "last.pt")["model"], load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    whole, resumed = (
+        load_checkpoint(reference / "last.pt")["model"],
+        load_checkpoint(tmp_path / "run" / "last.pt")["model"],
+    )
     for key, value in whole.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-6, msg=key)
     maps = [[r["map"] for r in metrics(out) if "map" in r] for out in (reference, tmp_path / "run")]
@@ -158,7 +198,9 @@ def test_an_interrupted_head_bn_run_resumes_to_the_same_weights(shapes, referenc
 def test_resuming_with_another_head_bn_setting_is_a_clear_error(shapes, reference, tmp_path):
     ckpt = load_checkpoint(reference / "last.pt")
     path = tmp_path / "mismatch.pt"
-    save_checkpoint(make_checkpoint(ckpt["model"], config(shapes, batch_norm=["all"]).model, SHAPES_CLASSES, "train"), path)
+    save_checkpoint(
+        make_checkpoint(ckpt["model"], config(shapes, batch_norm=["all"]).model, SHAPES_CLASSES, "train"), path
+    )
     with pytest.raises(CheckpointError) as error:
         model_from_checkpoint(path)
     message = str(error.value)
@@ -180,7 +222,10 @@ def test_frozen_bn_freezes_loaded_head_bn_and_trains_head_bn_that_was_not_loaded
     torch.manual_seed(0)
     plain = build_ssd(config(shapes, batch_norm=["all"]).model)
     plain_path = tmp_path / "plain.pt"
-    save_checkpoint(make_checkpoint(plain.state_dict(), config(shapes, batch_norm=["all"]).model, SHAPES_CLASSES, "train"), plain_path)
+    save_checkpoint(
+        make_checkpoint(plain.state_dict(), config(shapes, batch_norm=["all"]).model, SHAPES_CLASSES, "train"),
+        plain_path,
+    )
     cfg = config(shapes, bn="frozen", max_iter=2, eval_period=100, checkpoint_period=100)
     cfg.model.init = str(plain_path)
     with caplog.at_level(logging.INFO):
@@ -196,7 +241,9 @@ def test_precise_bn_gives_the_head_bn_population_statistics(shapes, reference):
     cfg = config(shapes)
     model, _ = model_from_checkpoint(reference / "last.pt")
     transform = build_transforms(cfg.data.augment, cfg.model.preprocess, SIZE, train=True)
-    loader = build_dataloader(build_dataset(cfg.data.train, transform, train=True), 8, train=True, num_workers=0, seed=0)
+    loader = build_dataloader(
+        build_dataset(cfg.data.train, transform, train=True), 8, train=True, num_workers=0, seed=0
+    )
     stats = {name: [] for name in HEAD_BN}
     layers = dict(bn_tools.bn_layers(model))
 
@@ -215,5 +262,9 @@ def test_precise_bn_gives_the_head_bn_population_statistics(shapes, reference):
     for name in HEAD_BN:
         m = layers[name]
         assert len(stats[name]) == 3 and int(m.num_batches_tracked) == 3
-        torch.testing.assert_close(m.running_mean.double(), torch.stack([s[0] for s in stats[name]]).mean(0), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(m.running_var.double(), torch.stack([s[1] for s in stats[name]]).mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            m.running_mean.double(), torch.stack([s[0] for s in stats[name]]).mean(0), rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            m.running_var.double(), torch.stack([s[1] for s in stats[name]]).mean(0), rtol=1e-4, atol=1e-5
+        )

@@ -99,7 +99,9 @@ def test_predict_equals_eval_on_the_same_images(tiny_ckpt, shapes):
     expected = predict_loader(model.eval(), loader, post, model_cfg.preprocess, torch.device("cpu"))
 
     paths = [rec.path for rec in dataset.records]
-    exact = Detector.from_checkpoint(tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=3, fuse=False, channels_last=False)
+    exact = Detector.from_checkpoint(
+        tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=3, fuse=False, channels_last=False
+    )
     fast = Detector.from_checkpoint(tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=3)  # BN folded, NHWC
     assert len(expected) == 6
     for rec, g, f in zip(dataset.records, exact(paths), fast(paths)):
@@ -199,8 +201,20 @@ def test_predict_cli_matches_torchvision_on_non_square_images(tv21, tv21_ckpt, t
     images = [random_image(240, 320, seed=10), random_image(500, 375, seed=11)]
     paths = [write_rgb(tmp_path / "in" / f"{i}.png", im) for i, im in enumerate(images)]
     out_json = tmp_path / "dets.json"
-    rc = main(["predict", "--weights", str(tv21_ckpt), *map(str, paths), "--json", str(out_json),
-               "--score-thresh", "0.01", "--device", "cpu"])  # fmt: skip
+    rc = main(
+        [
+            "predict",
+            "--weights",
+            str(tv21_ckpt),
+            *map(str, paths),
+            "--json",
+            str(out_json),
+            "--score-thresh",
+            "0.01",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     entries = json.loads(out_json.read_text())
     with torch.no_grad():
@@ -268,9 +282,26 @@ def test_predict_folders_video_and_failures(tiny_ckpt, tmp_path, capsys, caplog)
     video = make_video(tmp_path / "clip.mp4")
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    args = ["predict", "--weights", str(tiny_ckpt), str(root), str(single), str(video), str(tmp_path / "missing.jpg"),
-            str(tmp_path / "empty"), "--out", str(out), "--json", str(out / "dets.json"), "--score-thresh", "0.05",
-            "--device", "cpu", "--batch-size", "2"]  # fmt: skip
+    args = [
+        "predict",
+        "--weights",
+        str(tiny_ckpt),
+        str(root),
+        str(single),
+        str(video),
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "empty"),
+        "--out",
+        str(out),
+        "--json",
+        str(out / "dets.json"),
+        "--score-thresh",
+        "0.05",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
     assert main(args) == 1  # some inputs failed
     err = capsys.readouterr().err
     for problem in ("broken.jpg: truncated JPEG", "missing.jpg: no such file", "empty: no images"):
@@ -283,7 +314,10 @@ def test_predict_folders_video_and_failures(tiny_ckpt, tmp_path, capsys, caplog)
     assert sorted(Path(e["image"]).name for e in images) == ["a.jpg", "a.jpg", "b.PNG", "c.jpeg"]
     assert [e["frame"] for e in frames] == list(range(5)) and {e["image"] for e in frames} == {str(video)}
     for e in entries:
-        assert list(e) in (["image", "width", "height", "detections"], ["image", "width", "height", "frame", "detections"])
+        assert list(e) in (
+            ["image", "width", "height", "detections"],
+            ["image", "width", "height", "frame", "detections"],
+        )
         for d in e["detections"]:
             assert list(d) == ["box", "score", "label", "name"]
             x1, y1, x2, y2 = d["box"]
@@ -350,5 +384,7 @@ def test_highest_score_is_drawn_on_top():
 
 def test_labels_stay_inside_the_image():
     image = np.zeros((60, 80, 3), np.uint8)
-    out = draw_detections(image, np.array([[50, 0, 80, 30]], np.float32), np.array([0.5]), np.array([3]), ["a", "b", "long name"])
+    out = draw_detections(
+        image, np.array([[50, 0, 80, 30]], np.float32), np.array([0.5]), np.array([3]), ["a", "b", "long name"]
+    )
     assert out[:, :40].any()  # the tab of a box at the right edge shifts left, inside the picture

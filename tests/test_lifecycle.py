@@ -39,14 +39,31 @@ SIZE = 64
 def run_dict(root: Path, **train_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": len(SHAPES_CLASSES) + 1, "input_size": SIZE, "width": 0.125, "batch_norm": "all",
-                  "dropout": 0.0, "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": len(SHAPES_CLASSES) + 1,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 12, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
-                  "warmup_iters": 2, "device": "cpu", "checkpoint_period": 3, "eval_period": 100, "log_period": 1,
-                  "tensorboard": False, **train_options},
+        "train": {
+            "max_iter": 12,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "schedule": "cosine",
+            "warmup_iters": 2,
+            "device": "cpu",
+            "checkpoint_period": 3,
+            "eval_period": 100,
+            "log_period": 1,
+            "tensorboard": False,
+            **train_options,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 def config(root: Path, **train_options) -> Config:
@@ -95,7 +112,9 @@ def shapes(tmp_path_factory) -> Path:
 # --- the training time across a resume ----------------------------------------------------------------
 
 
-def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted_run_did(shapes, tmp_path, monkeypatch, caplog):
+def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted_run_did(
+    shapes, tmp_path, monkeypatch, caplog
+):
     """train.time_limit 7.5 s with schedule_by_time, one fake second per step: the uninterrupted run
     stops after step 8. Interrupted after step 6 (SIGINT) and resumed, it logs times 1..8 (never going
     back), the same learning rates (the cosine does not start again) and losses, and stops at step 8.
@@ -133,7 +152,11 @@ def test_resume_goes_on_with_the_training_time_and_stops_where_the_uninterrupted
     assert [r["time"] for r in rows] == [r["time"] for r in ref_rows]  # 1..8: never back to 0
     assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in ref_rows], rel=1e-12, abs=1e-15)
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5)
-    assert load_checkpoint(out / "last.pt")["elapsed"] == load_checkpoint(tmp_path / "reference" / "last.pt")["elapsed"] == 8.0
+    assert (
+        load_checkpoint(out / "last.pt")["elapsed"]
+        == load_checkpoint(tmp_path / "reference" / "last.pt")["elapsed"]
+        == 8.0
+    )
     iter_lines = [m for m in caplog.messages if re.match(r"iter \d+/12 ", m)]
     assert len(iter_lines) == 2 and all(re.search(r" img/s eta \d+:\d\d:\d\d$", m) for m in iter_lines), iter_lines
 
@@ -165,8 +188,14 @@ def test_a_stop_signal_to_the_process_group_stops_cleanly(shapes, tmp_path, sig)
     out, log_path = tmp_path / "run", tmp_path / "train.log"
     env = {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ssd", "train", str(cfg_path), "--output-dir", str(out), "data.num_workers=2"],
-                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ssd", "train", str(cfg_path), "--output-dir", str(out), "data.num_workers=2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while last_logged_iter(out) < 2:  # the workers have started and served batches
@@ -182,8 +211,11 @@ def test_a_stop_signal_to_the_process_group_stops_cleanly(shapes, tmp_path, sig)
     assert "Traceback" not in text and "best mAP" not in text, text
     stop_lines = [line for line in text.splitlines() if sig.name in line]
     assert len(stop_lines) == 1, text
-    stopped_at = int(re.fullmatch(rf"WARNING stopped by {sig.name} at iteration (\d+): saved (.+); continue with --resume",
-                                  stop_lines[0]).group(1))  # fmt: skip
+    stopped_at = int(
+        re.fullmatch(
+            rf"WARNING stopped by {sig.name} at iteration (\d+): saved (.+); continue with --resume", stop_lines[0]
+        ).group(1)
+    )
     ckpt = load_checkpoint(out / "last.pt")
     rows = loss_rows(out)
     assert 2 <= stopped_at == ckpt["iteration"] == rows[-1]["iter"] < 500
@@ -205,9 +237,14 @@ def test_an_unreadable_last_pt_falls_back_to_last_prev_pt(shapes, tmp_path, monk
     steps_with(monkeypatch, lambda call: os.kill(os.getpid(), signal.SIGINT) if call == 5 else None)
     saves = []
     real_save = engine.save_checkpoint
-    monkeypatch.setattr(engine, "save_checkpoint", lambda obj, path, keep_previous=None: (
-        saves.append((obj.get("iteration"), Path(path).name, keep_previous and Path(keep_previous).name)),
-        real_save(obj, path, keep_previous))[1])  # fmt: skip
+    monkeypatch.setattr(
+        engine,
+        "save_checkpoint",
+        lambda obj, path, keep_previous=None: (
+            saves.append((obj.get("iteration"), Path(path).name, keep_previous and Path(keep_previous).name)),
+            real_save(obj, path, keep_previous),
+        )[1],
+    )
     cfg = config(shapes, max_iter=8, checkpoint_period=2)
     out = tmp_path / "run"
     assert train(cfg, out)["iteration"] == 5
@@ -221,8 +258,11 @@ def test_an_unreadable_last_pt_falls_back_to_last_prev_pt(shapes, tmp_path, monk
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         assert train(cfg, out, resume=True)["iteration"] == 8
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert re.fullmatch(rf"{re.escape(str(out / 'last.pt'))}: cannot read as a PyTorch weights file.*; resuming from "
-                        rf"the previous checkpoint {re.escape(str(out / 'last.prev.pt'))} \(iteration 4\) instead", warning)  # fmt: skip
+    assert re.fullmatch(
+        rf"{re.escape(str(out / 'last.pt'))}: cannot read as a PyTorch weights file.*; resuming from "
+        rf"the previous checkpoint {re.escape(str(out / 'last.prev.pt'))} \(iteration 4\) instead",
+        warning,
+    )
     assert f"resumed from {out / 'last.prev.pt'} at iteration 4" in caplog.messages
     rows = loss_rows(out)
     assert [r["iter"] for r in rows] == list(range(1, 9))
@@ -243,7 +283,10 @@ def test_a_rejected_run_writes_nothing_into_its_output_folder(shapes, tmp_path, 
     assert "model.num_classes is 3 but data.train has 4 classes" in capsys.readouterr().err
     assert not out.exists()
     assert main(["train", str(cfg_path), "--output-dir", str(out), "--resume"]) == 2
-    assert capsys.readouterr().err.strip() == f"ssd train: error: {out / 'last.pt'}: nothing to resume (train without --resume to start)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"ssd train: error: {out / 'last.pt'}: nothing to resume (train without --resume to start)"
+    )
     assert not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -256,8 +299,11 @@ def test_an_interrupted_demo_prints_no_map(tmp_path, monkeypatch, capsys):
     import ssd.demo as demo
 
     monkeypatch.setattr(demo, "ensure_shapes", lambda out, **data: out)
-    monkeypatch.setattr(demo, "train", lambda cfg, out: {"iteration": 3, "best_map": -1.0, "best_iter": 0, "stopped": "signal",
-                                                         "signal": "SIGTERM"})  # fmt: skip
+    monkeypatch.setattr(
+        demo,
+        "train",
+        lambda cfg, out: {"iteration": 3, "best_map": -1.0, "best_iter": 0, "stopped": "signal", "signal": "SIGTERM"},
+    )
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 143
     assert "mAP" not in capsys.readouterr().out
 
@@ -278,9 +324,13 @@ def test_an_unreadable_image_is_warned_about_once_by_name(shapes, tmp_path, capl
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         assert train(cfg, tmp_path / "run")["iteration"] == 15
     naming = [m for m in caplog.messages if str(bad) in m]
-    assert naming == [f"skipped unreadable image {bad}: truncated JPEG (no end-of-image marker after the image data) "
-                      "(data.on_error; counted per epoch from now on)"]  # fmt: skip
-    assert [m for m in caplog.messages if "unreadable image(s)" in m] == ["epoch 0: skipped 1 unreadable image(s), 1 file(s) in all so far"]
+    assert naming == [
+        f"skipped unreadable image {bad}: truncated JPEG (no end-of-image marker after the image data) "
+        "(data.on_error; counted per epoch from now on)"
+    ]
+    assert [m for m in caplog.messages if "unreadable image(s)" in m] == [
+        "epoch 0: skipped 1 unreadable image(s), 1 file(s) in all so far"
+    ]
 
 
 # --- the ETA -----------------------------------------------------------------------------------------------------

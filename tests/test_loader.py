@@ -44,8 +44,13 @@ def shapes_tree(tmp_path_factory) -> Path:
 
 
 def sample(value: int, boxes: list, labels: list, image_id: str) -> dict:
-    return {"image": np.full((8, 8, 3), value, np.uint8), "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-            "labels": np.asarray(labels, np.int64), "image_id": image_id, "orig_size": (50 + value, 60)}  # fmt: skip
+    return {
+        "image": np.full((8, 8, 3), value, np.uint8),
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, np.int64),
+        "image_id": image_id,
+        "orig_size": (50 + value, 60),
+    }
 
 
 def test_collate_pads_targets_with_label_zero():
@@ -203,7 +208,9 @@ def test_eval_loader_keeps_order_and_the_last_partial_batch(shapes_tree):
     assert [i for b in batches for i in b["image_ids"]] == [r.image_id for r in records]
     assert batches[0]["orig_sizes"] == [(SIZE, SIZE)] * 3
     # eval boxes are the annotation boxes scaled to [0, 1]
-    np.testing.assert_allclose(batches[0]["boxes"][0, : len(records[0].boxes)].numpy(), records[0].boxes / SIZE, atol=1e-6)
+    np.testing.assert_allclose(
+        batches[0]["boxes"][0, : len(records[0].boxes)].numpy(), records[0].boxes / SIZE, atol=1e-6
+    )
 
 
 class StampNiceness:
@@ -217,7 +224,9 @@ class StampNiceness:
 def test_worker_nice_lowers_only_the_workers_priority(shapes_tree):
     records = index_voc(shapes_tree, "val", SHAPES_CLASSES, Problems("raise"))
     before = os.nice(0)
-    loader = build_dataloader(DetectionDataset(records, SHAPES_CLASSES, StampNiceness()), 4, train=False, num_workers=1, worker_nice=5)
+    loader = build_dataloader(
+        DetectionDataset(records, SHAPES_CLASSES, StampNiceness()), 4, train=False, num_workers=1, worker_nice=5
+    )
     stamps = torch.cat([b["images"].flatten() for b in loader]).unique().tolist()
     assert stamps == [min(19, before + 5)]
     assert os.nice(0) == before  # the training process keeps its priority

@@ -92,7 +92,11 @@ def test_empty_image_in_batch_adds_nothing(tv_priors):
     loc, conf = torch.randn(2, p, 4, generator=g), torch.randn(2, p, 21, generator=g)
     crit = MultiBoxLoss()
     alone = crit({"loc": loc[:1], "conf": conf[:1]}, *pad_targets(boxes, labels), tv_priors)
-    batch = crit({"loc": loc, "conf": conf}, *pad_targets(boxes + [torch.zeros(0, 4)], labels + [torch.zeros(0, dtype=torch.int64)]), tv_priors)
+    batch = crit(
+        {"loc": loc, "conf": conf},
+        *pad_targets(boxes + [torch.zeros(0, 4)], labels + [torch.zeros(0, dtype=torch.int64)]),
+        tv_priors,
+    )
     torch.testing.assert_close(batch["loc"], alone["loc"])
     torch.testing.assert_close(batch["conf"], alone["conf"])
 
@@ -113,7 +117,10 @@ def test_degenerate_gt_box_gives_finite_loss(tv_priors):
 def test_batched_loss_is_reweighted_sum_of_per_image_losses(tv_priors):
     g = torch.Generator().manual_seed(3)
     p = tv_priors.shape[0]
-    boxes = [torch.tensor([[0.1, 0.1, 0.45, 0.5], [0.5, 0.2, 0.95, 0.9], [0.3, 0.6, 0.5, 0.75]]), torch.tensor([[0.05, 0.3, 0.3, 0.9]])]
+    boxes = [
+        torch.tensor([[0.1, 0.1, 0.45, 0.5], [0.5, 0.2, 0.95, 0.9], [0.3, 0.6, 0.5, 0.75]]),
+        torch.tensor([[0.05, 0.3, 0.3, 0.9]]),
+    ]
     labels = [torch.tensor([1, 2, 3]), torch.tensor([20])]
     loc, conf = torch.randn(2, p, 4, generator=g), torch.randn(2, p, 21, generator=g)
     crit = MultiBoxLoss()
@@ -136,7 +143,11 @@ def test_batched_loss_is_reweighted_sum_of_per_image_losses(tv_priors):
 
 def test_match_batch_equals_per_image_with_other_padding(tv_priors):
     g = torch.Generator().manual_seed(4)
-    boxes = [torch.tensor([[0.1, 0.1, 0.45, 0.5], [0.5, 0.2, 0.95, 0.9]]), torch.tensor([[0.05, 0.3, 0.3, 0.9]]), torch.zeros(0, 4)]
+    boxes = [
+        torch.tensor([[0.1, 0.1, 0.45, 0.5], [0.5, 0.2, 0.95, 0.9]]),
+        torch.tensor([[0.05, 0.3, 0.3, 0.9]]),
+        torch.zeros(0, 4),
+    ]
     labels = [torch.tensor([1, 2]), torch.tensor([3]), torch.zeros(0, dtype=torch.int64)]
     batch = match(*pad_targets(boxes, labels), tv_priors)
     assert batch.shape == (3, tv_priors.shape[0])
@@ -244,7 +255,9 @@ def test_loc_gradient_only_at_positives_and_box_weight(tv_priors):
 def test_perfect_prediction_has_zero_box_loss(tv_priors):
     from ssd.ops.boxes import encode
 
-    gt_boxes, gt_labels = pad_targets([torch.tensor([[0.2, 0.2, 0.6, 0.7], [0.55, 0.1, 0.9, 0.4]])], [torch.tensor([1, 2])])
+    gt_boxes, gt_labels = pad_targets(
+        [torch.tensor([[0.2, 0.2, 0.6, 0.7], [0.55, 0.1, 0.9, 0.4]])], [torch.tensor([1, 2])]
+    )
     idx = match(gt_boxes, gt_labels, tv_priors)[0]
     loc = encode(gt_boxes[0, idx.clamp(min=0)], tv_priors)[None]  # exact targets at positives
     out = MultiBoxLoss()({"loc": loc, "conf": torch.zeros(1, tv_priors.shape[0], 21)}, gt_boxes, gt_labels, tv_priors)
@@ -305,7 +318,10 @@ def random_case(seed: int) -> dict:
         "gt_boxes": torch.where(gt_labels[..., None] > 0, gt_boxes, junk),
         "gt_labels": gt_labels,
         "priors": priors,
-        "kwargs": {"iou_threshold": 0.1 if crowded else (0.5, 0.3)[seed % 2], "neg_pos_ratio": (3.0, 1.0, 0.5, 10.0)[seed % 4]},
+        "kwargs": {
+            "iou_threshold": 0.1 if crowded else (0.5, 0.3)[seed % 2],
+            "neg_pos_ratio": (3.0, 1.0, 0.5, 10.0)[seed % 4],
+        },
     }
 
 
@@ -359,7 +375,12 @@ def assert_equals_reference(case: dict, ties: bool = False) -> None:
 
 
 def test_loss_equals_reference_on_random_cases(both_paths):
-    seen = {"image without objects": 0, "num_neg capped by the background": 0, "no negatives": 0, "threshold positives": 0}
+    seen = {
+        "image without objects": 0,
+        "num_neg capped by the background": 0,
+        "no negatives": 0,
+        "threshold positives": 0,
+    }
     for seed in range(50):
         case = random_case(seed)
         assert_equals_reference(case)
@@ -423,10 +444,15 @@ def test_overflowing_box_predictions_off_the_positives_are_ignored():
 
 def test_every_prior_positive_leaves_no_negatives(both_paths):
     case = random_case(9)  # one image without objects, two with
-    case["kwargs"] = {"iou_threshold": 0.0, "neg_pos_ratio": 3.0}  # IoU >= 0 matches every prior of an image with objects
+    case["kwargs"] = {
+        "iou_threshold": 0.0,
+        "neg_pos_ratio": 3.0,
+    }  # IoU >= 0 matches every prior of an image with objects
     num_pos, num_neg = num_pos_neg(case)
     has_objects = (case["gt_labels"] > 0).any(dim=1)
-    assert torch.equal(num_pos, has_objects * case["priors"].shape[0]) and torch.equal(num_neg, torch.zeros_like(num_neg))
+    assert torch.equal(num_pos, has_objects * case["priors"].shape[0]) and torch.equal(
+        num_neg, torch.zeros_like(num_neg)
+    )
     assert has_objects.any() and not has_objects.all()
     assert_equals_reference(case)
 
@@ -485,6 +511,8 @@ def test_match_and_loss_do_not_sync_on_cuda():
         out = step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    ref = reference_multibox_loss(case["outputs"], case["gt_boxes"], case["gt_labels"], case["priors"], **case["kwargs"])
+    ref = reference_multibox_loss(
+        case["outputs"], case["gt_boxes"], case["gt_labels"], case["priors"], **case["kwargs"]
+    )
     torch.testing.assert_close(out["loc"].cpu(), ref["loc"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["conf"].cpu(), ref["conf"], rtol=1e-4, atol=1e-5)

@@ -28,7 +28,11 @@ def image(boxes, labels, difficult=None) -> dict:
 
 
 def dets(boxes, scores, labels) -> dict:
-    return {"boxes": np.asarray(boxes, float).reshape(-1, 4), "scores": np.asarray(scores, float), "labels": np.asarray(labels, np.int64)}
+    return {
+        "boxes": np.asarray(boxes, float).reshape(-1, 4),
+        "scores": np.asarray(scores, float),
+        "labels": np.asarray(labels, np.int64),
+    }
 
 
 # --- VOC: hand-computed ---------------------------------------------------------------------------
@@ -40,8 +44,10 @@ def hand_case():
     (difficult: neither), d4 far from C (FP), d5 = C (TP).
     TP 1 0 0 0 1, FP 0 1 0 1 0 -> recall .5 .5 .5 .5 1, precision 1 .5 .5 1/3 .5."""
     gt = [image([[1, 1, 10, 10], [20, 20, 30, 30]], [1, 1], [False, True]), image([[5, 5, 15, 15]], [1])]
-    det = [dets([[1, 1, 10, 10], [2, 2, 11, 11], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [1, 1, 1]),
-           dets([[40, 40, 50, 50], [5, 5, 15, 15]], [0.6, 0.5], [1, 1])]  # fmt: skip
+    det = [
+        dets([[1, 1, 10, 10], [2, 2, 11, 11], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [1, 1, 1]),
+        dets([[40, 40, 50, 50], [5, 5, 15, 15]], [0.6, 0.5], [1, 1]),
+    ]
     return det, gt
 
 
@@ -120,7 +126,9 @@ def random_case(rng: np.random.Generator, integer: bool, num_images: int = 12) -
             jitter = rng.integers(-4, 5, (m, 4)) if integer else rng.normal(0, 2, (m, 4))
             boxes = base + jitter
         else:
-            boxes = np.sort(rng.integers(1, 80, (m, 4)).astype(float).reshape(m, 2, 2), 1).reshape(m, 4)[:, [0, 2, 1, 3]]
+            boxes = np.sort(rng.integers(1, 80, (m, 4)).astype(float).reshape(m, 2, 2), 1).reshape(m, 4)[
+                :, [0, 2, 1, 3]
+            ]
         det.append(dets(boxes, np.round(rng.random(m), 1), rng.choice([1, 2, 3, 5], m)))
     return det, gts
 
@@ -151,8 +159,11 @@ def test_tie_order_follows_numpy_argsort_of_negative_scores():
     """Two detections of equal score on one GT: which is the TP depends only on argsort(-score)."""
     gt = [image([[1, 1, 10, 10]], [1]), image([[1, 1, 10, 10]], [1], [True])]
     det = [dets([[1, 1, 10, 10], [1, 1, 10, 10]], [0.5, 0.5], [1, 1]), dets([[1, 1, 10, 10]], [0.5], [1])]
-    tp, fp = class_tp_fp(ClassDetections(np.array([0, 0, 1]), np.full(3, 0.5), np.concatenate([d["boxes"] for d in det])),
-                         ClassGroundTruth(np.array([0, 1]), np.array([[1, 1, 10, 10]] * 2, float), np.array([False, True])), 2)  # fmt: skip
+    tp, fp = class_tp_fp(
+        ClassDetections(np.array([0, 0, 1]), np.full(3, 0.5), np.concatenate([d["boxes"] for d in det])),
+        ClassGroundTruth(np.array([0, 1]), np.array([[1, 1, 10, 10]] * 2, float), np.array([False, True])),
+        2,
+    )
     order = np.argsort(-np.full(3, 0.5))
     image_of = np.array([0, 0, 1])[order]
     assert tp.tolist() == [1.0 if i == list(image_of).index(0) else 0.0 for i in range(3)]
@@ -175,8 +186,16 @@ def coco_gt_dict(rng: np.random.Generator) -> dict:
             side = float(rng.choice([12.0, 50.0, 130.0])) * rng.uniform(0.8, 1.2)
             x, y = rng.uniform(0, 320 - side), rng.uniform(0, 240 - side) if side < 240 else 0.0
             w, h = side, min(side * rng.uniform(0.6, 1.0), 240.0)
-            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": int(rng.choice([3, 7, 12])), "bbox": [x, y, w, h],
-                         "area": w * h * 0.8, "iscrowd": int(rng.random() < 0.1)})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img,
+                    "category_id": int(rng.choice([3, 7, 12])),
+                    "bbox": [x, y, w, h],
+                    "area": w * h * 0.8,
+                    "iscrowd": int(rng.random() < 0.1),
+                }
+            )
     return {"images": images, "annotations": anns, "categories": CATEGORIES}
 
 
@@ -185,12 +204,24 @@ def coco_detections(gt: dict, rng: np.random.Generator) -> list[dict]:
     for ann in gt["annotations"]:
         for _ in range(int(rng.integers(0, 3))):  # duplicates and misses
             x, y, w, h = np.asarray(ann["bbox"]) + rng.normal(0, 0.08 * ann["bbox"][2], 4)
-            results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": [x, y, max(w, 1.0), max(h, 1.0)],
-                            "score": float(np.round(rng.random(), 2))})  # fmt: skip
+            results.append(
+                {
+                    "image_id": ann["image_id"],
+                    "category_id": ann["category_id"],
+                    "bbox": [x, y, max(w, 1.0), max(h, 1.0)],
+                    "score": float(np.round(rng.random(), 2)),
+                }
+            )
     for _ in range(30):
         x, y, w, h = rng.uniform(0, 200), rng.uniform(0, 150), rng.uniform(5, 100), rng.uniform(5, 80)
-        results.append({"image_id": int(rng.choice([10, 11, 12, 13])), "category_id": int(rng.choice([3, 7, 12, 20])),
-                        "bbox": [x, y, w, h], "score": float(np.round(rng.random() * 0.6, 2))})  # fmt: skip
+        results.append(
+            {
+                "image_id": int(rng.choice([10, 11, 12, 13])),
+                "category_id": int(rng.choice([3, 7, 12, 20])),
+                "bbox": [x, y, w, h],
+                "score": float(np.round(rng.random() * 0.6, 2)),
+            }
+        )
     return results
 
 
@@ -232,8 +263,11 @@ def test_coco_ground_truth_as_detections_scores_one_and_no_detections_score_zero
     rng = np.random.default_rng(6)
     gt = coco_gt_dict(rng)
     coco = coco_from_dict(gt)
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt["annotations"] if not a["iscrowd"]]  # fmt: skip
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"]
+        if not a["iscrowd"]
+    ]
     stats = coco_eval(coco, perfect)["stats"]
     assert stats["AP"] == stats["AP50"] == stats["AP75"] == stats["AR100"] == 1.0
     empty = coco_eval(coco, [])
@@ -246,7 +280,10 @@ def test_coco_evaluates_only_the_given_images():
     gt = coco_gt_dict(rng)
     results = coco_detections(gt, rng)
     subset = coco_eval(coco_from_dict(gt), results, image_ids=[11, 10])
-    only = {**gt, "images": [i for i in gt["images"] if i["id"] in (10, 11)],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in (10, 11)]}  # fmt: skip
+    only = {
+        **gt,
+        "images": [i for i in gt["images"] if i["id"] in (10, 11)],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in (10, 11)],
+    }
     alone = coco_eval(coco_from_dict(only), [r for r in results if r["image_id"] in (10, 11)])
     assert subset["stats"] == alone["stats"] and subset["num_gt"] == alone["num_gt"]

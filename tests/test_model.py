@@ -59,7 +59,9 @@ def test_batch_norm_all_drops_conv_bias(make_tiny_config):
 def test_batch_norm_selected_blocks_only(make_tiny_config):
     model = build_ssd(make_tiny_config(batch_norm=["extras", "conv1"]))
     bn_names = sorted(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
-    expected = ["backbone.conv1.0.bn", "backbone.conv1.1.bn"] + [f"extras.{i}.{j}.bn" for i in range(3) for j in range(2)]
+    expected = ["backbone.conv1.0.bn", "backbone.conv1.1.bn"] + [
+        f"extras.{i}.{j}.bn" for i in range(3) for j in range(2)
+    ]
     assert bn_names == sorted(expected)
     for name, block in conv_blocks(model).items():
         has_bn = name.startswith(("backbone.conv1.", "extras."))

@@ -94,7 +94,9 @@ def test_matches_torchvision_other_settings(tv_ssd300, tv_priors, monkeypatch, s
     monkeypatch.setattr(tv_ssd300, "score_thresh", score_threshold)
     monkeypatch.setattr(tv_ssd300, "detections_per_img", detections)
     expected = tv_ssd300.postprocess_detections(tv_head(outputs), [anchors_px] * 2, [(300, 300)] * 2)
-    ours = PostProcessor(score_threshold=score_threshold, detections_per_image=detections)(outputs, tv_priors, (300, 300))
+    ours = PostProcessor(score_threshold=score_threshold, detections_per_image=detections)(
+        outputs, tv_priors, (300, 300)
+    )
     assert_same_detections(ours, expected)
     assert all(len(d["scores"]) <= detections for d in ours)
     assert all((d["scores"] > score_threshold).all() for d in ours)

@@ -76,9 +76,13 @@ def fitted(tiny_objects, tmp_path_factory) -> tuple[Path, dict, str]:
 
 
 def test_the_data_package_never_imports_the_model():
-    code = ("import sys, ssd.data.check, ssd.data.dataset, ssd.data.shapes, ssd.data.loader\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('ssd.model', 'ssd.priorfit', 'ssd.engine'))))")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, ssd.data.check, ssd.data.dataset, ssd.data.shapes, ssd.data.loader\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('ssd.model', 'ssd.priorfit', 'ssd.engine'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     for path in (REPO / "ssd" / "data").glob("*.py"):  # imports inside functions too
@@ -101,12 +105,20 @@ def random_records(n: int, seed: int) -> list[ImageRecord]:
     return [ImageRecord("r", "r.jpg", 200, 100, boxes, np.ones(len(boxes), np.int64), np.zeros(len(boxes), bool))]
 
 
-@pytest.mark.parametrize("overrides_", [
-    {"width": 0.125, "input_size": 128, "extras": [{"mid": 256, "out": 512}] * 3, "priors": {"scales": [0.12, 0.24, 0.45, 0.66, 0.87, 1.08]}},
-    {"width": 0.125},  # SSD300: explicit steps (8, 16, ..., 300), the 38 x 8 = 304 px grid is clipped
-    {"width": 0.125, "priors": {"clip": "wh", "aspect_ratios": [[2, 3, 4]] * 6}},
-    {"width": 0.125, "input_size": 320, "priors": {"clip": "none"}},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides_",
+    [
+        {
+            "width": 0.125,
+            "input_size": 128,
+            "extras": [{"mid": 256, "out": 512}] * 3,
+            "priors": {"scales": [0.12, 0.24, 0.45, 0.66, 0.87, 1.08]},
+        },
+        {"width": 0.125},  # SSD300: explicit steps (8, 16, ..., 300), the 38 x 8 = 304 px grid is clipped
+        {"width": 0.125, "priors": {"clip": "wh", "aspect_ratios": [[2, 3, 4]] * 6}},
+        {"width": 0.125, "input_size": 320, "priors": {"clip": "none"}},
+    ],
+)
 def test_grid_best_iou_equals_the_brute_force_over_every_prior(overrides_):
     cfg = from_dict(Config, {"model": overrides_})
     model = build_ssd(cfg.model)
@@ -134,9 +146,15 @@ def test_small_objects_need_a_larger_input_and_the_smallest_that_reaches_90_is_w
     # the written file is today's YAML with only the fitted keys replaced ...
     written, original = yaml.safe_load(out.read_text()), read_yaml_dict(CONFIG, overrides(tiny_objects))
     changed = {"input_size", "extras", "fc6_dilation", "priors"}
-    assert {k: v for k, v in written["model"].items() if k not in changed} == {k: v for k, v in original["model"].items() if k not in changed}
+    assert {k: v for k, v in written["model"].items() if k not in changed} == {
+        k: v for k, v in original["model"].items() if k not in changed
+    }
     assert {k: v for k, v in written.items() if k != "model"} == {k: v for k, v in original.items() if k != "model"}
-    assert written["model"]["input_size"] == 256 and written["model"]["fc6_dilation"] == 2 and len(written["model"]["extras"]) == 4
+    assert (
+        written["model"]["input_size"] == 256
+        and written["model"]["fc6_dilation"] == 2
+        and len(written["model"]["extras"]) == 4
+    )
     assert "scales" not in written["model"]["priors"] and len(written["model"]["priors"]["min_sizes"]) == 6
     # ... that loads, builds the network the fit measured, and gives `ssd data check` the same coverage
     cfg = load_config(out)
@@ -172,11 +190,21 @@ def test_keep_input_fits_only_the_priors(tiny_objects, tmp_path, capsys):
 
 def test_the_fitted_config_trains_unchanged(fitted, tmp_path):
     out = fitted[0]
-    run = ["train.max_iter=2", "train.time_limit=null", "train.schedule_by_time=false", "train.eval_period=2",
-           "train.tensorboard=false", "data.num_workers=0", "train.batch_size=4"]  # fmt: skip
+    run = [
+        "train.max_iter=2",
+        "train.time_limit=null",
+        "train.schedule_by_time=false",
+        "train.eval_period=2",
+        "train.tensorboard=false",
+        "data.num_workers=0",
+        "train.batch_size=4",
+    ]
     assert main(["train", str(out), *run, "--output-dir", str(tmp_path / "run")]) == 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
-    assert saved["input_size"] == 256 and saved["priors"]["min_sizes"] == yaml.safe_load(out.read_text())["model"]["priors"]["min_sizes"]
+    assert (
+        saved["input_size"] == 256
+        and saved["priors"]["min_sizes"] == yaml.safe_load(out.read_text())["model"]["priors"]["min_sizes"]
+    )
 
 
 def test_fit_is_deterministic_and_never_worse_than_today(tmp_path):
@@ -227,7 +255,9 @@ def test_config_at_input_size_adds_levels_and_scales_fc6_dilation():
     assert model_feature_sizes(big) == [(40, 40), (20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
     assert big.extras == demo.extras + [ExtraLayer(128, 256)] * 2 and big.fc6_dilation == 2  # 20 / 8 x 1, rounded down
     ssd300 = from_dict(Config, {"model": {"width": 0.125}}).model
-    at384 = config_at_input_size(ssd300, 384)  # 24 -> 12 -> 6 -> 4 -> 2: one stride-2 block appended after the 3x3 valid ones
+    at384 = config_at_input_size(
+        ssd300, 384
+    )  # 24 -> 12 -> 6 -> 4 -> 2: one stride-2 block appended after the 3x3 valid ones
     assert model_feature_sizes(at384)[-1] == (1, 1) and at384.fc6_dilation == 7 and at384.priors.steps is None
     with pytest.raises(ValueError, match="smaller than model.input_size 128"):
         config_at_input_size(demo, 96)

@@ -56,7 +56,11 @@ def test_recipe_numbers_match_the_cited_sources(cfg):
     assert (t.bn, t.checkpoint_period, t.eval_period) == ("train", 5000, 5000)
     assert cfg.eval.metric == "voc07"
     assert cfg.data.train.root == ["data/VOCdevkit/VOC2007", "data/VOCdevkit/VOC2012"]
-    assert (cfg.data.train.split, cfg.data.val.root, cfg.data.val.split) == ("trainval", "data/VOCdevkit/VOC2007", "test")
+    assert (cfg.data.train.split, cfg.data.val.root, cfg.data.val.split) == (
+        "trainval",
+        "data/VOCdevkit/VOC2007",
+        "test",
+    )
 
 
 def test_lr_schedule_as_cited(cfg):

@@ -189,7 +189,9 @@ def test_snippet_runs_as_written(doc, line, code, stock, tmp_path, monkeypatch):
         exec(program, {"__name__": "__main__", **placeholders()})
     except Exception as e:  # Python's own traceback: short, and its frames in the doc show the doc's line
         in_doc = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(REPO / doc)]
-        failure = f"{doc}:{in_doc[-1] if in_doc else line}: {type(e).__name__}: {e}\n\n" + "".join(traceback.format_exception(e))
+        failure = f"{doc}:{in_doc[-1] if in_doc else line}: {type(e).__name__}: {e}\n\n" + "".join(
+            traceback.format_exception(e)
+        )
     else:
         return
     pytest.fail(failure, pytrace=False)

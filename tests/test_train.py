@@ -45,14 +45,30 @@ def run_dict(root: Path, **train_options) -> dict:
     """A tiny run: 64 px input, so conv4_3 is 8x8, fc7 4x4 and two stride-2 extras give 2x2 and 1x1."""
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
     return {
-        "model": {"num_classes": len(SHAPES_CLASSES) + 1, "input_size": SIZE, "width": 0.125, "batch_norm": "all",
-                  "dropout": 0.0, "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
+        "model": {
+            "num_classes": len(SHAPES_CLASSES) + 1,
+            "input_size": SIZE,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+        },
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": MAX_ITER, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
-                  "warmup_iters": 2, "device": "cpu", "checkpoint_period": 3, "eval_period": 6, "log_period": 1,
-                  **train_options},
+        "train": {
+            "max_iter": MAX_ITER,
+            "batch_size": 8,
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "schedule": "cosine",
+            "warmup_iters": 2,
+            "device": "cpu",
+            "checkpoint_period": 3,
+            "eval_period": 6,
+            "log_period": 1,
+            **train_options,
+        },
         "eval": {"batch_size": 10},
-    }  # fmt: skip
+    }
 
 
 def config(root: Path, **train_options) -> Config:
@@ -102,8 +118,13 @@ def subprocess_env(tmp_path: Path) -> dict:
 
 def start_cli(args: list[str], tmp_path: Path, log_name: str) -> subprocess.Popen:
     log = open(tmp_path / log_name, "w")
-    return subprocess.Popen([sys.executable, "-m", "ssd", "train", *args], cwd=tmp_path, env=subprocess_env(tmp_path),
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "ssd", "train", *args],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_for_iteration(proc: subprocess.Popen, out: Path, iteration: int, timeout: float = 120.0) -> int:
@@ -237,7 +258,12 @@ def test_the_logged_map_is_what_ssd_eval_gives_for_the_saved_weights(reference, 
     evals = [r for r in read_metrics(out) if "map" in r]
     best = next(r for r in evals if r["iter"] == summary["best_iter"])
     for weights, row in (("last.pt", evals[-1]), ("best.pt", best)):
-        assert main(["eval", str(out / "config.yaml"), "--weights", str(out / weights), "--json", str(tmp_path / "m.json")]) == 0
+        assert (
+            main(
+                ["eval", str(out / "config.yaml"), "--weights", str(out / weights), "--json", str(tmp_path / "m.json")]
+            )
+            == 0
+        )
         result = json.loads((tmp_path / "m.json").read_text())
         assert (result["metric"], result["map"]) == (row["eval"], pytest.approx(row["map"], abs=1e-6)), weights
         assert result["per_class"] == pytest.approx(row["per_class"], abs=1e-6)
@@ -309,7 +335,9 @@ def test_precise_bn_before_eval_leaves_the_training_batches_alone(shapes, refere
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["iter"]
 
 
-def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupted_run(shapes, precise_reference, tmp_path):
+def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupted_run(
+    shapes, precise_reference, tmp_path
+):
     """Killed after the evaluation at iteration 6 (precise BN with two workers), resumed from last.pt:
     the same losses, evaluations and weights as the uninterrupted run."""
     options = [f"train.{k}={str(v).lower()}" for k, v in PRECISE_BN.items()]
@@ -324,7 +352,10 @@ def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupt
     assert saved in (6, 9) and saved <= reached < MAX_ITER
     assert main(["train", *args, "--resume"]) == 0
     assert_same_run(precise_reference[0], out)
-    assert main(["eval", str(out / "config.yaml"), "--weights", str(out / "last.pt"), "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(["eval", str(out / "config.yaml"), "--weights", str(out / "last.pt"), "--json", str(tmp_path / "m.json")])
+        == 0
+    )
     assert json.loads((tmp_path / "m.json").read_text())["map"] == pytest.approx(read_metrics(out)[-1]["map"], abs=1e-6)
 
 
@@ -362,7 +393,9 @@ def test_sigterm_saves_last_pt_and_exits_then_resumes(shapes, reference, tmp_pat
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
     stopped_at = load_checkpoint(out / "last.pt")["iteration"]
     assert 1 <= stopped_at < MAX_ITER and stopped_at == last_logged_iter(out)  # saved at the step it stopped on
-    assert f"stopped by SIGTERM at iteration {stopped_at}: saved {out / 'last.pt'}" in (tmp_path / "term.log").read_text()
+    assert (
+        f"stopped by SIGTERM at iteration {stopped_at}: saved {out / 'last.pt'}" in (tmp_path / "term.log").read_text()
+    )
 
     summary = train(config(shapes), out, resume=True)  # in-process this time
     assert summary["iteration"] == MAX_ITER
@@ -390,8 +423,11 @@ def test_corrupt_or_foreign_last_pt_is_refused_and_left_alone(shapes, reference,
     for content in (good[: len(good) // 2], b"not a checkpoint"):
         (out / "last.pt").write_bytes(content)
         (out / "last.prev.pt").write_bytes(content)
-        with pytest.raises(CheckpointError, match=r"last.pt: cannot read as a PyTorch weights file.*; and the previous "
-                                                  r"checkpoint .*last.prev.pt: cannot read"):  # fmt: skip
+        with pytest.raises(
+            CheckpointError,
+            match=r"last.pt: cannot read as a PyTorch weights file.*; and the previous "
+            r"checkpoint .*last.prev.pt: cannot read",
+        ):
             train(config(shapes), out, resume=True)
         assert (out / "last.pt").read_bytes() == content and (out / "metrics.jsonl").read_bytes() == metrics
         assert (out / "last.prev.pt").read_bytes() == content
@@ -408,7 +444,9 @@ def test_corrupt_or_foreign_last_pt_is_refused_and_left_alone(shapes, reference,
     (out / "last.pt").write_bytes(good)
     cfg = config(shapes)
     cfg.model.width = 0.25
-    with pytest.raises(CheckpointError, match=r"last.pt \(resume; was the model config changed\?\): weights do not fit"):
+    with pytest.raises(
+        CheckpointError, match=r"last.pt \(resume; was the model config changed\?\): weights do not fit"
+    ):
         train(cfg, out, resume=True)
     assert (out / "last.pt").read_bytes() == good
 
@@ -459,13 +497,22 @@ def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, m
     assert len(warnings) == 2
     batches = []
     for iteration, message in zip((3, 4), warnings):
-        assert re.match(rf"iteration {iteration}: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message)
+        assert re.match(
+            rf"iteration {iteration}: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message
+        )
         batches.append(re.findall(r"'(train_\d{6})'", message))
     assert [len(set(b)) for b in batches] == [8, 8] and batches[0] != batches[1]
 
     rows = loss_rows(tmp_path / "run")
     assert [r["iter"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["skipped"] for r in rows] == [0, 0, 1, 1, 0, 0]
-    assert [r["loss"] is None for r in rows] == [False, False, True, True, False, False]  # log_period 1: nothing to average
+    assert [r["loss"] is None for r in rows] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]  # log_period 1: nothing to average
     assert all(math.isfinite(r["loss"]) for r in rows if r["loss"] is not None)
     optimizer_state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["state"]
     assert {int(s["step"]) for s in optimizer_state.values()} == {4}  # AdamW stepped 4 times, not 6
@@ -485,9 +532,13 @@ def test_consecutive_non_finite_losses_stop_training_without_nan_weights(shapes,
         train(from_dict(Config, cfg), tmp_path / "run")
     # last.pt at iteration 4 (two skipped steps, below max_bad_steps) holds the weights of iteration 2
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["iteration"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert torch.equal(torch.cat([v.flatten() for k, v in last["model"].items() if k in dict(models[0].named_parameters())]),
-                       torch.cat([p.detach().flatten() for p in models[0].parameters()]))  # fmt: skip
+    assert last["iteration"] == 4 and all(
+        torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point()
+    )
+    assert torch.equal(
+        torch.cat([v.flatten() for k, v in last["model"].items() if k in dict(models[0].named_parameters())]),
+        torch.cat([p.detach().flatten() for p in models[0].parameters()]),
+    )
     assert torch.equal(snapshots[2], flat_parameters(models[0]))
     assert [r["iter"] for r in loss_rows(tmp_path / "run")] == [1, 2, 3, 4]
 
@@ -543,11 +594,15 @@ def test_init_loads_matching_tensors_and_keeps_fresh_heads(shapes, three_class_c
 def test_cli_init_fine_tunes_onto_another_class_count(shapes, three_class_checkpoint, tmp_path, caplog):
     cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes, max_iter=1))
     with caplog.at_level(logging.INFO, logger="ssd.train"):
-        code = main(["train", str(cfg_path), "--output-dir", str(tmp_path / "run"), "--init", str(three_class_checkpoint)])
+        code = main(
+            ["train", str(cfg_path), "--output-dir", str(tmp_path / "run"), "--init", str(three_class_checkpoint)]
+        )
     assert code == 0
     (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init from")]
-    assert message.startswith(f"init from {three_class_checkpoint}: loaded 123 tensors, re-initialised 8 (shape differs: "
-                              "head.conf.0.weight, head.conf.0.bias")  # fmt: skip
+    assert message.startswith(
+        f"init from {three_class_checkpoint}: loaded 123 tensors, re-initialised 8 (shape differs: "
+        "head.conf.0.weight, head.conf.0.bias"
+    )
     assert message.endswith("ignored 1 (aux.weight)")
     assert load_config(tmp_path / "run" / "config.yaml").model.init == str(three_class_checkpoint)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["model"]["head.conf.0.bias"].shape == (4 * 5,)
@@ -560,7 +615,9 @@ def test_lr_schedule_warmup_cosine_multistep_and_time_following():
     from ssd.config import ConfigError, TrainConfig
 
     cos = TrainConfig(max_iter=100, schedule="cosine", warmup_iters=10, warmup_factor=0.1)
-    assert [engine.lr_factor(i, cos) for i in (0, 5)] == pytest.approx([0.1, 0.55 * (0.5 + 0.5 * math.cos(math.pi * 0.05))])
+    assert [engine.lr_factor(i, cos) for i in (0, 5)] == pytest.approx(
+        [0.1, 0.55 * (0.5 + 0.5 * math.cos(math.pi * 0.05))]
+    )
     assert [engine.lr_factor(i, cos) for i in (50, 100, 120)] == pytest.approx([0.5, 0.0, 0.0], abs=1e-12)
     assert engine.lr_factor(50, cos, time_fraction=0.9) == pytest.approx(0.5)  # time ignored unless schedule_by_time
 
@@ -569,8 +626,15 @@ def test_lr_schedule_warmup_cosine_multistep_and_time_following():
     assert engine.lr_factor(75, by_time, time_fraction=0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
     assert engine.lr_factor(10, by_time, time_fraction=1.3) == pytest.approx(0.0, abs=1e-12)
 
-    steps = TrainConfig(max_iter=100, schedule="multistep", steps=[50, 80], gamma=0.1, warmup_iters=0, time_limit=60,
-                        schedule_by_time=True)  # fmt: skip
+    steps = TrainConfig(
+        max_iter=100,
+        schedule="multistep",
+        steps=[50, 80],
+        gamma=0.1,
+        warmup_iters=0,
+        time_limit=60,
+        schedule_by_time=True,
+    )
     assert [engine.lr_factor(10, steps, f) for f in (0.1, 0.6, 0.85)] == pytest.approx([1.0, 0.1, 0.01])
     with pytest.raises(ConfigError, match="train.schedule_by_time needs train.time_limit"):
         TrainConfig(schedule_by_time=True)
@@ -600,7 +664,9 @@ def test_retained_host_memory_stops_the_per_step_page_faults():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
     def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", FAULT_PROBE, mode], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", FAULT_PROBE, mode], env=env, capture_output=True, text=True, check=True
+        )
         took, count = out.stdout.split()
         return took, int(count)
 

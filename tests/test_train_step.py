@@ -44,8 +44,11 @@ def test_a_skipped_first_step_leaves_weights_and_optimizer_state_as_if_it_never_
     assert all(torch.equal(b, p) for b, p in zip(before, skipping.parameters()))
 
     # two real steps after the skipped one equal two steps of the unfused optimizer from the start
-    ref_opt = (torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False)
-               if optimizer == "sgd" else torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=5e-4, foreach=False))  # fmt: skip
+    ref_opt = (
+        torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=5e-4, foreach=False)
+    )
     opt.found_inf = torch.tensor(0.0)
     for model, o in ((skipping, opt), (reference, ref_opt)):
         for _ in range(2):
@@ -67,15 +70,24 @@ def test_normalisation_constants_are_built_once_per_device_and_the_memory_format
     _normalization_constants.cache_clear()
     g = torch.Generator().manual_seed(0)
     hwc = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=g)
-    images = collate([{"image": im.numpy(), "boxes": [], "labels": [], "image_id": str(i), "orig_size": (16, 16)}
-                      for i, im in enumerate(hwc)])["images"]  # fmt: skip
+    images = collate(
+        [
+            {"image": im.numpy(), "boxes": [], "labels": [], "image_id": str(i), "orig_size": (16, 16)}
+            for i, im in enumerate(hwc)
+        ]
+    )["images"]
     assert images.shape == (3, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(images, hwc.permute(0, 3, 1, 2))
-    for pre in (PreprocessConfig(), PreprocessConfig(channel_order="bgr", pixel_scale=1.0, mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0])):
+    for pre in (
+        PreprocessConfig(),
+        PreprocessConfig(channel_order="bgr", pixel_scale=1.0, mean=[104.0, 117.0, 123.0], std=[1.0, 1.0, 1.0]),
+    ):
         out = normalize_batch(images, pre)
         again = normalize_batch(images, pre)
         x = images.double().flip(1) if pre.channel_order == "bgr" else images.double()
-        expected = (x * pre.pixel_scale - torch.tensor(pre.mean).double().view(1, 3, 1, 1)) / torch.tensor(pre.std).double().view(1, 3, 1, 1)
+        expected = (x * pre.pixel_scale - torch.tensor(pre.mean).double().view(1, 3, 1, 1)) / torch.tensor(
+            pre.std
+        ).double().view(1, 3, 1, 1)
         torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
         assert torch.equal(out, again) and out.is_contiguous(memory_format=torch.channels_last)
     info = _normalization_constants.cache_info()
@@ -88,7 +100,11 @@ def test_channels_last_is_a_fixed_per_device_rule():
     assert [use_channels_last("false", d) for d in (cpu, cuda)] == [False, False]
     assert use_channels_last("true", mps)
     # YAML booleans, and run configs written when the key was a boolean, read as the strings
-    assert [from_dict(TrainConfig, {"channels_last": v}).channels_last for v in (True, False, "auto")] == ["true", "false", "auto"]
+    assert [from_dict(TrainConfig, {"channels_last": v}).channels_last for v in (True, False, "auto")] == [
+        "true",
+        "false",
+        "auto",
+    ]
     with pytest.raises(ConfigError, match="train.channels_last: invalid value 'yes'; valid: auto, true, false"):
         from_dict(TrainConfig, {"channels_last": "yes"})
 
@@ -103,12 +119,20 @@ def tiny_run(tmp_path, **train_options) -> Config:
     """Two iterations of a width-1/8, 64 px model with BN everywhere on 8 generated images."""
     generate_shapes(tmp_path / "shapes", 8, 2, size=64, seed=0)
     dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
-    return from_dict(Config, {
-        "model": {"num_classes": 5, "input_size": 64, "width": 0.125, "batch_norm": "all",
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "tensorboard": False, **train_options},
-    })  # fmt: skip
+    return from_dict(
+        Config,
+        {
+            "model": {
+                "num_classes": 5,
+                "input_size": 64,
+                "width": 0.125,
+                "batch_norm": "all",
+                "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+            },
+            "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+            "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "tensorboard": False, **train_options},
+        },
+    )
 
 
 @pytest.mark.parametrize("setting", ["auto", "false"])
@@ -145,7 +169,9 @@ def test_frozen_blocks_do_not_train_and_get_no_backward(tmp_path, monkeypatch, c
     frozen = [k for k in end if k.startswith(("backbone.conv1.", "backbone.conv2."))]
     assert frozen and all(torch.equal(end[k], start[k]) for k in frozen if "num_batches_tracked" not in k)
     assert not torch.equal(end["backbone.conv3.0.conv.weight"], start["backbone.conv3.0.conv.weight"])
-    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("backbone.conv1.", "backbone.conv2.")))
+    assert all(
+        p.grad is None for n, p in model.named_parameters() if n.startswith(("backbone.conv1.", "backbone.conv2."))
+    )
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("backbone.conv3."))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]
     trainable = sum(1 for n, p in model.named_parameters() if not n.startswith(("backbone.conv1.", "backbone.conv2.")))

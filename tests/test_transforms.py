@@ -161,8 +161,10 @@ def test_a_failed_option_draws_another_instead_of_keeping_the_image():
     makes the outcome "whole image" vs "random patch" 1:1 (torchvision's loop); giving up after the first
     failed option (the old sampler) would crop only 1 image in 7."""
     boxes = np.array([[240.0, 180.0, 250.0, 190.0]])
-    crops = [sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
-             for s in range(4000)]  # fmt: skip
+    crops = [
+        sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
+        for s in range(4000)
+    ]
     cropped = np.mean([c is not None for c in crops])
     assert abs(cropped - 0.5) < 0.03, cropped  # binomial sd 0.008
     assert all(centre_in(boxes, c).all() for c in crops if c is not None)
@@ -172,8 +174,10 @@ def test_option_frequencies_are_uniform_when_every_option_can_succeed():
     """One box filling the image: each option's windows pass with a rate the option sets; over many seeds
     the whole-image share is 1/7, the paper's uniform choice among its seven options."""
     boxes = np.array([[0.0, 0.0, 500.0, 375.0]])
-    crops = [sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
-             for s in range(3000)]  # fmt: skip
+    crops = [
+        sample_patch(boxes, (375, 500), PAPER_CROP_OPTIONS, (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(s))
+        for s in range(3000)
+    ]
     whole = np.mean([c is None for c in crops])
     # P(whole) = 1/7 / (1 - P(draw fails)); an IoU >= 0.9 window must cover 90% of the image, which 50
     # trials find only sometimes, so the share is at least 1/7 and at most 1/6
@@ -189,7 +193,9 @@ def test_images_without_objects_are_never_cropped():
         t.set_seed(seed)
         out_image, out_boxes, _ = t(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
         assert np.array_equal(out_image, expected) and out_boxes.shape == (0, 4)
-    assert sample_patch(np.zeros((0, 4)), (375, 500), [0.0], (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(0)) is None
+    assert (
+        sample_patch(np.zeros((0, 4)), (375, 500), [0.0], (0.3, 1.0), (0.5, 2.0), 50, np.random.default_rng(0)) is None
+    )
 
 
 def test_crop_rate_and_kept_area_match_torchvision_random_iou_crop():
@@ -413,6 +419,8 @@ def test_importing_the_data_pipeline_does_not_go_to_the_network():
         "import ssd.data.geometry\n"
         "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
     )
-    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1"]

@@ -43,11 +43,19 @@ def write_image(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def make_yolo(root: Path, files: dict[str, str | None], split: str = "train", arrangement: str = "images/split",
-              size: tuple[int, int] = (100, 50)) -> Path:  # fmt: skip
+def make_yolo(
+    root: Path,
+    files: dict[str, str | None],
+    split: str = "train",
+    arrangement: str = "images/split",
+    size: tuple[int, int] = (100, 50),
+) -> Path:
     """One ``size`` (w, h) JPEG per name with the given label text (None: no label file)."""
-    images, labels = (root / "images" / split, root / "labels" / split) if arrangement == "images/split" else \
-                     (root / split / "images", root / split / "labels")  # fmt: skip
+    images, labels = (
+        (root / "images" / split, root / "labels" / split)
+        if arrangement == "images/split"
+        else (root / split / "images", root / split / "labels")
+    )
     for name, text in files.items():
         write_image(images / f"{name}.jpg", *size)
         if text is not None:
@@ -89,16 +97,25 @@ def test_label_path_replaces_the_last_images_folder():
 
 
 def test_list_file_and_data_yaml_splits(tmp_path):
-    root = make_yolo(tmp_path / "yolo", {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.2 0.2\n", "c": None}, split="all")
+    root = make_yolo(
+        tmp_path / "yolo", {"a": "0 0.5 0.5 0.2 0.2\n", "b": "1 0.5 0.5 0.2 0.2\n", "c": None}, split="all"
+    )
     outside = write_image(tmp_path / "elsewhere" / "images" / "z.jpg", 100, 50)
     (tmp_path / "elsewhere" / "labels").mkdir()
     (tmp_path / "elsewhere" / "labels" / "z.txt").write_text("1 0.5 0.5 0.4 0.4\n")
     (root / "train.txt").write_text(f"./images/all/b.jpg\n\nimages/all/a.jpg\n{outside}\n")
-    (root / "data.yaml").write_text(yaml.safe_dump({"path": "/nowhere", "train": "train.txt", "val": ["images/all"],
-                                                    "nc": 2, "names": ["cat", "dog"]}))  # fmt: skip
+    (root / "data.yaml").write_text(
+        yaml.safe_dump(
+            {"path": "/nowhere", "train": "train.txt", "val": ["images/all"], "nc": 2, "names": ["cat", "dog"]}
+        )
+    )
     records, classes = index_dataset(yolo_cfg(root, "train"), Problems("raise"))
     assert classes == ["cat", "dog"]
-    assert [r.image_id for r in records] == ["images/all/b", "images/all/a", (tmp_path / "elsewhere/images/z").as_posix()]
+    assert [r.image_id for r in records] == [
+        "images/all/b",
+        "images/all/a",
+        (tmp_path / "elsewhere/images/z").as_posix(),
+    ]
     assert [r.labels.tolist() for r in records] == [[2], [1], [2]]  # the list file's order
     records, _ = index_dataset(yolo_cfg(root, "val"), Problems("raise"))  # a data.yaml list of folders
     assert [r.image_id for r in records] == ["images/all/a", "images/all/b", "images/all/c"]
@@ -117,8 +134,9 @@ def test_list_file_and_data_yaml_splits(tmp_path):
 def test_unknown_split_lists_what_was_tried_and_what_exists(tmp_path):
     root = make_yolo(tmp_path / "yolo", {"a": None}, split="train")
     make_yolo(root, {"b": None}, split="valid", arrangement="split/images")
-    message = (f"{root}: YOLO split 'val' not found (looked for images/val/, val/images/, val.txt); "
-               "available: train, valid")  # fmt: skip
+    message = (
+        f"{root}: YOLO split 'val' not found (looked for images/val/, val/images/, val.txt); available: train, valid"
+    )
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
         index_yolo(root, "val", ["cat"], Problems("raise"))
     with pytest.raises(FileNotFoundError, match="YOLO root folder not found"):
@@ -143,17 +161,23 @@ def test_class_names_sources(tmp_path, declared, caplog):
     with caplog.at_level(logging.WARNING, logger="ssd"):
         (rec,), classes = index_dataset(cfg, Problems("raise"))
     assert classes == ["cat", "dog"] and rec.labels.tolist() == [2]
-    warned = f"{root}: the config's classes ['cat', 'dog'] differ from the names the dataset declares ['x', 'y']" in caplog.text
+    warned = (
+        f"{root}: the config's classes ['cat', 'dog'] differ from the names the dataset declares ['x', 'y']"
+        in caplog.text
+    )
     assert warned == (declared == "config")
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({}, "no class names: set classes in the dataset config, or put data.yaml (names) or classes.txt"),
-    ({"data.yaml": "names: {0: a, 2: c}\n"}, "data.yaml: names: ids must be 0..1 without gaps; missing [1]"),
-    ({"data.yaml": "nc: 3\nnames: [a, b]\n"}, "data.yaml: nc is 3 but names has 2 entries"),
-    ({"data.yaml": "names: [a\n"}, "data.yaml: malformed YAML"),
-    ({"classes.txt": "a\n\nb\n"}, "classes.txt:2: empty class name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, "no class names: set classes in the dataset config, or put data.yaml (names) or classes.txt"),
+        ({"data.yaml": "names: {0: a, 2: c}\n"}, "data.yaml: names: ids must be 0..1 without gaps; missing [1]"),
+        ({"data.yaml": "nc: 3\nnames: [a, b]\n"}, "data.yaml: nc is 3 but names has 2 entries"),
+        ({"data.yaml": "names: [a\n"}, "data.yaml: malformed YAML"),
+        ({"classes.txt": "a\n\nb\n"}, "classes.txt:2: empty class name"),
+    ],
+)
 def test_bad_class_declarations_name_the_file(tmp_path, files, message):
     root = make_yolo(tmp_path / "yolo", {"a": None})
     for name, text in files.items():
@@ -168,17 +192,27 @@ def test_bad_class_declarations_name_the_file(tmp_path, files, message):
 GOOD = "0 0.5 0.5 0.2 0.2"
 # (line planted as line 2 of a.txt; kind; the reason in the message)
 LINE_PROBLEMS = [
-    ("0 1.2 0.5 0.2 0.2", "box outside the image", "box (cx, cy, w, h) = (1.2, 0.5, 0.2, 0.2) reaches (1.1, 0.4, 1.3, 0.6) "
-                                                   "(x1, y1, x2, y2), more than 0.01 outside [0, 1]"),
-    ("0 0.5 0.5 0.2", "malformed label line", "4 values in '0 0.5 0.5 0.2'; expected 5: class cx cy w h (normalised to [0, 1])"),
+    (
+        "0 1.2 0.5 0.2 0.2",
+        "box outside the image",
+        "box (cx, cy, w, h) = (1.2, 0.5, 0.2, 0.2) reaches (1.1, 0.4, 1.3, 0.6) "
+        "(x1, y1, x2, y2), more than 0.01 outside [0, 1]",
+    ),
+    (
+        "0 0.5 0.5 0.2",
+        "malformed label line",
+        "4 values in '0 0.5 0.5 0.2'; expected 5: class cx cy w h (normalised to [0, 1])",
+    ),
     ("cat 0.5 0.5 0.2 0.2", "malformed label line", "'cat 0.5 0.5 0.2 0.2' is not numbers; expected 'class cx cy w h'"),
     ("1.5 0.5 0.5 0.2 0.2", "malformed label line", "class id '1.5' is not an integer"),
     ("2 0.5 0.5 0.2 0.2", "class id out of range", "class id 2 is not in 0..1 (2 classes: cat, dog)"),
     ("-1 0.5 0.5 0.2 0.2", "class id out of range", "class id -1 is not in 0..1 (2 classes: cat, dog)"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("line", "kind", "reason"), LINE_PROBLEMS, ids=["outside", "four-values", "word", "float-id", "id-2", "id-minus-1"])
+@pytest.mark.parametrize(
+    ("line", "kind", "reason"), LINE_PROBLEMS, ids=["outside", "four-values", "word", "float-id", "id-2", "id-minus-1"]
+)
 def test_line_problem_raises_naming_file_and_line_or_is_counted(tmp_path, line, kind, reason):
     root = make_yolo(tmp_path / "yolo", {"a": f"{GOOD}\n{line}\n{GOOD}\n"})
     where = root / "labels" / "train" / "a.txt"
@@ -193,7 +227,9 @@ def test_line_problem_raises_naming_file_and_line_or_is_counted(tmp_path, line, 
 
 def test_non_finite_coordinates_are_a_problem(tmp_path):
     root = make_yolo(tmp_path / "yolo", {"a": f"{GOOD}\n0 nan 0.5 0.2 0.2\n"})
-    with pytest.raises(DatasetError, match=re.escape(f"{root / 'labels/train/a.txt'}: 1 box(es) with non-finite coordinates")):
+    with pytest.raises(
+        DatasetError, match=re.escape(f"{root / 'labels/train/a.txt'}: 1 box(es) with non-finite coordinates")
+    ):
         index_yolo(root, "train", ["cat"], Problems("raise"))
     problems = Problems("skip")
     (rec,) = index_yolo(root, "train", ["cat"], problems)
@@ -214,8 +250,13 @@ def test_repairs_clip_within_the_tolerance_and_skip_polygons_without_raising(tmp
     where = root / "labels" / "train" / "a.txt"
     np.testing.assert_allclose(rec.boxes, [[40, 20, 60, 30], [98.5, 20, 100, 30], [0, 20, 1.9, 30]], atol=1e-4)
     assert rec.labels.tolist() == [1, 2, 1]
-    assert problems.fixed == Counter({"box crossing the image border clipped": 2, "polygon (segmentation) line skipped": 1,
-                                      "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1})  # fmt: skip
+    assert problems.fixed == Counter(
+        {
+            "box crossing the image border clipped": 2,
+            "polygon (segmentation) line skipped": 1,
+            "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1,
+        }
+    )
     assert problems.examples["polygon (segmentation) line skipped"][0].startswith(f"{where}:3")  # file and line
     assert not problems
 
@@ -237,11 +278,14 @@ def test_missing_unreadable_and_duplicate_images(tmp_path):
     records = index_yolo(root, "train", ["cat"], problems)
     assert [r.image_id for r in records] == ["images/train/a", "images/train/b"]
     assert problems.counts == Counter({"duplicate image": 1, "unreadable image": 1})
-    assert problems.examples["duplicate image"] == [f"{root}/images/train/a.png: shares its label file "
-                                                    f"{root}/labels/train/a.txt with {root}/images/train/a.jpg"]  # fmt: skip
+    assert problems.examples["duplicate image"] == [
+        f"{root}/images/train/a.png: shares its label file {root}/labels/train/a.txt with {root}/images/train/a.jpg"
+    ]
     problems = Problems("skip")
     assert len(index_yolo(root, "list", ["cat"], problems)) == 1
-    assert problems.examples["missing image"] == [f"{root}/images/train/gone.jpg: image file not found (split 'list' of {root})"]
+    assert problems.examples["missing image"] == [
+        f"{root}/images/train/gone.jpg: image file not found (split 'list' of {root})"
+    ]
 
 
 # --- the whole path: data check, evaluation, training --------------------------------------------------
@@ -259,8 +303,10 @@ def shapes_yolo(tmp_path_factory) -> tuple[Path, Path]:
             image.parent.mkdir(parents=True, exist_ok=True)
             image.write_bytes(Path(rec.path).read_bytes())
             size = np.array([rec.width, rec.height] * 2)
-            rows = [(label - 1, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1])
-                    for label, b in zip(rec.labels.tolist(), (rec.boxes / size).tolist())]  # fmt: skip
+            rows = [
+                (label - 1, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1])
+                for label, b in zip(rec.labels.tolist(), (rec.boxes / size).tolist())
+            ]
             text = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in rows)
             label = yolo_root / "labels" / split / f"{Path(rec.path).stem}.txt"
             label.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +330,9 @@ def test_yolo_index_of_a_converted_voc_tree_matches_the_voc_index(shapes_yolo):
 
 def test_perfect_predictions_score_1_on_yolo_data(shapes_yolo):
     dataset = build_dataset(yolo_cfg(shapes_yolo[1], "val"), None, train=False, key="data.val")
-    predictions = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.boxes)), "labels": r.labels} for r in dataset.records}
+    predictions = {
+        r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.boxes)), "labels": r.labels} for r in dataset.records
+    }
     for metric in ("voc07", "coco"):
         result = evaluate_predictions(dataset, predictions, metric)
         assert result["map"] == pytest.approx(1.0), metric
@@ -303,8 +351,16 @@ def test_val_subset_of_a_yolo_split_keeps_the_first_images_and_their_ids(shapes_
 
 def test_cli_data_check_on_a_yolo_tree(shapes_yolo, capsys):
     voc_root, yolo_root = shapes_yolo
-    args = ["data", "check", str(CONFIG), "data.train.format=yolo", f"data.train.root={yolo_root}", "data.val.format=yolo",
-            f"data.val.root={yolo_root}", "--no-images"]  # fmt: skip
+    args = [
+        "data",
+        "check",
+        str(CONFIG),
+        "data.train.format=yolo",
+        f"data.train.root={yolo_root}",
+        "data.val.format=yolo",
+        f"data.val.root={yolo_root}",
+        "--no-images",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     n_train = sum(len(r.boxes) for r in voc.index_voc(voc_root, "train", SHAPES_CLASSES, Problems("raise")))
@@ -321,21 +377,43 @@ def test_cli_data_check_on_a_yolo_tree(shapes_yolo, capsys):
         (yolo_root / "images" / "val" / "extra.jpg").unlink()
     out = capsys.readouterr().out
     assert f"data.val: {NUM_VAL + 1} images" in out
-    assert f"1 x class id out of range, e.g. {label}:2: class id 7 is not in 0..3 (4 classes: circle, square, triangle, star)" in out
+    assert (
+        f"1 x class id out of range, e.g. {label}:2: class id 7 is not in 0..3 (4 classes: circle, square, triangle, star)"
+        in out
+    )
     assert "1 x polygon (segmentation) line skipped (repaired)" in out
 
 
 def test_two_iterations_train_and_evaluate_on_yolo_data(shapes_yolo, tmp_path):
     yolo_root = str(shapes_yolo[1])
-    cfg = from_dict(Config, {
-        "model": {"num_classes": 5, "input_size": 64, "width": 0.125, "dropout": 0.0,
-                  "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]},
-        "data": {"train": {"format": "yolo", "root": yolo_root, "split": "train"},
-                 "val": {"format": "yolo", "root": yolo_root, "split": "val"}, "num_workers": 0},
-        "train": {"max_iter": 2, "batch_size": 4, "device": "cpu", "eval_period": 2, "log_period": 1, "warmup_iters": 1,
-                  "checkpoint_period": 2, "tensorboard": False},
-        "eval": {"batch_size": 4},
-    })  # fmt: skip
+    cfg = from_dict(
+        Config,
+        {
+            "model": {
+                "num_classes": 5,
+                "input_size": 64,
+                "width": 0.125,
+                "dropout": 0.0,
+                "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
+            },
+            "data": {
+                "train": {"format": "yolo", "root": yolo_root, "split": "train"},
+                "val": {"format": "yolo", "root": yolo_root, "split": "val"},
+                "num_workers": 0,
+            },
+            "train": {
+                "max_iter": 2,
+                "batch_size": 4,
+                "device": "cpu",
+                "eval_period": 2,
+                "log_period": 1,
+                "warmup_iters": 1,
+                "checkpoint_period": 2,
+                "tensorboard": False,
+            },
+            "eval": {"batch_size": 4},
+        },
+    )
     transform = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=True)
     dataset = build_dataset(cfg.data.train, transform, train=True, key="data.train")
     batch = collate([dataset[i] for i in range(4)])

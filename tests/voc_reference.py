@@ -26,8 +26,14 @@ def reference_voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool) -> 
     return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
 
 
-def reference_voc_eval(detections: list[dict], ground_truth: list[dict], classname: int, ovthresh: float = 0.5,
-                       use_07_metric: bool = True, one: float = 1.0) -> float:  # fmt: skip
+def reference_voc_eval(
+    detections: list[dict],
+    ground_truth: list[dict],
+    classname: int,
+    ovthresh: float = 0.5,
+    use_07_metric: bool = True,
+    one: float = 1.0,
+) -> float:
     """AP of class ``classname`` (NaN without non-difficult ground truth, where the original divides by 0)."""
     class_recs = {}
     npos = 0
@@ -66,7 +72,11 @@ def reference_voc_eval(detections: list[dict], ground_truth: list[dict], classna
             iw = np.maximum(ixmax - ixmin + one, 0.0)
             ih = np.maximum(iymax - iymin + one, 0.0)
             inters = iw * ih
-            uni = (bb[2] - bb[0] + one) * (bb[3] - bb[1] + one) + (BBGT[:, 2] - BBGT[:, 0] + one) * (BBGT[:, 3] - BBGT[:, 1] + one) - inters
+            uni = (
+                (bb[2] - bb[0] + one) * (bb[3] - bb[1] + one)
+                + (BBGT[:, 2] - BBGT[:, 0] + one) * (BBGT[:, 3] - BBGT[:, 1] + one)
+                - inters
+            )
             with np.errstate(invalid="ignore"):  # 0 / 0 for empty boxes without the +1: NaN, never a match
                 overlaps = inters / uni
             ovmax = np.max(overlaps)

@@ -23,17 +23,12 @@ def analyse_rows(
     problems = []
     iters = [r["iter"] for r in rows]
     if iters != expected_iters:
-        problems.append(
-            f"logged iterations {compact(iters)}, expected {compact(expected_iters)}"
-        )
+        problems.append(f"logged iterations {compact(iters)}, expected {compact(expected_iters)}")
     # a window whose steps were all skipped logs no loss (null); a logged loss is a mean of updating steps
     bad = [
         r["iter"]
         for r in rows
-        if any(
-            r.get(k) is not None and not math.isfinite(float(r[k]))
-            for k in ("loss", "loc", "conf")
-        )
+        if any(r.get(k) is not None and not math.isfinite(float(r[k])) for k in ("loss", "loc", "conf"))
     ]
     if bad:
         problems.append(f"non-finite loss at iteration(s) {compact(bad)}")
@@ -47,9 +42,7 @@ def analyse_rows(
         "loss_last": losses[-1] if losses else None,
     }
     if rows and any("skipped" not in r for r in rows):
-        problems.append(
-            "metrics.jsonl rows have no 'skipped' count (the engine predates issue 14)"
-        )
+        problems.append("metrics.jsonl rows have no 'skipped' count (the engine predates issue 14)")
     skipped_at = [r["iter"] for r in rows if r.get("skipped", 0)]
     numbers["skipped"] = sum(r.get("skipped", 0) for r in rows)
     if not scaler:
@@ -58,15 +51,9 @@ def analyse_rows(
         return numbers, problems
     scales = [r.get("grad_scale") for r in rows]
     if rows and any(s is None for s in scales):
-        problems.append(
-            "metrics.jsonl rows have no grad_scale (the engine predates issue 14)"
-        )
+        problems.append("metrics.jsonl rows have no grad_scale (the engine predates issue 14)")
         return numbers, problems
-    drops = [
-        r["iter"]
-        for r, before in zip(rows, [INIT_SCALE] + scales)
-        if r["grad_scale"] < before
-    ]
+    drops = [r["iter"] for r, before in zip(rows, [INIT_SCALE] + scales) if r["grad_scale"] < before]
     numbers.update(
         grad_scale_first=scales[0] if scales else None,
         grad_scale_last=scales[-1] if scales else None,
@@ -78,13 +65,9 @@ def analyse_rows(
         [i for i in skipped_at if i > settle],
     )
     if late_drops:
-        problems.append(
-            f"the GradScaler scale fell at iteration(s) {compact(late_drops)}, after the first {settle}"
-        )
+        problems.append(f"the GradScaler scale fell at iteration(s) {compact(late_drops)}, after the first {settle}")
     if late_skips:
-        problems.append(
-            f"steps skipped at iteration(s) {compact(late_skips)}, after the first {settle}"
-        )
+        problems.append(f"steps skipped at iteration(s) {compact(late_skips)}, after the first {settle}")
     return numbers, problems
 
 
@@ -107,9 +90,7 @@ def compact(values: list[int]) -> str:
 
 def steady_images_per_s(rows: list[dict], skip_first: int = 3) -> float | None:
     """Median images/s of the logged windows after the first ``skip_first`` (warm-up, cuDNN autotuning)."""
-    values = [r["images_per_s"] for r in rows[skip_first:]] or [
-        r["images_per_s"] for r in rows[-1:]
-    ]
+    values = [r["images_per_s"] for r in rows[skip_first:]] or [r["images_per_s"] for r in rows[-1:]]
     return statistics.median(values) if values else None
 
 
@@ -119,11 +100,7 @@ def channels_last_report(state: dict) -> dict:
     import torch
 
     four_d = {k: v for k, v in state.items() if v.ndim == 4 and v.is_floating_point()}
-    cl = [
-        k
-        for k, v in four_d.items()
-        if v.is_contiguous(memory_format=torch.channels_last)
-    ]
+    cl = [k for k, v in four_d.items() if v.is_contiguous(memory_format=torch.channels_last)]
     strict = [k for k in cl if not four_d[k].is_contiguous()]
     return {
         "tensors_4d": len(four_d),
@@ -156,9 +133,7 @@ def parameter_change(before: dict, after: dict, names: list[str]) -> dict:
 def compare_evals(a: dict, b: dict, top: int = 10) -> dict:
     """Two :func:`run_eval` results: mAP and per-class AP differences, detection counts, and the
     largest difference between the ``top`` highest scores of an image (rank by rank)."""
-    per_class = [
-        abs((a["per_class"][k] or 0) - (b["per_class"][k] or 0)) for k in a["per_class"]
-    ]
+    per_class = [abs((a["per_class"][k] or 0) - (b["per_class"][k] or 0)) for k in a["per_class"]]
     scores = [{}, {}]
     for side, dets in zip(scores, (a["dets"], b["dets"])):
         for d in dets:

@@ -95,11 +95,7 @@ def nvidia_driver() -> str | None:
             text=True,
             timeout=20,
         )
-        return (
-            out.stdout.strip().splitlines()[0]
-            if out.returncode == 0 and out.stdout.strip()
-            else None
-        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -109,9 +105,7 @@ def step_cuda(check: Check) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        raise Failed(
-            f"no CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no GPU"
-        )
+        raise Failed(f"no CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no GPU")
     gpus = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -137,9 +131,7 @@ def step_cuda(check: Check) -> dict:
         f"bf16 {torch.cuda.is_bf16_supported()}, fp32 matmul vs CPU {diff:.1e}",
     }
     if diff > 1e-2:
-        raise Failed(
-            f"an fp32 matmul on the GPU differs from the CPU's by {diff:.3g}", numbers
-        )
+        raise Failed(f"an fp32 matmul on the GPU differs from the CPU's by {diff:.3g}", numbers)
     return numbers
 
 

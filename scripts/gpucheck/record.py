@@ -99,9 +99,7 @@ class Report:
         return rec
 
     def finish(self) -> None:
-        counts = status_counts(
-            self.doc["steps"], ("ok", "failed", "skipped", "interrupted")
-        )
+        counts = status_counts(self.doc["steps"], ("ok", "failed", "skipped", "interrupted"))
         self.doc.update(
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             seconds=round(time.perf_counter() - self.t0, 1),

@@ -35,9 +35,7 @@ class Settings:
     resume_iters: int = 10  # iterations the resumed run adds
 
 
-REHEARSAL = Settings(
-    iters=4, batch=8, train_images=16, val_images=8, size=64, workers=0, resume_iters=2
-)
+REHEARSAL = Settings(iters=4, batch=8, train_images=16, val_images=8, size=64, workers=0, resume_iters=2)
 
 
 class Check:
@@ -81,9 +79,7 @@ class Check:
                     timeout=timeout,
                 )
             except subprocess.TimeoutExpired:
-                raise Failed(
-                    f"no result after {timeout:.0f} s (killed); log: {log}"
-                ) from None
+                raise Failed(f"no result after {timeout:.0f} s (killed); log: {log}") from None
         if proc.returncode != 0:
             raise Failed(f"exit code {proc.returncode}: {log_error(log)} (log: {log})")
         return log
@@ -138,16 +134,10 @@ def log_error(log: Path) -> str:
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
     lines = [ln for ln in lines if ln]
     pattern = r"^([\w.]+(Error|Exception)\b|ssd [\w-]+: |Traceback)"
-    errors = [
-        ln for ln in lines if re.match(pattern, ln) and not ln.startswith("Traceback")
-    ]
+    errors = [ln for ln in lines if re.match(pattern, ln) and not ln.startswith("Traceback")]
     message = errors[-1] if errors else (lines[-1] if lines else "empty log")
     frames = [re.match(r'^File "([^"]+)", line (\d+)', ln) for ln in lines]
-    ours = [
-        f"{Path(m[1]).relative_to(REPO)}:{m[2]}"
-        for m in frames
-        if m and Path(m[1]).is_relative_to(REPO / "ssd")
-    ]
+    ours = [f"{Path(m[1]).relative_to(REPO)}:{m[2]}" for m in frames if m and Path(m[1]).is_relative_to(REPO / "ssd")]
     return message[:400] + (f" at {ours[-1]}" if ours else "")
 
 
@@ -187,9 +177,7 @@ def check_config(check: Check) -> dict:
 
     cfg = yaml.safe_load((REPO / "configs" / "ssd300_vgg16_voc0712.yaml").read_text())
     cfg["model"].pop("init_backbone", None)
-    cfg["model"].update(
-        num_classes=len(SHAPES_CLASSES) + 1, **(TINY_MODEL if check.cpu else {})
-    )
+    cfg["model"].update(num_classes=len(SHAPES_CLASSES) + 1, **(TINY_MODEL if check.cpu else {}))
     cfg["data"] = {"num_workers": check.s.workers}
     for split in ("train", "val"):  # a list each: no YAML anchors in the written config
         data = {
@@ -213,7 +201,5 @@ def check_config(check: Check) -> dict:
 
 
 def last_line(path: Path) -> str:
-    lines = (
-        path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    )
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
     return lines[-1] if lines else ""

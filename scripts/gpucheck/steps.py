@@ -33,10 +33,7 @@ def step_bench(check: Check) -> dict:
     args = shlex.split(f"bench --device cuda --only {rows} --repeats 5 --json {out}")
     check.ssd("bench", args, 300)
     rows = json.loads(out.read_text())
-    kept = [
-        {k: v for k, v in r.items() if k == "name" or isinstance(v, (int, float))}
-        for r in rows
-    ]
+    kept = [{k: v for k, v in r.items() if k == "name" or isinstance(v, (int, float))} for r in rows]
     summary = ", ".join(bench_cell(r) for r in rows)
     return {"rows": kept, "json": str(out), "summary": summary}
 

@@ -90,10 +90,7 @@ def verify_run(
             f"{change['parameters'] - change['changed']} of {change['parameters']} parameters never changed, "
             f"e.g. {', '.join(change['unchanged'])}"
         )
-    if (
-        layout["channels_last"] < layout["tensors_4d"]
-        or not layout["only_channels_last"]
-    ):
+    if layout["channels_last"] < layout["tensors_4d"] or not layout["only_channels_last"]:
         problems.append(
             f"last.pt weights are not channels_last ({layout['channels_last']} of {layout['tensors_4d']} "
             f"4-D tensors; e.g. {', '.join(layout['not_channels_last'])})"
@@ -108,9 +105,7 @@ def verify_run(
     )
     scale = ""
     if numbers.get("grad_scale_last") is not None:
-        scale = (
-            f", scale {numbers['grad_scale_first']:g}->{numbers['grad_scale_last']:g}"
-        )
+        scale = f", scale {numbers['grad_scale_first']:g}->{numbers['grad_scale_last']:g}"
     numbers["summary"] = (
         f"{numbers['iterations']} its, loss {number(numbers['loss_first'])}->"
         f"{number(numbers['loss_last'])}{scale}, {numbers['skipped']} skipped, "
@@ -137,9 +132,7 @@ def verify_fp16_run(check: Check, name: str, run: Path, rows: list[dict]) -> dic
 def step_bf16(check: Check) -> dict:
     """bf16 autocast (no GradScaler), channels_last by default: finite losses, nothing skipped."""
     run, rows = check.train("bf16", ["train.amp=bf16"])
-    return verify_run(
-        check, "bf16", run, rows, list(range(1, check.s.iters + 1)), scaler=False
-    )
+    return verify_run(check, "bf16", run, rows, list(range(1, check.s.iters + 1)), scaler=False)
 
 
 def step_resume(check: Check) -> dict:
@@ -162,15 +155,8 @@ def step_resume(check: Check) -> dict:
             f"metrics.jsonl after the resume logs iterations {compact([r['iter'] for r in rows])}, expected 1..{end}"
         )
     saved_scale = saved.get("scaler", {}).get("scale")
-    if (
-        not check.cpu
-        and new
-        and saved_scale is not None
-        and new[0].get("grad_scale") != saved_scale
-    ):
-        problems.append(
-            f"the resumed GradScaler scale is {new[0].get('grad_scale')}, last.pt saved {saved_scale}"
-        )
+    if not check.cpu and new and saved_scale is not None and new[0].get("grad_scale") != saved_scale:
+        problems.append(f"the resumed GradScaler scale is {new[0].get('grad_scale')}, last.pt saved {saved_scale}")
     try:  # the resumed steps continue a settled run: no scale drop and no skip at all
         numbers = verify_run(
             check,
@@ -202,13 +188,9 @@ def step_sync_debug(check: Check) -> dict:
     """``train.sync_debug``: steady-state steps (between log steps) run under
     ``torch.cuda.set_sync_debug_mode("error")``; any host-device sync in them fails the run."""
     period = 10 if check.s.iters >= 20 else 2
-    run, rows = check.train(
-        "sync_debug", ["train.sync_debug=true", f"train.log_period={period}"]
-    )
+    run, rows = check.train("sync_debug", ["train.sync_debug=true", f"train.log_period={period}"])
     expected = list(range(period, check.s.iters + 1, period))
-    return verify_run(
-        check, "sync_debug", run, rows, expected, scaler=True, settle=period
-    )
+    return verify_run(check, "sync_debug", run, rows, expected, scaler=True, settle=period)
 
 
 def step_compile(check: Check) -> dict:
@@ -251,37 +233,23 @@ def step_nccl_2gpu(check: Check) -> dict:
         "train.eval_period=10 train.log_period=5"
     )
     log = check.call("nccl_2gpu", [*torchrun, *args], 420)
-    numbers, problems = analyse_rows(
-        loss_rows(run), [5, 10, 15, 20], scaler=True, settle=10
-    )
+    numbers, problems = analyse_rows(loss_rows(run), [5, 10, 15, 20], scaler=True, settle=10)
     evals = eval_rows(run)
-    running = [
-        v
-        for k, v in load_state(run / "last.pt")["model"].items()
-        if k.endswith("running_var")
-    ]
+    running = [v for k, v in load_state(run / "last.pt")["model"].items() if k.endswith("running_var")]
     numbers.update(
         evals_at=[r["iter"] for r in evals],
         maps=[r["map"] for r in evals],
         bn_layers=len(running),
     )
-    if [r["iter"] for r in evals] != [10, 20] or not all(
-        math.isfinite(m) for m in numbers["maps"]
-    ):
+    if [r["iter"] for r in evals] != [10, 20] or not all(math.isfinite(m) for m in numbers["maps"]):
         problems.append(
             f"evaluations at {numbers['evals_at']} with mAP {numbers['maps']}, expected finite ones at 10 and 20"
         )
     if "precise BN at iteration 10" not in log.read_text():
-        problems.append(
-            "no 'precise BN at iteration 10' in the log (precise_bn_before_eval)"
-        )
+        problems.append("no 'precise BN at iteration 10' in the log (precise_bn_before_eval)")
     if not running or not all(bool(v.isfinite().all()) for v in running):
-        problems.append(
-            f"BN running variances missing or non-finite ({len(running)} layers)"
-        )
-    numbers["summary"] = (
-        f"2 ranks, {numbers['iterations']} logged, mAP {numbers['maps']}, {len(running)} BN layers"
-    )
+        problems.append(f"BN running variances missing or non-finite ({len(running)} layers)")
+    numbers["summary"] = f"2 ranks, {numbers['iterations']} logged, mAP {numbers['maps']}, {len(running)} BN layers"
     if problems:
         raise Failed("; ".join(problems), numbers)
     return numbers

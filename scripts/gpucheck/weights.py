@@ -61,18 +61,14 @@ def load_on_cpu(path: str) -> int:
     model.eval()
     size = int(model.input_size)
     with torch.no_grad():
-        out = model(
-            torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        )
+        out = model(torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
     print(
         json.dumps(
             {
                 "cuda_available": torch.cuda.is_available(),
                 "iteration": ckpt.get("iteration"),
                 "tensors": len(ckpt["model"]),
-                "channels_last_in_file": channels_last_report(ckpt["model"])[
-                    "only_channels_last"
-                ],
+                "channels_last_in_file": channels_last_report(ckpt["model"])["only_channels_last"],
                 "devices": sorted({str(p.device) for p in model.parameters()}),
                 "finite": all(bool(torch.isfinite(v).all()) for v in out.values()),
             }
@@ -96,10 +92,7 @@ def step_eval_gpu_vs_cpu(check: Check) -> dict:
         f"{numbers['detections'][1]} detections, top-10 scores within "
         f"{numbers['top_score_max_diff']:.1e}"
     )
-    if (
-        numbers["map_diff"] > MAP_TOLERANCE
-        or numbers["per_class_max_diff"] > MAP_TOLERANCE
-    ):
+    if numbers["map_diff"] > MAP_TOLERANCE or numbers["per_class_max_diff"] > MAP_TOLERANCE:
         raise Failed(
             f"mAP differs by {numbers['map_diff']:.2e} (per class up to "
             f"{numbers['per_class_max_diff']:.2e}), more than {MAP_TOLERANCE:g}",
@@ -129,9 +122,7 @@ def run_eval(check: Check, label: str, weights: Path, device: str, **env: str) -
         str(out),
         "train.amp=none",
     ]
-    check.call(
-        f"eval_{label}", [sys.executable, str(SCRIPT), "--ssd-no-tf32", *args], 300, **env
-    )
+    check.call(f"eval_{label}", [sys.executable, str(SCRIPT), "--ssd-no-tf32", *args], 300, **env)
     result = json.loads((out / "metrics.json").read_text())
     result["dets"] = json.loads((out / "detections.json").read_text())
     return result

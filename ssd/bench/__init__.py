@@ -58,9 +58,7 @@ def format_row(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = sorted({name for rows in BENCHES.values() for name in rows})
     parser.add_argument("--only", nargs="+", choices=names, help="run only these rows")
     parser.add_argument("--json", help="write the rows as a JSON list to this file")
@@ -82,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = [name for name in args.only or [] if name not in benches]
     if wrong:
         rows = ", ".join(benches)
-        parser.error(
-            f"--only {' '.join(wrong)}: not a {args.device} row ({args.device} rows: {rows})"
-        )
+        parser.error(f"--only {' '.join(wrong)}: not a {args.device} row ({args.device} rows: {rows})")
 
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -46,10 +46,15 @@ def bench_augment(repeats: int) -> dict:
     """
     samples = synthetic_jpegs()
     ours_t = build_transforms(AugmentConfig(), PreprocessConfig(), 300, train=True, seed=0)
-    peer_t = v2.Compose([
-        v2.RandomPhotometricDistort(p=1), v2.RandomZoomOut(fill=list(mean_fill_rgb(PreprocessConfig()))),
-        v2.RandomIoUCrop(), v2.RandomHorizontalFlip(), v2.Resize((300, 300)),
-    ])  # fmt: skip
+    peer_t = v2.Compose(
+        [
+            v2.RandomPhotometricDistort(p=1),
+            v2.RandomZoomOut(fill=list(mean_fill_rgb(PreprocessConfig()))),
+            v2.RandomIoUCrop(),
+            v2.RandomHorizontalFlip(),
+            v2.Resize((300, 300)),
+        ]
+    )
     peer_in = [(torch.frombuffer(bytearray(b), dtype=torch.uint8), torch.from_numpy(bx)) for b, bx, _ in samples]
     ours_in = [(np.frombuffer(b, np.uint8), bx, lab) for b, bx, lab in samples]
 
@@ -83,11 +88,21 @@ def bench_augment(repeats: int) -> dict:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
     crops = crop_statistics(voc_like_layouts())  # not timed: what the patch sampler does, side by side
-    note = ("patch sampler alone on 2,000 VOC-like layouts: cropped {:.1%} vs torchvision {:.1%}, area kept {:.3f} vs {:.3f}"
-            .format(crops["ours"]["cropped"], crops["torchvision"]["cropped"], crops["ours"]["area_kept"],
-                    crops["torchvision"]["area_kept"]))  # fmt: skip
-    return {"name": "augment", "ours_s": statistics.median(ours_s), "peer": "torchvision 0.29 transforms.v2 SSD recipe",
-            "peer_s": statistics.median(peer_s), "target": 4.0, "crop": crops, "note": note}  # fmt: skip
+    note = "patch sampler alone on 2,000 VOC-like layouts: cropped {:.1%} vs torchvision {:.1%}, area kept {:.3f} vs {:.3f}".format(
+        crops["ours"]["cropped"],
+        crops["torchvision"]["cropped"],
+        crops["ours"]["area_kept"],
+        crops["torchvision"]["area_kept"],
+    )
+    return {
+        "name": "augment",
+        "ours_s": statistics.median(ours_s),
+        "peer": "torchvision 0.29 transforms.v2 SSD recipe",
+        "peer_s": statistics.median(peer_s),
+        "target": 4.0,
+        "crop": crops,
+        "note": note,
+    }
 
 
 # --- the patch sampler's distribution, side by side with torchvision's RandomIoUCrop ---------------------
@@ -95,8 +110,9 @@ def bench_augment(repeats: int) -> dict:
 VOC_IMAGE_SHAPES = [(375, 500), (500, 375), (333, 500)]  # (h, w): the commonest VOC image shapes
 
 
-def voc_like_layouts(count: int = 2000, seed: int = 0, scale: float = 0.25, expand_p: float = 0.5,
-                     expand_max_ratio: float = 4.0) -> list[tuple[tuple[int, int], np.ndarray]]:  # fmt: skip
+def voc_like_layouts(
+    count: int = 2000, seed: int = 0, scale: float = 0.25, expand_p: float = 0.5, expand_max_ratio: float = 4.0
+) -> list[tuple[tuple[int, int], np.ndarray]]:
     """``count`` VOC-like layouts ``((canvas_h, canvas_w), boxes_px [N, 4] xyxy)``, fixed by ``seed``.
 
     A VOC image shape times ``scale`` (small canvases keep the measurement fast; the samplers work in

@@ -39,9 +39,7 @@ def peak_bf16_tflops(gpu_name: str) -> float | None:
     return None
 
 
-def matmul_tflops(
-    n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20
-) -> float:
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> float:
     """The GPU's rate on an ``n`` x ``n`` x ``n`` matmul in ``dtype`` (TFLOP/s), timed with CUDA events
     over ``repeats`` back-to-back products after 3 warm-up ones."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
@@ -99,13 +97,9 @@ def loop_images_per_s(metrics_path: str | os.PathLike, warmup_rows: int = 1) -> 
     """Training images/s from a run's ``metrics.jsonl``: the logged training rows after the first
     ``warmup_rows`` (worker start-up, cuDNN's algorithm search), as total images / total time."""
     lines = Path(metrics_path).read_text().splitlines()
-    train_rows = [
-        r for r in map(json.loads, filter(str.strip, lines)) if "images_per_s" in r
-    ]
+    train_rows = [r for r in map(json.loads, filter(str.strip, lines)) if "images_per_s" in r]
     if len(train_rows) <= warmup_rows:
-        raise ValueError(
-            f"{metrics_path}: {len(train_rows)} training rows, need more than {warmup_rows}"
-        )
+        raise ValueError(f"{metrics_path}: {len(train_rows)} training rows, need more than {warmup_rows}")
     # a row covers the n iterations since the previous one: n * batch images in n * batch / rate
     # seconds, so the total rate is sum(n) / sum(n / rate), whatever the batch
     iters = [0] + [r["iter"] for r in train_rows]

@@ -36,9 +36,7 @@ from ssd.data.transforms import build_transforms, mean_fill_rgb
 SIZE = 300
 
 
-def voc_xml(
-    boxes_px: np.ndarray, labels: np.ndarray, width: int = 500, height: int = 375
-) -> str:
+def voc_xml(boxes_px: np.ndarray, labels: np.ndarray, width: int = 500, height: int = 375) -> str:
     """A VOC annotation (1-based inclusive pixels: ``xmin = x1 + 1``, ``xmax = x2``) of VOC classes."""
     objects = "".join(
         f"<object><name>{VOC_CLASSES[int(label) - 1]}</name><difficult>0</difficult><bndbox>"
@@ -46,15 +44,11 @@ def voc_xml(
         f"</bndbox></object>"
         for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist())
     )
-    size = (
-        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-    )
+    size = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
     return f"<annotation>{size}{objects}</annotation>"
 
 
-def write_voc_tree(
-    root: Path, num_images: int, distinct: int = 64, seed: int = 0
-) -> Path:
+def write_voc_tree(root: Path, num_images: int, distinct: int = 64, seed: int = 0) -> Path:
     """A VOC folder of ``num_images`` 500x375 JPEGs and XMLs (split ``train``) made of ``distinct``
     :func:`synthetic_jpegs` under several names: decoding a copy costs the same, generating it does not."""
     samples = synthetic_jpegs(min(distinct, num_images), seed)
@@ -65,9 +59,7 @@ def write_voc_tree(
         jpeg, boxes, labels = samples[i % len(samples)]
         (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
         (root / "Annotations" / f"{image_id}.xml").write_text(voc_xml(boxes, labels))
-    (root / "ImageSets" / "Main" / "train.txt").write_text(
-        "".join(f"{i}\n" for i in ids)
-    )
+    (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
 
 
@@ -77,33 +69,31 @@ def write_voc_tree(
 def our_loader(root: Path, batch_size: int, num_workers: int) -> DataLoader:
     """Our training loader as ``train`` builds it, default augmentation, 300 px."""
     transform = build_transforms(AugmentConfig(), PreprocessConfig(), SIZE, train=True)
-    dataset = build_dataset(
-        DatasetConfig(root=str(root), split="train"), transform, train=True
-    )
+    dataset = build_dataset(DatasetConfig(root=str(root), split="train"), transform, train=True)
     return build_dataloader(dataset, batch_size, True, num_workers=num_workers)
 
 
 def reference_transform() -> v2.Compose:
     """torchvision references' ``DetectionPresetTrain(data_augmentation="ssd")`` on PIL images, with
     the resize to 300 and a uint8 output (no ``ToDtype(float)``)."""
-    return v2.Compose([
-        v2.RandomPhotometricDistort(),
-        v2.RandomZoomOut(fill=list(mean_fill_rgb(PreprocessConfig()))),
-        v2.RandomIoUCrop(),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.Resize((SIZE, SIZE)),
-        v2.ToImage(),
-        v2.SanitizeBoundingBoxes(),
-        v2.ToPureTensor(),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.RandomPhotometricDistort(),
+            v2.RandomZoomOut(fill=list(mean_fill_rgb(PreprocessConfig()))),
+            v2.RandomIoUCrop(),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.Resize((SIZE, SIZE)),
+            v2.ToImage(),
+            v2.SanitizeBoundingBoxes(),
+            v2.ToPureTensor(),
+        ]
+    )
 
 
 class ReferenceDetection(Dataset):
     """``(path, boxes_px [N, 4] xyxy, labels [N])`` items through ``transform``, decoded with PIL."""
 
-    def __init__(
-        self, items: list[tuple[str, np.ndarray, np.ndarray]], transform: Callable
-    ) -> None:
+    def __init__(self, items: list[tuple[str, np.ndarray, np.ndarray]], transform: Callable) -> None:
         self.items, self.transform = items, transform
 
     def __len__(self) -> int:
@@ -114,9 +104,7 @@ class ReferenceDetection(Dataset):
         image = Image.open(path).convert("RGB")
         canvas = (image.height, image.width)
         target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(boxes), format="XYXY", canvas_size=canvas
-            ),
+            "boxes": tv_tensors.BoundingBoxes(torch.as_tensor(boxes), format="XYXY", canvas_size=canvas),
             "labels": torch.as_tensor(labels),
         }
         return self.transform(image, target)
@@ -155,12 +143,8 @@ def check_boxes(boxes: torch.Tensor, where: str) -> None:
 
 def check_batch(images: torch.Tensor, batch_size: int, where: str) -> None:
     shape = (batch_size, 3, SIZE, SIZE)
-    assert tuple(images.shape) == shape, (
-        f"{where}: images {tuple(images.shape)}, expected {shape}"
-    )
-    assert images.dtype == torch.uint8, (
-        f"{where}: images are {images.dtype}, expected uint8"
-    )
+    assert tuple(images.shape) == shape, f"{where}: images {tuple(images.shape)}, expected {shape}"
+    assert images.dtype == torch.uint8, f"{where}: images are {images.dtype}, expected uint8"
 
 
 def our_epoch(loader: DataLoader, check: bool = False) -> int:
@@ -189,9 +173,7 @@ def reference_epoch(loader: DataLoader, check: bool = False) -> int:
 # --- the row -----------------------------------------------------------------------------------------
 
 
-def bench_loader(
-    repeats: int, num_images: int = 256, batch_size: int = 32, num_workers: int = 2
-) -> dict:
+def bench_loader(repeats: int, num_images: int = 256, batch_size: int = 32, num_workers: int = 2) -> dict:
     """Images/s of the training input pipeline, ``num_workers`` workers and batches of ``batch_size``
     on both sides, over epochs of ``num_images`` (64 distinct synthetic JPEGs). One checked epoch
     starts the (persistent) workers; then ``max(2, repeats)`` timed epochs alternate between the two
@@ -207,9 +189,7 @@ def bench_loader(
             "peer": reference_epoch(peer, check=True),
         }
         expected = num_images // batch_size * batch_size
-        assert counts == {"ours": expected, "peer": expected}, (
-            f"images per epoch {counts}, expected {expected}"
-        )
+        assert counts == {"ours": expected, "peer": expected}, f"images per epoch {counts}, expected {expected}"
         pair = ours.collate_fn([ours.dataset[0], ours.dataset[1]])
         nhwc = pair["images"].is_contiguous(memory_format=torch.channels_last)
         epochs = {

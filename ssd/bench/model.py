@@ -68,16 +68,11 @@ def bench_loss(repeats: int) -> dict:
     priors, anchors_px, targets, head = ssd300_case(32)
     anchors = [anchors_px] * len(targets)
     criterion = MultiBoxLoss()
-    gt_boxes, gt_labels = pad_targets(
-        [t["boxes"] / 300 for t in targets], [t["labels"] for t in targets]
-    )
+    gt_boxes, gt_labels = pad_targets([t["boxes"] / 300 for t in targets], [t["labels"] for t in targets])
     outputs = {"loc": head["bbox_regression"], "conf": head["cls_logits"]}
 
     def peer():
-        matched = [
-            tv.proposal_matcher(box_iou(t["boxes"], a))
-            for t, a in zip(targets, anchors)
-        ]
+        matched = [tv.proposal_matcher(box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
         return tv.compute_loss(targets, head, anchors, matched)
 
     def ours():
@@ -92,9 +87,16 @@ def bench_loss(repeats: int) -> dict:
     # a call takes tens of ms and the machine's speed drifts within seconds: rounds of the two back to back, and
     # the median of the per-round ratios (as train_step); the sequential medians swung 1.4x-2.1x here
     times = interleaved({"ours": ours, "peer": peer}, max(20, 4 * repeats))
-    return {"name": "loss", "ours_s": statistics.median(times["ours"]), "peer": "torchvision 0.29 SSD matcher+compute_loss",
-            "peer_s": statistics.median(times["peer"]), "speedup": paired_speedup(times["ours"], times["peer"]),
-            "rounds": len(times["ours"]), "target": 2.0, "max_abs_diff": max_abs_diff}  # fmt: skip
+    return {
+        "name": "loss",
+        "ours_s": statistics.median(times["ours"]),
+        "peer": "torchvision 0.29 SSD matcher+compute_loss",
+        "peer_s": statistics.median(times["peer"]),
+        "speedup": paired_speedup(times["ours"], times["peer"]),
+        "rounds": len(times["ours"]),
+        "target": 2.0,
+        "max_abs_diff": max_abs_diff,
+    }
 
 
 def bench_postprocess(repeats: int) -> dict:
@@ -119,13 +121,16 @@ def bench_postprocess(repeats: int) -> dict:
         return post(outputs, priors, (300, 300))
 
     for a, b in zip(peer(), ours()):
-        assert torch.equal(a["labels"], b["labels"]), (
-            "post-processing labels differ from torchvision"
-        )
+        assert torch.equal(a["labels"], b["labels"]), "post-processing labels differ from torchvision"
         torch.testing.assert_close(b["scores"], a["scores"])
         torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-3)
-    return {"name": "postprocess", "ours_s": timeit(ours, repeats), "peer": "torchvision 0.29 SSD postprocess_detections",
-            "peer_s": timeit(peer, max(1, repeats // 3)), "target": 3.0}  # fmt: skip
+    return {
+        "name": "postprocess",
+        "ours_s": timeit(ours, repeats),
+        "peer": "torchvision 0.29 SSD postprocess_detections",
+        "peer_s": timeit(peer, max(1, repeats // 3)),
+        "target": 3.0,
+    }
 
 
 # --- inference: end-to-end predict, BatchNorm folding ------------------------------------------------
@@ -165,11 +170,7 @@ def conv_macs_per_image(model: torch.nn.Module, images: torch.Tensor) -> int:
         per_tap = module.in_channels // module.groups
         total += output[0].numel() * per_tap * kh * kw  # per image: output[0]
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Conv2d)
-    ]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     try:
         with torch.inference_mode():
             model(images[:1])
@@ -179,9 +180,7 @@ def conv_macs_per_image(model: torch.nn.Module, images: torch.Tensor) -> int:
     return total
 
 
-def matmul_gflops(
-    n: int = 2048, repeats: int = 5, device: torch.device | str = "cpu"
-) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
     """The device's fp32 matmul rate (best of ``repeats`` n x n ``torch.mm``): the practical conv limit."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     cuda = torch.device(device).type == "cuda"
@@ -194,14 +193,13 @@ def same_detections(expected: list[dict], got: list[dict]) -> None:
     """Every detection of ``expected`` is in ``got`` (same label, IoU >= 0.999, score within 1e-4) and
     the counts agree; compared as sets because near-equal scores may swap places."""
     for e, g in zip(expected, got, strict=True):
-        assert len(e["scores"]) == len(g["scores"]), (
-            f"{len(g['scores'])} detections vs {len(e['scores'])}"
-        )
-        found = ((box_iou(e["boxes"], g["boxes"]) >= 0.999) & (e["labels"][:, None] == g["labels"][None])
-                 & ((e["scores"][:, None] - g["scores"][None]).abs() <= 1e-4)).any(1)  # fmt: skip
-        assert bool(found.all()), (
-            f"{int((~found).sum())} of {len(found)} detections differ"
-        )
+        assert len(e["scores"]) == len(g["scores"]), f"{len(g['scores'])} detections vs {len(e['scores'])}"
+        found = (
+            (box_iou(e["boxes"], g["boxes"]) >= 0.999)
+            & (e["labels"][:, None] == g["labels"][None])
+            & ((e["scores"][:, None] - g["scores"][None]).abs() <= 1e-4)
+        ).any(1)
+        assert bool(found.all()), f"{int((~found).sum())} of {len(found)} detections differ"
 
 
 def bench_predict(repeats: int, device: torch.device | str = "cpu") -> dict:
@@ -225,12 +223,12 @@ def bench_predict(repeats: int, device: torch.device | str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tv.pt"
         save_checkpoint(convert_torchvision(tv.state_dict()), path)
-        det = Detector.from_checkpoint(
-            path, device=device, score_thresh=0.01, batch_size=8
-        )
+        det = Detector.from_checkpoint(path, device=device, score_thresh=0.01, batch_size=8)
     tv = tv.to(device)
-    images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-              for b, _, _ in synthetic_jpegs(8, seed=1)]  # fmt: skip
+    images = [
+        cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        for b, _, _ in synthetic_jpegs(8, seed=1)
+    ]
 
     def as_float(im: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(im).to(device).permute(2, 0, 1).float().div_(255.0)
@@ -267,30 +265,45 @@ def bench_predict(repeats: int, device: torch.device | str = "cpu") -> dict:
             return nchw(x_nchw)
 
     macs = conv_macs_per_image(det.model, x_ours)
-    assert macs == conv_macs_per_image(tv, x_tv), (
-        "the two networks do not have the same convolutions"
-    )
+    assert macs == conv_macs_per_image(tv, x_tv), "the two networks do not have the same convolutions"
     n = max(3, repeats // 2)
     matmul_n = 8192 if cuda else 2048
     peak = matmul_gflops(matmul_n, device=device)
-    t = best_interleaved({"ours": ours, "peer": peer, "ours_net": ours_net, "peer_net": peer_net, "ours_net_nchw": ours_net_nchw}, n,
-                         cuda=cuda)  # fmt: skip
+    t = best_interleaved(
+        {"ours": ours, "peer": peer, "ours_net": ours_net, "peer_net": peer_net, "ours_net_nchw": ours_net_nchw},
+        n,
+        cuda=cuda,
+    )
     per_image = {k: v / len(images) for k, v in t.items()}
     # before and after: the best the machine gave during the row
     peak = max(peak, matmul_gflops(matmul_n, device=device))
     ours_gf = 2 * macs / per_image["ours_net"] / 1e9
     peer_gf = 2 * macs / per_image["peer_net"] / 1e9
-    note = (f"SSD300 convs {macs / 1e9:.2f} GMAC/image; network {per_image['ours_net'] * 1e3:.0f} vs "
-            f"{per_image['peer_net'] * 1e3:.0f} ms/image = {ours_gf:.0f} vs {peer_gf:.0f} GFLOP/s "
-            f"({ours_gf / peak:.0%} vs {peer_gf / peak:.0%} of fp32 matmul {peak:.0f} GFLOP/s); "
-            f"outside the network {1 - per_image['ours_net'] / per_image['ours']:.0%} vs "
-            f"{1 - per_image['peer_net'] / per_image['peer']:.0%}; our network in NCHW "
-            f"{per_image['ours_net_nchw'] * 1e3:.0f} ms/image")  # fmt: skip
+    note = (
+        f"SSD300 convs {macs / 1e9:.2f} GMAC/image; network {per_image['ours_net'] * 1e3:.0f} vs "
+        f"{per_image['peer_net'] * 1e3:.0f} ms/image = {ours_gf:.0f} vs {peer_gf:.0f} GFLOP/s "
+        f"({ours_gf / peak:.0%} vs {peer_gf / peak:.0%} of fp32 matmul {peak:.0f} GFLOP/s); "
+        f"outside the network {1 - per_image['ours_net'] / per_image['ours']:.0%} vs "
+        f"{1 - per_image['peer_net'] / per_image['peer']:.0%}; our network in NCHW "
+        f"{per_image['ours_net_nchw'] * 1e3:.0f} ms/image"
+    )
     on_gpu = {"gpu": torch.cuda.get_device_name(device)} if cuda else {}
-    return {"name": "predict", "ours_s": per_image["ours"], "peer": "torchvision 0.29 ssd300_vgg16, batch 8",
-            "peer_s": per_image["peer"], "target": 1.15, "gmacs_per_image": macs / 1e9, "matmul_gflops": peak,
-            "ours_net_s": per_image["ours_net"], "peer_net_s": per_image["peer_net"], "ours_net_gflops": ours_gf,
-            "peer_net_gflops": peer_gf, "ours_net_nchw_s": per_image["ours_net_nchw"], **on_gpu, "note": note}  # fmt: skip
+    return {
+        "name": "predict",
+        "ours_s": per_image["ours"],
+        "peer": "torchvision 0.29 ssd300_vgg16, batch 8",
+        "peer_s": per_image["peer"],
+        "target": 1.15,
+        "gmacs_per_image": macs / 1e9,
+        "matmul_gflops": peak,
+        "ours_net_s": per_image["ours_net"],
+        "peer_net_s": per_image["peer_net"],
+        "ours_net_gflops": ours_gf,
+        "peer_net_gflops": peer_gf,
+        "ours_net_nchw_s": per_image["ours_net_nchw"],
+        **on_gpu,
+        "note": note,
+    }
 
 
 def bench_bn_fold(repeats: int) -> dict:
@@ -316,22 +329,16 @@ def bench_bn_fold(repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bn.pt"
         save_checkpoint(
-            make_checkpoint(
-                model.state_dict(), cfg, [f"c{i}" for i in range(1, 21)], "train"
-            ),
+            make_checkpoint(model.state_dict(), cfg, [f"c{i}" for i in range(1, 21)], "train"),
             path,
         )
         fused = Detector.from_checkpoint(path, device="cpu").model
         kept = Detector.from_checkpoint(path, device="cpu", fuse=False).model
-    x = torch.randn(4, 3, 300, 300, generator=g).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(4, 3, 300, 300, generator=g).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         a, b = fused(x), kept(x)
         for key in ("loc", "conf"):
-            assert (a[key] - b[key]).abs().max() <= 1e-4 * b[key].abs().max(), (
-                f"folded {key} differs"
-            )
+            assert (a[key] - b[key]).abs().max() <= 1e-4 * b[key].abs().max(), f"folded {key} differs"
 
     def run(model):
         def fn():
@@ -341,5 +348,10 @@ def bench_bn_fold(repeats: int) -> dict:
         return fn
 
     t = best_interleaved({"ours": run(fused), "peer": run(kept)}, max(3, repeats // 2))
-    return {"name": "bn_fold", "ours_s": t["ours"] / len(x), "peer": "the same VGG16-BN SSD300 with its 21 BatchNorms kept",
-            "peer_s": t["peer"] / len(x), "target": 1.05}  # fmt: skip
+    return {
+        "name": "bn_fold",
+        "ours_s": t["ours"] / len(x),
+        "peer": "the same VGG16-BN SSD300 with its 21 BatchNorms kept",
+        "peer_s": t["peer"] / len(x),
+        "target": 1.05,
+    }

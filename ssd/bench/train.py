@@ -70,9 +70,7 @@ def train_batch(batch: int, seed: int = 0, device: str | torch.device = "cpu") -
     images = images.permute(0, 3, 1, 2)  # [B, 3, H, W], NHWC in memory
     _, _, targets, _ = ssd300_case(batch, seed=seed)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    gt_boxes, gt_labels = pad_targets(
-        [t["boxes"] / SIZE for t in targets], [t["labels"] for t in targets]
-    )
+    gt_boxes, gt_labels = pad_targets([t["boxes"] / SIZE for t in targets], [t["labels"] for t in targets])
     return {
         "images": images,
         "targets": targets,
@@ -143,17 +141,14 @@ def check_step(step: RepeatableStep, name: str, tries: int = 10) -> dict[str, fl
     bad = [k for k, v in losses.items() if not np.isfinite(v)]
     assert not bad, f"{name}: non-finite loss {', '.join(bad)}: {losses}"
     no_grad = [n for n, p in params if p.grad is None]
-    assert not no_grad, (
-        f"{name}: no gradient reached {len(no_grad)} parameters: {', '.join(no_grad[:5])}"
-    )
+    assert not no_grad, f"{name}: no gradient reached {len(no_grad)} parameters: {', '.join(no_grad[:5])}"
     same = [
         n
         for (n, p), p0 in zip(params, before)
         if torch.equal(p.detach(), p0) and (bool(p0.any()) or bool(p.grad.any()))
     ]
     assert not same, (
-        f"{name}: the step left {len(same)} of {len(params)} trainable parameters "
-        f"unchanged: {', '.join(same[:5])}"
+        f"{name}: the step left {len(same)} of {len(params)} trainable parameters unchanged: {', '.join(same[:5])}"
     )
     return losses
 
@@ -257,26 +252,20 @@ def check_equivalence(batch: dict, tv: nn.Module | None = None) -> dict[str, flo
     tv.train()
     cfg = torchvision_model_config(21)
     ours = build_ssd(cfg)
-    load_state_strict(
-        ours, convert_torchvision(tv.state_dict())["model"], "torchvision ssd300_vgg16"
-    )
+    load_state_strict(ours, convert_torchvision(tv.state_dict())["model"], "torchvision ssd300_vgg16")
     ours.train()
     images = [im.contiguous().float().div_(255.0) for im in batch["images"]]
     with torch.no_grad():
         x_tv = tv.transform(images, None)[0].tensors
     x_ours = normalize_batch(batch["images"], cfg.preprocess)
     preprocess_diff = float((x_ours - x_tv).abs().max())
-    assert preprocess_diff <= 1e-4, (
-        f"preprocessing differs from torchvision's by {preprocess_diff}"
-    )
+    assert preprocess_diff <= 1e-4, f"preprocessing differs from torchvision's by {preprocess_diff}"
 
     criterion = build_loss(LossConfig(), cfg)
     mine = RepeatableStep(
         ours,
         build_optimizer(TrainConfig(optimizer="sgd", **SGD), ours),
-        lambda: criterion(
-            ours(x_tv), batch["gt_boxes"], batch["gt_labels"], ours.priors
-        ),
+        lambda: criterion(ours(x_tv), batch["gt_boxes"], batch["gt_labels"], ours.priors),
     )
     theirs = RepeatableStep(
         tv,
@@ -298,15 +287,11 @@ def check_equivalence(batch: dict, tv: nn.Module | None = None) -> dict[str, flo
     }
 
 
-def compare_updates(
-    ours: RepeatableStep, tv: RepeatableStep, tolerance: float = 1e-4
-) -> float:
+def compare_updates(ours: RepeatableStep, tv: RepeatableStep, tolerance: float = 1e-4) -> float:
     """Largest difference between our and torchvision's update of a parameter (weights after the step
     minus before), relative to the largest entry of torchvision's update; asserts <= ``tolerance``."""
     key_map = torchvision_key_map(6)
-    mine = {
-        n: (p, p0) for (n, p), p0 in zip(ours.model.named_parameters(), ours.initial)
-    }
+    mine = {n: (p, p0) for (n, p), p0 in zip(ours.model.named_parameters(), ours.initial)}
     worst = 0.0
     for (name, p), p0 in zip(tv.model.named_parameters(), tv.initial):
         q, q0 = mine.pop(key_map[name])
@@ -316,9 +301,7 @@ def compare_updates(
             rel = 0.0 if diff == 0 else float("inf")
         else:
             rel = diff / scale
-        assert rel <= tolerance, (
-            f"{key_map[name]}: update differs from torchvision's {name} by {rel:.2e}"
-        )
+        assert rel <= tolerance, f"{key_map[name]}: update differs from torchvision's {name} by {rel:.2e}"
         worst = max(worst, rel)
     assert not mine, f"parameters torchvision's model does not have: {sorted(mine)}"
     return worst
@@ -327,15 +310,11 @@ def compare_updates(
 # --- the rows ------------------------------------------------------------------------------------
 
 
-def time_steps(
-    steps: dict[str, RepeatableStep], rounds: int, cuda: bool = False
-) -> dict[str, list[float]]:
+def time_steps(steps: dict[str, RepeatableStep], rounds: int, cuda: bool = False) -> dict[str, list[float]]:
     """Times (seconds) of ``rounds`` rounds of interleaved steps, every one from the same weights:
     ``times[name][i]`` is that step's time in round ``i``."""
     fns = {k: s.step for k, s in steps.items()}
-    return interleaved(
-        fns, rounds, before={k: s.reset for k, s in steps.items()}, cuda=cuda
-    )
+    return interleaved(fns, rounds, before={k: s.reset for k, s in steps.items()}, cuda=cuda)
 
 
 def make_steps(
@@ -360,9 +339,7 @@ def faster_peer(times: dict[str, list[float]]) -> str:
     return min(("peer_nchw", "peer_channels_last"), key=lambda k: min(times[k]))
 
 
-def step_row(
-    name: str, times: dict[str, list[float]], batch: int, target: float | None
-) -> dict:
+def step_row(name: str, times: dict[str, list[float]], batch: int, target: float | None) -> dict:
     """A row from the rounds' step times (:func:`time_steps`): each side's fastest step per image, the
     peer in its faster memory format, and ``speedup`` the median of the paired per-round ratios
     (:func:`ssd.bench.timing.paired_speedup`); ``fastest_ratio`` is the ratio of the fastest steps."""
@@ -413,9 +390,7 @@ def bench_train_step(repeats: int, batch: int = 8) -> dict:
     (``train.retain_host_memory``, on by default: freed memory stays in the process), for both sides."""
     retain_freed_memory()
     model_cfg = dataclasses.replace(Config().model, dropout=0.0)  # the paper's SSD300 (its configs: no dropout)
-    assert not model_cfg.batch_norm, (
-        f"the default model has BatchNorm in {model_cfg.batch_norm}"
-    )
+    assert not model_cfg.batch_norm, f"the default model has BatchNorm in {model_cfg.batch_norm}"
     # built once and copied: its VGG16 classifier alone, built and dropped, is 120M weights
     tv = random_torchvision_ssd()
     equivalence = check_equivalence(train_batch(min(batch, 2), seed=1), tv)
@@ -452,9 +427,7 @@ def bench_train_step_cuda(repeats: int, batch: int = 32) -> list[dict]:
     try:
         for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
             steps = make_steps(model_cfg, data, dtype)
-            losses = {
-                name: check_step(s, f"{name} {label}") for name, s in steps.items()
-            }
+            losses = {name: check_step(s, f"{name} {label}") for name, s in steps.items()}
             time_steps(steps, 2, cuda=True)  # more warm-up
             times = time_steps(steps, max(10, 3 * repeats), cuda=True)
             # no target on the GPU: the issue's target is the CPU's

@@ -11,7 +11,28 @@ from ssd.metrics.voc import voc_map
 
 
 # VOC07 test: non-difficult objects per class (devkit statistics, 12032 in all): realistic class frequencies
-VOC07_TEST_OBJECTS = [285, 337, 459, 263, 469, 213, 1201, 358, 756, 244, 206, 489, 348, 325, 4528, 480, 242, 239, 282, 308]
+VOC07_TEST_OBJECTS = [
+    285,
+    337,
+    459,
+    263,
+    469,
+    213,
+    1201,
+    358,
+    756,
+    244,
+    206,
+    489,
+    348,
+    325,
+    4528,
+    480,
+    242,
+    239,
+    282,
+    308,
+]
 
 
 def voc07_test_case(num_images: int = 4952, dets_per_image: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -49,7 +70,13 @@ def voc07_test_case(num_images: int = 4952, dets_per_image: int = 200, seed: int
         labels = np.concatenate([near_labels, rng.choice(20, m, p=class_p) + 1])[:dets_per_image]
         scores = np.concatenate([near_scores, np.minimum(0.01 + rng.exponential(0.04, m), 0.99)])[:dets_per_image]
         order = np.argsort(-scores, kind="stable")  # the post-processing returns them by score
-        detections.append({"boxes": boxes[order], "scores": scores[order].astype(np.float32).astype(np.float64), "labels": labels[order]})
+        detections.append(
+            {
+                "boxes": boxes[order],
+                "scores": scores[order].astype(np.float32).astype(np.float64),
+                "labels": labels[order],
+            }
+        )
     return detections, ground_truth
 
 
@@ -87,7 +114,11 @@ def reference_voc07_eval(detections: list[dict], ground_truth: list[dict], class
             iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
             ih = np.maximum(iymax - iymin + 1.0, 0.0)
             inters = iw * ih
-            uni = (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0) + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters
+            uni = (
+                (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0)
+                + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0)
+                - inters
+            )
             overlaps = inters / uni
             ovmax = np.max(overlaps)
             jmax = np.argmax(overlaps)
@@ -120,4 +151,10 @@ def bench_voc_eval(repeats: int) -> dict:
     ours = voc_map(detections, ground_truth, 21, use_07_metric=True)
     assert ours["ap"] == peer_ap, f"VOC APs differ from the reference loop: {ours['ap']} vs {peer_ap}"
     ours_s = timeit(lambda: voc_map(detections, ground_truth, 21, use_07_metric=True), max(1, repeats // 2))
-    return {"name": "voc_eval", "ours_s": ours_s, "peer": "py-faster-rcnn voc_eval (loop per detection)", "peer_s": peer_s, "target": 10.0}
+    return {
+        "name": "voc_eval",
+        "ours_s": ours_s,
+        "peer": "py-faster-rcnn voc_eval (loop per detection)",
+        "peer_s": peer_s,
+        "target": 10.0,
+    }

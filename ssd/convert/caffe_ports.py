@@ -23,18 +23,34 @@ COCO_PRIOR_SIZES = {
     512: ([20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8], [51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72]),
 }
 LAYOUTS = {
-    "amdegroot": dict(vgg="vgg.", extras="extras.", l2norm="L2Norm.weight", loc="loc.", conf="conf.",
-                      channel_order="bgr", mean=[104.0, 117.0, 123.0]),
-    "lufficc": dict(vgg="backbone.vgg.", extras="backbone.extras.", l2norm="backbone.l2_norm.weight",
-                    loc="box_head.predictor.reg_headers.", conf="box_head.predictor.cls_headers.",
-                    channel_order="rgb", mean=[123.0, 117.0, 104.0]),
-}  # fmt: skip
+    "amdegroot": dict(
+        vgg="vgg.",
+        extras="extras.",
+        l2norm="L2Norm.weight",
+        loc="loc.",
+        conf="conf.",
+        channel_order="bgr",
+        mean=[104.0, 117.0, 123.0],
+    ),
+    "lufficc": dict(
+        vgg="backbone.vgg.",
+        extras="backbone.extras.",
+        l2norm="backbone.l2_norm.weight",
+        loc="box_head.predictor.reg_headers.",
+        conf="box_head.predictor.cls_headers.",
+        channel_order="rgb",
+        mean=[123.0, 117.0, 104.0],
+    ),
+}
 
 
 def caffe_port_key_map(layout: dict[str, str], num_levels: int) -> dict[str, str]:
     pairs = [(f"{layout['vgg']}{i}", ours) for i, ours in zip(CAFFE_VGG_INDICES, OUR_TRUNK)]
     for j in range(num_levels - 2):
-        pairs += [(f"{layout['extras']}{2 * j}", f"extras.{j}.0.conv"), (f"{layout['extras']}{2 * j + 1}", f"extras.{j}.1.conv")]
+        pairs += [
+            (f"{layout['extras']}{2 * j}", f"extras.{j}.0.conv"),
+            (f"{layout['extras']}{2 * j + 1}", f"extras.{j}.1.conv"),
+        ]
     for i in range(num_levels):
         pairs += [(f"{layout['loc']}{i}", f"head.loc.{i}"), (f"{layout['conf']}{i}", f"head.conf.{i}")]
     return {layout["l2norm"]: "backbone.l2norm.weight", **prefix_map(pairs)}
@@ -61,7 +77,11 @@ def convert_caffe_port(state: dict[str, Tensor], port: str, source: str = "state
         dropout=0.0,
         priors=priors,
         preprocess=PreprocessConfig(
-            channel_order=layout["channel_order"], pixel_scale=1.0, mean=list(layout["mean"]), std=[1.0] * 3, resize="bilinear"
+            channel_order=layout["channel_order"],
+            pixel_scale=1.0,
+            mean=list(layout["mean"]),
+            std=[1.0] * 3,
+            resize="bilinear",
         ),
     )
     return make_checkpoint(ours, cfg, names, port)

@@ -13,8 +13,12 @@ from ssd.convert.common import OUR_TRUNK, count_indexed, head_num_classes, prefi
 
 # torchvision SSDFeatureExtractorVGG: `features` = VGG features[:23]; `extra.0` = pool4, conv5_x, (pool5, fc6, fc7)
 TV_TRUNK = [f"backbone.features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)] + [
-    "backbone.extra.0.1", "backbone.extra.0.3", "backbone.extra.0.5", "backbone.extra.0.7.1", "backbone.extra.0.7.3",
-]  # fmt: skip
+    "backbone.extra.0.1",
+    "backbone.extra.0.3",
+    "backbone.extra.0.5",
+    "backbone.extra.0.7.1",
+    "backbone.extra.0.7.3",
+]
 
 # torchvision's transform: RGB in [0, 1], normalise with this mean and std 1/255, then bilinear resize
 TV_PREPROCESS = dict(
@@ -40,9 +44,15 @@ def torchvision_model_config(num_classes: int = 91) -> ModelConfig:
 def torchvision_key_map(num_levels: int) -> dict[str, str]:
     pairs = list(zip(TV_TRUNK, OUR_TRUNK))
     for j in range(1, num_levels - 1):
-        pairs += [(f"backbone.extra.{j}.0", f"extras.{j - 1}.0.conv"), (f"backbone.extra.{j}.2", f"extras.{j - 1}.1.conv")]
+        pairs += [
+            (f"backbone.extra.{j}.0", f"extras.{j - 1}.0.conv"),
+            (f"backbone.extra.{j}.2", f"extras.{j - 1}.1.conv"),
+        ]
     for i in range(num_levels):
-        pairs += [(f"head.regression_head.module_list.{i}", f"head.loc.{i}"), (f"head.classification_head.module_list.{i}", f"head.conf.{i}")]
+        pairs += [
+            (f"head.regression_head.module_list.{i}", f"head.loc.{i}"),
+            (f"head.classification_head.module_list.{i}", f"head.conf.{i}"),
+        ]
     return {"backbone.scale_weight": "backbone.l2norm.weight", **prefix_map(pairs)}
 
 

@@ -58,7 +58,9 @@ def convert_vgg(state: dict[str, Tensor], batch_norm: bool, source: str = "vgg16
     if missing:
         raise CheckpointError(f"{source}: missing fully connected weights {missing} needed for fc6/fc7")
     if state["classifier.0.weight"].shape != (4096, 25088):
-        raise CheckpointError(f"{source}: classifier.0.weight has shape {tuple(state['classifier.0.weight'].shape)}, expected (4096, 25088)")
+        raise CheckpointError(
+            f"{source}: classifier.0.weight has shape {tuple(state['classifier.0.weight'].shape)}, expected (4096, 25088)"
+        )
     if batch_norm:
         for i, ours in zip(convs, OUR_TRUNK):
             bn = ours.removesuffix(".conv") + ".bn"

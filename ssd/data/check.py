@@ -27,7 +27,9 @@ class CheckReport:
         return not self.problems
 
 
-def check_split(cfg: DatasetConfig, name: str, decode_images: bool = True) -> tuple[CheckReport, list[ImageRecord], list[str]]:
+def check_split(
+    cfg: DatasetConfig, name: str, decode_images: bool = True
+) -> tuple[CheckReport, list[ImageRecord], list[str]]:
     """Index one split collecting every problem (never raising on data), optionally decoding every image."""
     report = CheckReport(name)
     records, classes = index_dataset(cfg, report.problems, name)
@@ -45,13 +47,19 @@ def check_split(cfg: DatasetConfig, name: str, decode_images: bool = True) -> tu
                 continue
             if image.shape[1] != rec.width or image.shape[0] != rec.height:
                 report.problems.report(
-                    "size mismatch", rec.path, f"image is {image.shape[1]}x{image.shape[0]}, annotation says {rec.width}x{rec.height}"
+                    "size mismatch",
+                    rec.path,
+                    f"image is {image.shape[1]}x{image.shape[0]}, annotation says {rec.width}x{rec.height}",
                 )
     return report, records, classes
 
 
-def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True,
-                  coverage: Callable[[list[ImageRecord]], dict] | None = None) -> list[CheckReport]:  # fmt: skip
+def check_dataset(
+    cfg: Config,
+    splits: list[str],
+    decode_images: bool = True,
+    coverage: Callable[[list[ImageRecord]], dict] | None = None,
+) -> list[CheckReport]:
     """Check each split; ``coverage`` (records -> the dict :func:`format_report` prints) measures the
     model's priors on each split's boxes: the caller brings it (:func:`ssd.priorfit.coverage_function`),
     so the data package never builds the network."""
@@ -59,8 +67,11 @@ def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True,
     for split in splits:
         report, records, classes = check_split(getattr(cfg.data, split), f"data.{split}", decode_images)
         if len(classes) + 1 != cfg.model.num_classes:
-            report.problems.report("class count", f"data.{split}",
-                                   f"{len(classes)} classes + background != model.num_classes {cfg.model.num_classes}")  # fmt: skip
+            report.problems.report(
+                "class count",
+                f"data.{split}",
+                f"{len(classes)} classes + background != model.num_classes {cfg.model.num_classes}",
+            )
         if coverage is not None:
             report.coverage = coverage(records)
         reports.append(report)
@@ -69,14 +80,20 @@ def check_dataset(cfg: Config, splits: list[str], decode_images: bool = True,
 
 def format_report(report: CheckReport, every: bool = False) -> str:
     """The report as text; ``every`` lists every problem and repaired file instead of one per kind."""
-    lines = [f"{report.name}: {report.num_images} images, {sum(report.objects.values())} objects "
-             f"({report.difficult} difficult/crowd), {report.empty_images} images without objects"]  # fmt: skip
+    lines = [
+        f"{report.name}: {report.num_images} images, {sum(report.objects.values())} objects "
+        f"({report.difficult} difficult/crowd), {report.empty_images} images without objects"
+    ]
     width = max([len(k) for k in report.objects] + [5])
     for name, n in sorted(report.objects.items()):
         lines.append(f"  {name:<{width}} {n:>7}")
     cov = report.coverage
     if cov:
-        parts = [f"{k} {cov[k]['recall']:.1%} of {cov[k]['boxes']}" for k in ("all", "small", "medium", "large") if cov[k]["recall"] is not None]
+        parts = [
+            f"{k} {cov[k]['recall']:.1%} of {cov[k]['boxes']}"
+            for k in ("all", "small", "medium", "large")
+            if cov[k]["recall"] is not None
+        ]
         lines.append(f"  prior coverage (best prior IoU >= {cov['iou_threshold']}): " + ", ".join(parts))
         if cov.get("advice"):
             lines.append(f"  WARNING: {cov['advice']}")

@@ -49,19 +49,28 @@ def category_mapping(coco, classes: list[str], where: str, ignore_other_classes:
         if cat["name"] in by_name:
             mapping[cat["id"]] = by_name[cat["name"]]
         elif not ignore_other_classes:
-            raise DatasetError(f"{where}: category {cat['name']!r} (id {cat['id']}) is not in classes {classes[:5]}"
-                               f"{'...' if len(classes) > 5 else ''}{unlisted_class_hint(cat['name'], classes, skip_hint=False)}")  # fmt: skip
+            raise DatasetError(
+                f"{where}: category {cat['name']!r} (id {cat['id']}) is not in classes {classes[:5]}"
+                f"{'...' if len(classes) > 5 else ''}{unlisted_class_hint(cat['name'], classes, skip_hint=False)}"
+            )
     return mapping
 
 
 def label_to_category_id(coco, classes: list[str]) -> dict[int, int]:
     """Contiguous label -> the file's own category id (for COCO results files and ``catIds``), by name:
     a label whose name the file lacks has none, a category not in ``classes`` is not scored."""
-    return {label: cid for cid, label in category_mapping(coco, classes, "categories", ignore_other_classes=True).items()}
+    return {
+        label: cid for cid, label in category_mapping(coco, classes, "categories", ignore_other_classes=True).items()
+    }
 
 
-def index_coco(images: str | os.PathLike, annotations: str | os.PathLike, classes: list[str] | None,
-               problems: Problems, ignore_other_classes: bool = False) -> tuple[list[ImageRecord], list[str]]:  # fmt: skip
+def index_coco(
+    images: str | os.PathLike,
+    annotations: str | os.PathLike,
+    classes: list[str] | None,
+    problems: Problems,
+    ignore_other_classes: bool = False,
+) -> tuple[list[ImageRecord], list[str]]:
     """Index a COCO split. Returns ``(records, classes)``. With ``ignore_other_classes`` the objects of
     categories not in ``classes`` are dropped and counted per class; without it such a category raises."""
     coco = load_coco(annotations)
@@ -94,7 +103,11 @@ def index_coco(images: str | os.PathLike, annotations: str | os.PathLike, classe
                 problems.fix(unlisted_kind(unlisted[ann["category_id"]]), where)
                 continue
             if ann.get("category_id") not in cat_to_label:
-                problems.report("unknown class", where, f"annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}")
+                problems.report(
+                    "unknown class",
+                    where,
+                    f"annotation {ann.get('id')} has unknown category_id {ann.get('category_id')}",
+                )
                 continue
             x, y, w, h = (float(v) for v in bbox)
             boxes.append((x, y, x + w, y + h))
@@ -104,9 +117,15 @@ def index_coco(images: str | os.PathLike, annotations: str | os.PathLike, classe
         pixel, keep = sanitize_boxes(source.astype(np.float32), width, height, problems, where)
         records.append(
             ImageRecord(
-                image_id=str(img_id), path=str(path), width=width, height=height, boxes=pixel[keep],
-                labels=np.asarray(labels, np.int64)[keep], difficult=np.asarray(crowd, bool)[keep],
-                source_boxes=source[keep], coco_id=img_id,
-            )  # fmt: skip
+                image_id=str(img_id),
+                path=str(path),
+                width=width,
+                height=height,
+                boxes=pixel[keep],
+                labels=np.asarray(labels, np.int64)[keep],
+                difficult=np.asarray(crowd, bool)[keep],
+                source_boxes=source[keep],
+                coco_id=img_id,
+            )
         )
     return records, classes

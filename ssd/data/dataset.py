@@ -136,8 +136,9 @@ class DetectionDataset(Dataset):
         return {"image": image, "boxes": boxes, "labels": labels, "image_id": rec.image_id, "orig_size": (h, w)}
 
 
-def build_dataset(cfg: DatasetConfig, transform: Callable | None, train: bool, on_error: str = "auto",
-                  key: str = "data.train") -> DetectionDataset:  # fmt: skip
+def build_dataset(
+    cfg: DatasetConfig, transform: Callable | None, train: bool, on_error: str = "auto", key: str = "data.train"
+) -> DetectionDataset:
     """Index (raising on problems unless ``on_error="skip"``) and wrap a dataset split."""
     problems = Problems("skip" if on_error == "skip" else "raise")
     records, classes = index_dataset(cfg, problems, key)
@@ -149,7 +150,9 @@ def build_dataset(cfg: DatasetConfig, transform: Callable | None, train: bool, o
             log.info("%s: dropped %d images without objects (keep_empty: false)", key, before - len(records))
     if not records:
         raise DatasetError(f"{key}: the dataset has no usable images")
-    return DetectionDataset(records, classes, transform, train, cfg.keep_difficult, "raise" if on_error == "raise" else "skip")
+    return DetectionDataset(
+        records, classes, transform, train, cfg.keep_difficult, "raise" if on_error == "raise" else "skip"
+    )
 
 
 def stack_images(images: list[np.ndarray]) -> torch.Tensor:

@@ -138,9 +138,10 @@ def _shaded(rng: np.random.Generator, colour: np.ndarray, shape: tuple[int, int]
     """``colour`` with a mild linear shading (up to +-12% across the patch), float32 [h, w, 3]."""
     h, w = shape
     amount, angle = rng.uniform(0, 0.25), rng.uniform(0, 2 * np.pi)
-    ramp = np.cos(angle) * np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] + np.sin(angle) * np.linspace(
-        -0.5, 0.5, h, dtype=np.float32
-    )[:, None]  # [h, w]
+    ramp = (
+        np.cos(angle) * np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
+        + np.sin(angle) * np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]
+    )  # [h, w]
     return np.clip((1 + amount * ramp)[..., None] * colour, 0, 255).astype(np.float32)
 
 
@@ -162,7 +163,9 @@ class _Canvas:
         left = zip(self.visible_area, hidden, self.drawn_area)
         return hidden if all(now - lost >= MIN_VISIBLE * area for now, lost, area in left) else None
 
-    def draw(self, rng: np.random.Generator, region: tuple[slice, slice], alpha: np.ndarray, hidden: list[float]) -> None:
+    def draw(
+        self, rng: np.random.Generator, region: tuple[slice, slice], alpha: np.ndarray, hidden: list[float]
+    ) -> None:
         """Paint a random colour through ``alpha`` at ``region``; earlier objects lose ``hidden`` area."""
         for k, vis in enumerate(self.visible):
             vis[region] *= 1 - alpha
@@ -197,8 +200,14 @@ def _place(rng: np.random.Generator, canvas: _Canvas, label: int, side: float) -
     return False
 
 
-def render_image(rng: np.random.Generator, size: int = 300, max_objects: int = 6, textured: bool = True,
-                 min_side: float = MIN_SIDE, max_side: float = MAX_SIDE) -> Rendered:  # fmt: skip
+def render_image(
+    rng: np.random.Generator,
+    size: int = 300,
+    max_objects: int = 6,
+    textured: bool = True,
+    min_side: float = MIN_SIDE,
+    max_side: float = MAX_SIDE,
+) -> Rendered:
     """Draw one image. ``textured=False`` gives a flat grey background without lines or noise
     (tests use it to check that boxes match the drawn pixels exactly). Object box sides are drawn
     log-uniform in ``[min_side, max_side]`` of the image side."""
@@ -258,7 +267,9 @@ def _voc_xml(image_id: str, size: int, boxes_px: np.ndarray, labels: np.ndarray)
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def _write_split(out: Path, split: str, num: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]) -> dict:
+def _write_split(
+    out: Path, split: str, num: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]
+) -> dict:
     """Write one split's images, XMLs, id list and COCO JSON; returns its summary."""
     coco = {
         "info": {"description": "synthetic shapes", "version": str(GENERATOR_VERSION)},
@@ -278,10 +289,16 @@ def _write_split(out: Path, split: str, num: int, size: int, seed: int, max_obje
         coco["images"].append({"id": index + 1, "file_name": f"{image_id}.jpg", "width": size, "height": size})
         for (x1, y1, x2, y2), label in zip(r.boxes_px.tolist(), r.labels.tolist()):
             w, h = x2 - x1, y2 - y1
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1, "image_id": index + 1, "category_id": label + 1,
-                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0,
-            })  # fmt: skip
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": index + 1,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
             per_class[SHAPES_CLASSES[label]] += 1
         ids.append(image_id)
         empty += len(r.labels) == 0
@@ -299,17 +316,35 @@ def _remove_stale(out: Path, split: str, num: int) -> None:
                 path.unlink()
 
 
-def _parameters(num_train: int, num_val: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]) -> dict:
-    params = {"version": GENERATOR_VERSION, "classes": SHAPES_CLASSES, "num_train": num_train, "num_val": num_val,
-              "size": size, "seed": seed, "max_objects": max_objects}  # fmt: skip
-    if sides != (MIN_SIDE, MAX_SIDE):  # only then: the manifests of default datasets written before the option stay valid
+def _parameters(
+    num_train: int, num_val: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]
+) -> dict:
+    params = {
+        "version": GENERATOR_VERSION,
+        "classes": SHAPES_CLASSES,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": size,
+        "seed": seed,
+        "max_objects": max_objects,
+    }
+    if sides != (
+        MIN_SIDE,
+        MAX_SIDE,
+    ):  # only then: the manifests of default datasets written before the option stay valid
         params["min_side"], params["max_side"] = sides
     return params
 
 
 def generate_shapes(
-    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6,
-    min_side: float = MIN_SIDE, max_side: float = MAX_SIDE,
+    out: str | os.PathLike,
+    num_train: int,
+    num_val: int,
+    size: int = 300,
+    seed: int = 0,
+    max_objects: int = 6,
+    min_side: float = MIN_SIDE,
+    max_side: float = MAX_SIDE,
 ) -> dict:
     """Write the shapes dataset under ``out`` as a VOC tree and COCO JSON describing the same images.
 
@@ -321,11 +356,15 @@ def generate_shapes(
     ``{"path", "splits": {split: {"images", "empty_images", "objects", "objects_per_class"}}}``.
     """
     if size < 32 or max_objects < 0 or num_train < 0 or num_val < 0:
-        raise ValueError(f"need size >= 32 and non-negative counts, got size={size}, num_train={num_train}, "
-                         f"num_val={num_val}, max_objects={max_objects}")  # fmt: skip
+        raise ValueError(
+            f"need size >= 32 and non-negative counts, got size={size}, num_train={num_train}, "
+            f"num_val={num_val}, max_objects={max_objects}"
+        )
     if not 0 < min_side <= max_side <= 1 or min_side * size < 2:
-        raise ValueError(f"object sides: need 0 < min_side <= max_side <= 1 and min_side * size >= 2 px, got "
-                         f"min_side={min_side}, max_side={max_side} at size {size}")  # fmt: skip
+        raise ValueError(
+            f"object sides: need 0 < min_side <= max_side <= 1 and min_side * size >= 2 px, got "
+            f"min_side={min_side}, max_side={max_side} at size {size}"
+        )
     out = Path(out)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main", "annotations"):
@@ -342,8 +381,14 @@ def generate_shapes(
 
 
 def ensure_shapes(
-    out: str | os.PathLike, num_train: int, num_val: int, size: int = 300, seed: int = 0, max_objects: int = 6,
-    min_side: float = MIN_SIDE, max_side: float = MAX_SIDE,
+    out: str | os.PathLike,
+    num_train: int,
+    num_val: int,
+    size: int = 300,
+    seed: int = 0,
+    max_objects: int = 6,
+    min_side: float = MIN_SIDE,
+    max_side: float = MAX_SIDE,
 ) -> Path:
     """``out`` holding a complete shapes dataset with these parameters, generated only if it does not yet."""
     out = Path(out)

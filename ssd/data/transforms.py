@@ -222,6 +222,10 @@ def normalize_batch(images: Tensor, preprocess: PreprocessConfig, dtype: torch.d
 
 
 @functools.lru_cache(maxsize=16)
-def _normalization_constants(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
-            torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1))  # fmt: skip
+def _normalization_constants(
+    mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    return (
+        torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1),
+    )

@@ -33,8 +33,14 @@ def cache_dir() -> Path:
 def read_split(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
-        available = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt")) if (root / "ImageSets" / "Main").is_dir() else []
-        raise FileNotFoundError(f"{path}: split file not found" + (f"; available splits: {', '.join(available[:10])}" if available else ""))
+        available = (
+            sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt"))
+            if (root / "ImageSets" / "Main").is_dir()
+            else []
+        )
+        raise FileNotFoundError(
+            f"{path}: split file not found" + (f"; available splits: {', '.join(available[:10])}" if available else "")
+        )
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     return ids
 
@@ -120,13 +126,21 @@ def image_size_from_header(path: str) -> tuple[int, int]:
         return im.size
 
 
-def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems: Problems, use_cache: bool = True,
-              ignore_other_classes: bool = False) -> list[ImageRecord]:  # fmt: skip
+def index_voc(
+    root: str | os.PathLike,
+    split: str,
+    classes: list[str],
+    problems: Problems,
+    use_cache: bool = True,
+    ignore_other_classes: bool = False,
+) -> list[ImageRecord]:
     """Index one VOC (root, split). Labels are 1-based positions in ``classes``. An object of a class
     not in ``classes`` is a problem, or with ``ignore_other_classes`` dropped and counted per class."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: VOC root folder not found (expected Annotations/, JPEGImages/, ImageSets/Main/)")
+        raise FileNotFoundError(
+            f"{root}: VOC root folder not found (expected Annotations/, JPEGImages/, ImageSets/Main/)"
+        )
     ids = read_split(root, split)
     ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
     images = {}
@@ -142,7 +156,9 @@ def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems:
     for image_id in ids:
         xml = ann_dir / f"{image_id}.xml"
         if image_id not in images:
-            problems.report("missing image", str(img_dir / f"{image_id}.*"), f"no image for id {image_id!r} in {img_dir}")
+            problems.report(
+                "missing image", str(img_dir / f"{image_id}.*"), f"no image for id {image_id!r} in {img_dir}"
+            )
             continue
         if not xml.is_file():
             problems.report("missing annotation", str(xml), "annotation file not found")
@@ -165,8 +181,12 @@ def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems:
                 if ignore_other_classes:
                     problems.fix(unlisted_kind(name), str(xml))
                 else:
-                    problems.report("unknown class", str(xml), f"object class {name!r} is not in classes "
-                                    f"{classes[:5]}{'...' if len(classes) > 5 else ''}{unlisted_class_hint(name, classes)}")  # fmt: skip
+                    problems.report(
+                        "unknown class",
+                        str(xml),
+                        f"object class {name!r} is not in classes "
+                        f"{classes[:5]}{'...' if len(classes) > 5 else ''}{unlisted_class_hint(name, classes)}",
+                    )
                 continue
             boxes.append(coords)
             labels.append(label_of[name])
@@ -177,10 +197,15 @@ def index_voc(root: str | os.PathLike, split: str, classes: list[str], problems:
         pixel, keep = sanitize_boxes(pixel, size[0], size[1], problems, str(xml))
         records.append(
             ImageRecord(
-                image_id=image_id, path=images[image_id], width=size[0], height=size[1],
-                boxes=pixel[keep], labels=np.asarray(labels, np.int64)[keep], difficult=np.asarray(difficult, bool)[keep],
+                image_id=image_id,
+                path=images[image_id],
+                width=size[0],
+                height=size[1],
+                boxes=pixel[keep],
+                labels=np.asarray(labels, np.int64)[keep],
+                difficult=np.asarray(difficult, bool)[keep],
                 source_boxes=source[keep],
-            )  # fmt: skip
+            )
         )
     if cache:
         cache.save()

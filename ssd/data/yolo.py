@@ -75,11 +75,15 @@ def _names_from_yaml(path: Path, data: dict) -> list[str]:
         try:
             by_id = {int(k): str(v) for k, v in names.items()}
         except (TypeError, ValueError):
-            raise DatasetError(f"{path}: names: the keys of an id -> name map must be integers, got {list(names)[:5]}") from None
+            raise DatasetError(
+                f"{path}: names: the keys of an id -> name map must be integers, got {list(names)[:5]}"
+            ) from None
         if sorted(by_id) != list(range(len(by_id))):
             missing = sorted(set(range(max(by_id, default=-1) + 1)) - set(by_id))
-            raise DatasetError(f"{path}: names: ids must be 0..{len(by_id) - 1} without gaps; missing {missing[:10] or 'none'} "
-                               f"(ids {sorted(by_id)[:10]})")  # fmt: skip
+            raise DatasetError(
+                f"{path}: names: ids must be 0..{len(by_id) - 1} without gaps; missing {missing[:10] or 'none'} "
+                f"(ids {sorted(by_id)[:10]})"
+            )
         names = [by_id[i] for i in range(len(by_id))]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{path}: names must be a non-empty list or an id -> name map, got {names!r:.80}")
@@ -115,17 +119,26 @@ def yolo_classes(roots: list[str], classes: list[str] | None) -> list[str]:
     if classes:
         for root, names in declared.items():
             if names is not None and names[: len(classes)] != list(classes):
-                log.warning("%s: the config's classes %s differ from the names the dataset declares %s; "
-                            "class id k is the config's classes[k]", root, list(classes)[:5], names[:5])  # fmt: skip
+                log.warning(
+                    "%s: the config's classes %s differ from the names the dataset declares %s; "
+                    "class id k is the config's classes[k]",
+                    root,
+                    list(classes)[:5],
+                    names[:5],
+                )
         return list(classes)
     first, names = roots[0], declared[roots[0]]
     if names is None:
-        raise DatasetError(f"{first}: no class names: set classes in the dataset config, or put data.yaml (names) or "
-                           "classes.txt (one name per line) in the root")  # fmt: skip
+        raise DatasetError(
+            f"{first}: no class names: set classes in the dataset config, or put data.yaml (names) or "
+            "classes.txt (one name per line) in the root"
+        )
     for root, other in declared.items():
         if other != names:
-            raise DatasetError(f"{root}: declares classes {(other or [])[:5]}, {first} declares {names[:5]}; "
-                               "concatenated roots need the same classes (or set classes in the config)")  # fmt: skip
+            raise DatasetError(
+                f"{root}: declares classes {(other or [])[:5]}, {first} declares {names[:5]}; "
+                "concatenated roots need the same classes (or set classes in the config)"
+            )
     return names
 
 
@@ -165,10 +178,16 @@ def split_sources(root: Path, split: str) -> list[Path]:
     for path in (root / split, root / f"{split}.txt"):
         if path.exists():
             return [path]
-    tried = ([f"{yaml_path.name} key {split!r}"] if yaml_path else []) + [f"images/{split}/", f"{split}/images/", f"{split}.txt"]
+    tried = ([f"{yaml_path.name} key {split!r}"] if yaml_path else []) + [
+        f"images/{split}/",
+        f"{split}/images/",
+        f"{split}.txt",
+    ]
     available = available_splits(root, data)
-    raise FileNotFoundError(f"{root}: YOLO split {split!r} not found (looked for {', '.join(tried)})"
-                            + (f"; available: {', '.join(available[:10])}" if available else ""))  # fmt: skip
+    raise FileNotFoundError(
+        f"{root}: YOLO split {split!r} not found (looked for {', '.join(tried)})"
+        + (f"; available: {', '.join(available[:10])}" if available else "")
+    )
 
 
 def list_images(source: Path) -> list[Path]:
@@ -212,8 +231,9 @@ def subset_lists(pairs: list[tuple[str, str]], num_images: int, out: Path) -> tu
 # --- label files --------------------------------------------------------------------------------
 
 
-def parse_label_file(path: Path, classes: list[str], problems: Problems,
-                     ignore_other_classes: bool = False) -> tuple[list[int], list[tuple[float, float, float, float]]]:  # fmt: skip
+def parse_label_file(
+    path: Path, classes: list[str], problems: Problems, ignore_other_classes: bool = False
+) -> tuple[list[int], list[tuple[float, float, float, float]]]:
     """``(class ids, normalised (x1, y1, x2, y2) corners)`` of the usable lines of one label file."""
     try:
         lines = path.read_text().splitlines()
@@ -230,8 +250,9 @@ def parse_label_file(path: Path, classes: list[str], problems: Problems,
     return ids, corners
 
 
-def parse_label_line(line: str, where: str, classes: list[str], problems: Problems,
-                     ignore_other_classes: bool) -> tuple[int, tuple[float, float, float, float]] | None:  # fmt: skip
+def parse_label_line(
+    line: str, where: str, classes: list[str], problems: Problems, ignore_other_classes: bool
+) -> tuple[int, tuple[float, float, float, float]] | None:
     """``(class id, normalised corners)`` of one ``class cx cy w h`` line, or None (reported or counted at ``where``)."""
     try:
         values = [float(t) for t in line.split()]
@@ -242,8 +263,11 @@ def parse_label_line(line: str, where: str, classes: list[str], problems: Proble
         problems.fix("polygon (segmentation) line skipped", where)
         return None
     if len(values) != 5:
-        problems.report("malformed label line", where, f"{len(values)} values in {line!r:.80}; "
-                        "expected 5: class cx cy w h (normalised to [0, 1])")  # fmt: skip
+        problems.report(
+            "malformed label line",
+            where,
+            f"{len(values)} values in {line!r:.80}; expected 5: class cx cy w h (normalised to [0, 1])",
+        )
         return None
     if not values[0].is_integer():
         problems.report("malformed label line", where, f"class id {line.split()[0]!r} is not an integer")
@@ -254,15 +278,22 @@ def parse_label_line(line: str, where: str, classes: list[str], problems: Proble
             problems.fix(unlisted_kind(class_id), where)
         else:
             shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-            problems.report("class id out of range", where, f"class id {class_id} is not in 0..{len(classes) - 1} "
-                            f"({len(classes)} classes: {shown})")  # fmt: skip
+            problems.report(
+                "class id out of range",
+                where,
+                f"class id {class_id} is not in 0..{len(classes) - 1} ({len(classes)} classes: {shown})",
+            )
         return None
     cx, cy, w, h = values[1:]
     box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
     if all(map(math.isfinite, box)) and (min(box) < -BORDER_TOLERANCE or max(box) > 1 + BORDER_TOLERANCE):
-        problems.report("box outside the image", where, f"box (cx, cy, w, h) = {tuple(values[1:])} reaches "
-                        f"({box[0]:.4g}, {box[1]:.4g}, {box[2]:.4g}, {box[3]:.4g}) (x1, y1, x2, y2), more than "
-                        f"{BORDER_TOLERANCE} outside [0, 1]")  # fmt: skip
+        problems.report(
+            "box outside the image",
+            where,
+            f"box (cx, cy, w, h) = {tuple(values[1:])} reaches "
+            f"({box[0]:.4g}, {box[1]:.4g}, {box[2]:.4g}, {box[3]:.4g}) (x1, y1, x2, y2), more than "
+            f"{BORDER_TOLERANCE} outside [0, 1]",
+        )
         return None
     return class_id, box
 
@@ -274,18 +305,23 @@ def _image_id(image: Path, root: Path) -> str:
         return image.with_suffix("").as_posix()
 
 
-def index_yolo(root: str | os.PathLike, split: str, classes: list[str], problems: Problems,
-               ignore_other_classes: bool = False) -> list[ImageRecord]:  # fmt: skip
+def index_yolo(
+    root: str | os.PathLike, split: str, classes: list[str], problems: Problems, ignore_other_classes: bool = False
+) -> list[ImageRecord]:
     """Index one YOLO (root, split). Labels are class id + 1 (1-based positions in ``classes``)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: YOLO root folder not found (expected images/ and labels/ folders, or data.yaml)")
+        raise FileNotFoundError(
+            f"{root}: YOLO root folder not found (expected images/ and labels/ folders, or data.yaml)"
+        )
     images = [image for source in split_sources(root, split) for image in list_images(source)]
     records, owner, labelled = [], {}, 0
     for image in images:
         labels_file = label_path(image)
         if labels_file in owner:
-            problems.report("duplicate image", str(image), f"shares its label file {labels_file} with {owner[labels_file]}")
+            problems.report(
+                "duplicate image", str(image), f"shares its label file {labels_file} with {owner[labels_file]}"
+            )
             continue
         owner[labels_file] = image
         if not image.is_file():
@@ -305,11 +341,22 @@ def index_yolo(root: str | os.PathLike, split: str, classes: list[str], problems
         source = boxes[keep].astype(np.float64) + np.array([1.0, 1.0, 0.0, 0.0])  # VOC's numbers (module docstring)
         records.append(
             ImageRecord(
-                image_id=_image_id(image, root), path=str(image), width=width, height=height, boxes=boxes[keep],
-                labels=np.asarray(ids, np.int64)[keep] + 1, difficult=np.zeros(int(keep.sum()), bool), source_boxes=source,
-            )  # fmt: skip
+                image_id=_image_id(image, root),
+                path=str(image),
+                width=width,
+                height=height,
+                boxes=boxes[keep],
+                labels=np.asarray(ids, np.int64)[keep] + 1,
+                difficult=np.zeros(int(keep.sum()), bool),
+                source_boxes=source,
+            )
         )
     if images and not labelled:
-        log.warning("%s split %r: none of the %d images has a label file (e.g. %s); they have no objects",
-                    root, split, len(images), label_path(images[0]))  # fmt: skip
+        log.warning(
+            "%s split %r: none of the %d images has a label file (e.g. %s); they have no objects",
+            root,
+            split,
+            len(images),
+            label_path(images[0]),
+        )
     return records

@@ -62,11 +62,20 @@ def frozen_bn_layers(model: nn.Module, bn_mode: str, loaded_keys: Iterable[str])
     frozen = trained_bn_layers(model, loaded_keys)
     training = [name for name in names if name not in frozen]
     if names and not frozen:
-        log.warning("train.bn=frozen: no BatchNorm layer has trained statistics (nothing loaded them from model.init or "
-                    "model.init_backbone), so all %d train as with train.bn=train", len(names))  # fmt: skip
+        log.warning(
+            "train.bn=frozen: no BatchNorm layer has trained statistics (nothing loaded them from model.init or "
+            "model.init_backbone), so all %d train as with train.bn=train",
+            len(names),
+        )
     elif training:
-        log.info("train.bn=frozen: %d BatchNorm layer(s) frozen with their loaded statistics (%s); %d without trained "
-                 "statistics train (%s)", len(frozen), _names(frozen), len(training), _names(training))  # fmt: skip
+        log.info(
+            "train.bn=frozen: %d BatchNorm layer(s) frozen with their loaded statistics (%s); %d without trained "
+            "statistics train (%s)",
+            len(frozen),
+            _names(frozen),
+            len(training),
+            _names(training),
+        )
     elif frozen:
         log.info("train.bn=frozen: all %d BatchNorm layers frozen with their loaded statistics", len(frozen))
     return frozen
@@ -87,10 +96,12 @@ def small_batch_warning(bn_mode: str, world_size: int, per_process_batch: int) -
     process (each process normalises with its own small batch's statistics), else None."""
     if bn_mode != "train" or world_size < 2 or per_process_batch >= MIN_BN_BATCH:
         return None
-    return (f"train.bn=train with {per_process_batch} image(s) per process ({world_size} processes): each BatchNorm layer "
-            f"normalises with the statistics of {per_process_batch} images. Use train.bn=sync (statistics over the global "
-            f"batch of {per_process_batch * world_size}, CUDA) or train.bn=frozen (fine-tuning from trained statistics), "
-            f"or {MIN_BN_BATCH}+ images per process; see docs/batchnorm.md")  # fmt: skip
+    return (
+        f"train.bn=train with {per_process_batch} image(s) per process ({world_size} processes): each BatchNorm layer "
+        f"normalises with the statistics of {per_process_batch} images. Use train.bn=sync (statistics over the global "
+        f"batch of {per_process_batch * world_size}, CUDA) or train.bn=frozen (fine-tuning from trained statistics), "
+        f"or {MIN_BN_BATCH}+ images per process; see docs/batchnorm.md"
+    )
 
 
 @torch.no_grad()
@@ -160,13 +171,24 @@ def warn_stale_bn(model: nn.Module, where: str) -> list[str]:
         log.warning(
             "%s: %d BatchNorm layer(s) still have their initial running statistics (e.g. %s); eval-mode outputs will "
             "be wrong. Train with train.bn=train or recompute them with train.precise_bn_batches > 0.",
-            where, len(stale), stale[0],
-        )  # fmt: skip
+            where,
+            len(stale),
+            stale[0],
+        )
     return stale
 
 
-_REPORT_NAMES = {"DRIFT_MEAN_GAP", "DRIFT_VAR_GAP", "NOISE_FACTOR", "BNLayerReport", "BNReport", "bn_report",
-                 "format_bn_report", "run_bn_report_command", "sampling_gaps"}  # fmt: skip
+_REPORT_NAMES = {
+    "DRIFT_MEAN_GAP",
+    "DRIFT_VAR_GAP",
+    "NOISE_FACTOR",
+    "BNLayerReport",
+    "BNReport",
+    "bn_report",
+    "format_bn_report",
+    "run_bn_report_command",
+    "sampling_gaps",
+}
 
 
 def __getattr__(name: str):

@@ -29,8 +29,9 @@ DRIFT_VAR_GAP = 0.5
 NOISE_FACTOR = 3.0
 
 
-def sampling_gaps(batch_means: torch.Tensor, batch_vars: torch.Tensor, momentum: float | None, tracked: int = 0,
-                  eps: float = 1e-5) -> tuple[float, float]:  # fmt: skip
+def sampling_gaps(
+    batch_means: torch.Tensor, batch_vars: torch.Tensor, momentum: float | None, tracked: int = 0, eps: float = 1e-5
+) -> tuple[float, float]:
     """The channel-averaged ``(mean_gap, var_gap)`` that sampling noise alone gives a layer whose running
     statistics are right in expectation, from the per-batch statistics ``batch_means`` / ``batch_vars``
     ``[K, C]`` of ``K >= 2`` measured batches (``(0.0, 0.0)`` for one batch: no spread to measure).
@@ -140,7 +141,9 @@ def bn_report(
         raise ValueError("the model has no BatchNorm layers (model.batch_norm: none): nothing to report")
     stale = set(stale_bn_layers(model))
     buffers = {name: [b.clone() for b in m.buffers()] for name, m in layers}
-    stats = {name: ([], [], []) for name, _ in layers}  # per batch: means [C], unbiased variances [C], values per channel
+    stats = {
+        name: ([], [], []) for name, _ in layers
+    }  # per batch: means [C], unbiased variances [C], values per channel
 
     def hook(name: str):
         def record(module, inputs):
@@ -201,50 +204,77 @@ def bn_report(
         tracked = 0 if m.num_batches_tracked is None else int(m.num_batches_tracked)
         noise = sampling_gaps(means, variances, m.momentum, tracked, m.eps)
         thresholds = max(mean_threshold, noise_factor * noise[0]), max(var_threshold, noise_factor * noise[1])
-        reports.append(BNLayerReport(
-            name=name, channels=m.num_features, values=round(sum(values) / len(values)), running_mean=float(run_mean.mean()),
-            batch_mean=float(batch_mean.mean()), running_var=float(run_var.mean()), batch_var=float(batch_var.mean()),
-            mean_gap=float(mean_gap.mean()), var_gap=float(var_gap.mean()), stale=name in stale,
-            drifted=bool(mean_gap.mean() > thresholds[0] or var_gap.mean() > thresholds[1]),
-            mean_threshold=thresholds[0], var_threshold=thresholds[1],
-        ))  # fmt: skip
+        reports.append(
+            BNLayerReport(
+                name=name,
+                channels=m.num_features,
+                values=round(sum(values) / len(values)),
+                running_mean=float(run_mean.mean()),
+                batch_mean=float(batch_mean.mean()),
+                running_var=float(run_var.mean()),
+                batch_var=float(batch_var.mean()),
+                mean_gap=float(mean_gap.mean()),
+                var_gap=float(var_gap.mean()),
+                stale=name in stale,
+                drifted=bool(mean_gap.mean() > thresholds[0] or var_gap.mean() > thresholds[1]),
+                mean_threshold=thresholds[0],
+                var_threshold=thresholds[1],
+            )
+        )
     return BNReport(
-        layers=reports, batches=used, images=images_seen, loss_train=totals["loss_train"] / used,
-        loss_eval=totals["loss_eval"] / used, conf_gap=(totals["conf"][0] / max(totals["conf"][1], 1e-30)) ** 0.5,
-        loc_gap=(totals["loc"][0] / max(totals["loc"][1], 1e-30)) ** 0.5, mean_threshold=mean_threshold,
+        layers=reports,
+        batches=used,
+        images=images_seen,
+        loss_train=totals["loss_train"] / used,
+        loss_eval=totals["loss_eval"] / used,
+        conf_gap=(totals["conf"][0] / max(totals["conf"][1], 1e-30)) ** 0.5,
+        loc_gap=(totals["loc"][0] / max(totals["loc"][1], 1e-30)) ** 0.5,
+        mean_threshold=mean_threshold,
         var_threshold=var_threshold,
-    )  # fmt: skip
+    )
 
 
 def format_bn_report(report: BNReport, title: str = "") -> str:
     """A readable table: one row per BN layer, then the model-level train/eval gap and the verdict."""
     width = max(len("layer"), *(len(layer.name) for layer in report.layers))
     lines = [title] if title else []
-    lines.append(f"{'layer':<{width}}  {'ch':>5}  {'vals/ch':>7}  {'run mean':>9}  {'batch mean':>10}  {'run var':>9}  {'batch var':>9}  "
-                 f"{'mean gap':>8}  {'var gap':>8}  status")  # fmt: skip
+    lines.append(
+        f"{'layer':<{width}}  {'ch':>5}  {'vals/ch':>7}  {'run mean':>9}  {'batch mean':>10}  {'run var':>9}  {'batch var':>9}  "
+        f"{'mean gap':>8}  {'var gap':>8}  status"
+    )
     for r in report.layers:
         status = "STALE (never updated)" if r.stale else ("DRIFTED" if r.drifted else "ok")
-        lines.append(f"{r.name:<{width}}  {r.channels:>5}  {r.values:>7}  {r.running_mean:>9.4f}  {r.batch_mean:>10.4f}  {r.running_var:>9.4g}  "
-                     f"{r.batch_var:>9.4g}  {r.mean_gap:>8.3f}  {r.var_gap:>8.3f}  {status}")  # fmt: skip
-    lines.append("(channel averages; vals/ch: values per channel in a batch; mean gap: |running - batch mean| in batch standard "
-                 "deviations; var gap: max(r, 1/r) - 1 of the variance ratio r; drifted: mean gap > "
-                 f"{report.mean_threshold:g} or var gap > {report.var_threshold:g})")  # fmt: skip
+        lines.append(
+            f"{r.name:<{width}}  {r.channels:>5}  {r.values:>7}  {r.running_mean:>9.4f}  {r.batch_mean:>10.4f}  {r.running_var:>9.4g}  "
+            f"{r.batch_var:>9.4g}  {r.mean_gap:>8.3f}  {r.var_gap:>8.3f}  {status}"
+        )
+    lines.append(
+        "(channel averages; vals/ch: values per channel in a batch; mean gap: |running - batch mean| in batch standard "
+        "deviations; var gap: max(r, 1/r) - 1 of the variance ratio r; drifted: mean gap > "
+        f"{report.mean_threshold:g} or var gap > {report.var_threshold:g})"
+    )
     noisy = [r for r in report.layers if r.noisy]
     if noisy:
         shown = ", ".join(f"{r.name} {r.mean_threshold:.2f} / {r.var_threshold:.2f}" for r in noisy[:4])
-        lines.append(f"(thresholds raised to {NOISE_FACTOR:g}x the gaps sampling noise gives, measured from the spread between "
-                     f"the batches, for {len(noisy)} layer(s): {shown}{', ...' if len(noisy) > 4 else ''}; more --batches "
-                     "lower them)")  # fmt: skip
+        lines.append(
+            f"(thresholds raised to {NOISE_FACTOR:g}x the gaps sampling noise gives, measured from the spread between "
+            f"the batches, for {len(noisy)} layer(s): {shown}{', ...' if len(noisy) > 4 else ''}; more --batches "
+            "lower them)"
+        )
     rise = report.loss_eval / report.loss_train - 1 if report.loss_train > 0 else float("nan")
-    lines.append(f"train vs eval mode on the same {report.images} images ({report.batches} batches): loss {report.loss_train:.4f} "
-                 f"(batch statistics) vs {report.loss_eval:.4f} (running statistics, {rise:+.1%}); outputs differ by "
-                 f"{report.conf_gap:.1%} (conf logits) and {report.loc_gap:.1%} (loc), relative L2")  # fmt: skip
+    lines.append(
+        f"train vs eval mode on the same {report.images} images ({report.batches} batches): loss {report.loss_train:.4f} "
+        f"(batch statistics) vs {report.loss_eval:.4f} (running statistics, {rise:+.1%}); outputs differ by "
+        f"{report.conf_gap:.1%} (conf logits) and {report.loc_gap:.1%} (loc), relative L2"
+    )
     flagged = report.flagged
     if flagged:
         stale = sum(r.stale for r in flagged)
-        lines.append(f"FLAGGED {len(flagged)} of {len(report.layers)} layers: {stale} stale, {len(flagged) - stale} drifted "
-                     f"(e.g. {flagged[0].name}). Recompute the statistics with precise BN (train.precise_bn_batches), "
-                     "or train longer with train.bn=train; see docs/batchnorm.md")  # fmt: skip
+        lines.append(
+            f"FLAGGED {len(flagged)} of {len(report.layers)} layers: {stale} stale, {len(flagged) - stale} drifted "
+            f"(e.g. {flagged[0].name}). Recompute the statistics with precise BN (train.precise_bn_batches), "
+            "or train longer with train.bn=train; see docs/batchnorm.md"
+        )
     else:
         lines.append(f"all {len(report.layers)} BatchNorm layers ok")
     return "\n".join(lines)
@@ -281,20 +311,33 @@ def run_bn_report_command(args) -> int:
     model, ckpt = model_from_checkpoint(args.weights)
     mcfg = checkpoint_model_config(ckpt, args.weights)  # the input size and preprocessing the weights expect
     if not bn_layers(model):
-        raise ValueError(f"{args.weights}: the model has no BatchNorm layers (model.batch_norm: none); nothing to report")
+        raise ValueError(
+            f"{args.weights}: the model has no BatchNorm layers (model.batch_norm: none); nothing to report"
+        )
     device = _device(args.device)
     model.to(device)
     transform = build_transforms(cfg.data.augment, mcfg.preprocess, mcfg.input_size, train=True)
     dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
     if len(dataset.classes) != mcfg.num_classes - 1:
-        raise ValueError(f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} has {len(dataset.classes)}")
-    loader = build_dataloader(dataset, cfg.train.batch_size, train=True, num_workers=min(default_num_workers(cfg.data.num_workers), args.batches),
-                              seed=cfg.train.seed)  # fmt: skip
+        raise ValueError(
+            f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} has {len(dataset.classes)}"
+        )
+    loader = build_dataloader(
+        dataset,
+        cfg.train.batch_size,
+        train=True,
+        num_workers=min(default_num_workers(cfg.data.num_workers), args.batches),
+        seed=cfg.train.seed,
+    )
 
     def prepare(batch):
         images = normalize_batch(batch["images"].to(device), mcfg.preprocess)
         return images, batch["boxes"].to(device), batch["labels"].to(device)
 
     report = bn_report(model, loader, prepare, build_loss(cfg.loss, mcfg), args.batches)
-    print(format_bn_report(report, f"BatchNorm report for {args.weights}: {len(report.layers)} layers, data.train of {args.config}"))
+    print(
+        format_bn_report(
+            report, f"BatchNorm report for {args.weights}: {len(report.layers)} layers, data.train of {args.config}"
+        )
+    )
     return 1 if report.flagged else 0

@@ -53,8 +53,17 @@ BN_PRESETS = {"none": [], "all": list(BN_ALL), "backbone": [b for b in BN_ALL if
 # gave NaN losses at every lr >= 0.01 (at iterations 70 / 22 / 13); `all` rebounded 3.6x / 9.8x and
 # blew up at 0.16 (backbone pre-activation std 60); `all+heads` fell smoothly at all three (loss 7.8 /
 # 6.2 / 5.9). The BN-free runs stop early, so the nine variants cost about seven full runs.
-DEFAULT_VARIANTS = ["none@lr0.002", "none@lr0.01", "none@lr0.04", "all@lr0.01", "all@lr0.04", "all@lr0.16",
-                    "all+heads@lr0.01", "all+heads@lr0.04", "all+heads@lr0.16"]  # fmt: skip
+DEFAULT_VARIANTS = [
+    "none@lr0.002",
+    "none@lr0.01",
+    "none@lr0.04",
+    "all@lr0.01",
+    "all@lr0.04",
+    "all@lr0.16",
+    "all+heads@lr0.01",
+    "all+heads@lr0.04",
+    "all+heads@lr0.16",
+]
 DEFAULT_OPTIMIZER = "sgd"  # the default variants' lrs are SGD lrs; None: the config's train.optimizer
 
 
@@ -76,9 +85,11 @@ class Variant:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", re.sub("@(lr)?", "_lr", self.name))
 
 
-VARIANT_HELP = ("a variant is BLOCKS[@LR]: BLOCKS is a preset (none, all = every feature block, backbone = conv1..conv5 + fc, "
-                "extras) or a BN block ({blocks}), several joined by '+' (all+heads, backbone+heads, conv4+conv5); "
-                "LR is a multiple of the base lr (@3x, @0.5x) or an absolute lr (@lr0.05)")  # fmt: skip
+VARIANT_HELP = (
+    "a variant is BLOCKS[@LR]: BLOCKS is a preset (none, all = every feature block, backbone = conv1..conv5 + fc, "
+    "extras) or a BN block ({blocks}), several joined by '+' (all+heads, backbone+heads, conv4+conv5); "
+    "LR is a multiple of the base lr (@3x, @0.5x) or an absolute lr (@lr0.05)"
+)
 
 
 def parse_variant(spec: str) -> Variant:
@@ -97,8 +108,10 @@ def parse_variant(spec: str) -> Variant:
     if at:
         value = _positive(lr_spec[:-1] if lr_spec.endswith("x") else lr_spec[2:] if lr_spec.startswith("lr") else "")
         if value is None:
-            raise ValueError(f"variant {spec!r}: after @ write a multiple of the base lr like 3x or 0.5x, or an absolute lr "
-                             f"like lr0.05 (got {lr_spec!r})")  # fmt: skip
+            raise ValueError(
+                f"variant {spec!r}: after @ write a multiple of the base lr like 3x or 0.5x, or an absolute lr "
+                f"like lr0.05 (got {lr_spec!r})"
+            )
         lr_mult, lr = (value, None) if lr_spec.endswith("x") else (1.0, value)
     return Variant(spec, [b for b in BN_BLOCKS if b in chosen], lr_mult, lr)
 
@@ -120,10 +133,14 @@ def _positive(text: str) -> float | None:
 STUDY_DEFAULTS = ["train.time_limit=null", "train.schedule_by_time=false", "train.tensorboard=false"]
 
 
-def variant_config(config_path, overrides: list[str], variant: Variant, base_lr: float, study: list[str], val: DatasetConfig) -> Config:
+def variant_config(
+    config_path, overrides: list[str], variant: Variant, base_lr: float, study: list[str], val: DatasetConfig
+) -> Config:
     blocks = f"[{', '.join(variant.blocks)}]" if variant.blocks else "none"
-    cfg = load_config(config_path, [*STUDY_DEFAULTS, *overrides, *study, f"model.batch_norm={blocks}",
-                                    f"train.lr={variant.lr_for(base_lr)!r}"])  # fmt: skip
+    cfg = load_config(
+        config_path,
+        [*STUDY_DEFAULTS, *overrides, *study, f"model.batch_norm={blocks}", f"train.lr={variant.lr_for(base_lr)!r}"],
+    )
     cfg.data.val = val
     return cfg
 
@@ -164,8 +181,15 @@ def divergence(error: str | None, skipped: int, losses: list[float]) -> str | No
 def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dict:
     """Train ``cfg`` into ``out`` and measure it. A run stopped by :class:`TrainingError` (non-finite
     loss) is recorded as diverged, not raised."""
-    log.info("variant %s: batch_norm %s, %s lr %g, %d iterations -> %s", variant.name, variant.blocks or "none",
-             cfg.train.optimizer, cfg.train.lr, cfg.train.max_iter, out)  # fmt: skip
+    log.info(
+        "variant %s: batch_norm %s, %s lr %g, %d iterations -> %s",
+        variant.name,
+        variant.blocks or "none",
+        cfg.train.optimizer,
+        cfg.train.lr,
+        cfg.train.max_iter,
+        out,
+    )
     t0, started = time.perf_counter(), time.time()
     error, stopped = None, "diverged"
     try:
@@ -189,7 +213,9 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
         end, end_iter = preactivations(model, x), int(ckpt.get("iteration", 0))
 
     losses = [r["loss"] for r in train_rows]
-    skipped = sum(r.get("skipped", 0) for r in rows)  # in the logged windows: the engine stops before logging its last ones
+    skipped = sum(
+        r.get("skipped", 0) for r in rows
+    )  # in the logged windows: the engine stops before logging its last ones
     reason = divergence(error, skipped, losses)
     maps = [r["map"] for r in eval_rows]
     return {
@@ -241,8 +267,13 @@ def run_study(
     and ``train.weight_decay`` (0.9 and 5e-4 unless it sets them). Returns the summary (see
     :func:`ssd.engine.bn_study_report.summarize`)."""
     t0 = time.perf_counter()
-    for name, value, low in (("--iters", iters, 1), ("--eval-period", eval_period, 1), ("--log-period", log_period, 1),
-                             ("--val-images", val_images, 0), ("--act-images", act_images, 2)):  # fmt: skip
+    for name, value, low in (
+        ("--iters", iters, 1),
+        ("--eval-period", eval_period, 1),
+        ("--log-period", log_period, 1),
+        ("--val-images", val_images, 0),
+        ("--act-images", act_images, 2),
+    ):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
@@ -256,8 +287,12 @@ def run_study(
         raise ValueError(f"--variants: duplicate variant in {list(variants)}")
     out = Path(out)
     overrides = list(overrides)
-    study = [f"train.max_iter={iters}", f"train.eval_period={eval_period}", f"train.log_period={log_period}",
-             f"train.checkpoint_period={eval_period}"]  # fmt: skip
+    study = [
+        f"train.max_iter={iters}",
+        f"train.eval_period={eval_period}",
+        f"train.log_period={log_period}",
+        f"train.checkpoint_period={eval_period}",
+    ]
     if batch_size is not None:
         study.append(f"train.batch_size={batch_size}")
     if optimizer is not None:
@@ -269,7 +304,9 @@ def run_study(
     for v in parsed:
         key = (tuple(v.blocks), v.lr_for(base.train.lr))
         if key in runs:
-            raise ValueError(f"--variants: {runs[key]} and {v.name} are the same run (BN {list(v.blocks) or 'none'}, lr {key[1]:g})")
+            raise ValueError(
+                f"--variants: {runs[key]} and {v.name} are the same run (BN {list(v.blocks) or 'none'}, lr {key[1]:g})"
+            )
         runs[key] = v.name
     if optimizer is not None and optimizer != (config_optimizer := load_config(config_path, overrides).train.optimizer):
         log.info("every variant trains with %s (the config's train.optimizer is %s)", optimizer, config_optimizer)
@@ -283,13 +320,29 @@ def run_study(
         cfg = variant_config(config_path, overrides, variant, base.train.lr, study, val)
         results.append(run_variant(cfg, variant, out / "runs" / variant.dirname, images))
     t = base.train
-    summary = summarize(results, {
-        "config": str(config_path), "overrides": overrides, "iters": iters, "batch_size": t.batch_size,
-        "optimizer": t.optimizer, "base_lr": t.lr, "momentum": t.momentum if t.optimizer == "sgd" else None,
-        "weight_decay": t.weight_decay, "schedule": t.schedule, "warmup_iters": t.warmup_iters, "warmup_factor": t.warmup_factor,
-        "max_bad_steps": t.max_bad_steps, "seed": t.seed, "eval_period": eval_period, "val_images": val_images or None,
-        "activation_images": len(images), "data": str(base.data.train.root), "torch_threads": torch.get_num_threads(),
-    })  # fmt: skip
+    summary = summarize(
+        results,
+        {
+            "config": str(config_path),
+            "overrides": overrides,
+            "iters": iters,
+            "batch_size": t.batch_size,
+            "optimizer": t.optimizer,
+            "base_lr": t.lr,
+            "momentum": t.momentum if t.optimizer == "sgd" else None,
+            "weight_decay": t.weight_decay,
+            "schedule": t.schedule,
+            "warmup_iters": t.warmup_iters,
+            "warmup_factor": t.warmup_factor,
+            "max_bad_steps": t.max_bad_steps,
+            "seed": t.seed,
+            "eval_period": eval_period,
+            "val_images": val_images or None,
+            "activation_images": len(images),
+            "data": str(base.data.train.root),
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
     summary["plots"] = write_plots(summary, out)
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -21,7 +21,10 @@ def activation_taps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     source as the loss sees them (the output of ``head.conf_bn.0`` with head BN, else of ``head.conf.0``;
     no ReLU follows a prediction conv)."""
     backbone = model.backbone
-    taps = {f"{block}_{len(getattr(backbone, block))}": (getattr(backbone, block)[-1].relu, "input") for block in BN_BLOCKS[:5]}
+    taps = {
+        f"{block}_{len(getattr(backbone, block))}": (getattr(backbone, block)[-1].relu, "input")
+        for block in BN_BLOCKS[:5]
+    }
     taps["fc7"] = (backbone.fc7.relu, "input")
     if len(model.extras):
         taps["extras.0"] = (model.extras[0][-1].relu, "input")
@@ -31,7 +34,9 @@ def activation_taps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 @torch.no_grad()
-def preactivations(model: nn.Module, images: Tensor, max_values: int = HIST_SAMPLES, seed: int = 0) -> dict[str, Tensor]:
+def preactivations(
+    model: nn.Module, images: Tensor, max_values: int = HIST_SAMPLES, seed: int = 0
+) -> dict[str, Tensor]:
     """Values at each tap of :func:`activation_taps` (a fixed random subset of at most ``max_values``),
     float32 CPU.
 
@@ -83,17 +88,23 @@ def histograms(start: dict[str, Tensor], end: dict[str, Tensor] | None) -> dict[
     for name, x0 in start.items():
         phases = {"start": x0} if end is None or name not in end else {"start": x0, "end": end[name]}
         finite = torch.cat([x[torch.isfinite(x)] for x in phases.values()])
-        lo, hi = (torch.quantile(finite, torch.tensor([0.005, 0.995])).tolist() if finite.numel() else (-1.0, 1.0))
+        lo, hi = torch.quantile(finite, torch.tensor([0.005, 0.995])).tolist() if finite.numel() else (-1.0, 1.0)
         if not hi > lo:
             lo, hi = lo - 1.0, hi + 1.0
         edges = torch.linspace(lo, hi, HIST_BINS + 1)
         cell = {"edges": [round(e, 6) for e in edges.tolist()]}
         for phase, values in phases.items():
             x = values[torch.isfinite(values)]
-            counts = torch.histc(x, HIST_BINS, lo, hi) if x.numel() else torch.zeros(HIST_BINS)  # outside the range: dropped
+            counts = (
+                torch.histc(x, HIST_BINS, lo, hi) if x.numel() else torch.zeros(HIST_BINS)
+            )  # outside the range: dropped
             density = counts / max(1, x.numel()) / float(edges[1] - edges[0])  # the area shown = the share in range
-            cell[phase] = {"density": [round(d, 6) for d in density.tolist()], "mean": float(x.mean()) if x.numel() else None,
-                           "std": float(x.std()) if x.numel() > 1 else None, "positive": float((x > 0).float().mean()) if x.numel() else None,
-                           "finite": x.numel() / max(1, values.numel())}  # fmt: skip
+            cell[phase] = {
+                "density": [round(d, 6) for d in density.tolist()],
+                "mean": float(x.mean()) if x.numel() else None,
+                "std": float(x.std()) if x.numel() > 1 else None,
+                "positive": float((x > 0).float().mean()) if x.numel() else None,
+                "finite": x.numel() / max(1, values.numel()),
+            }
         out[name] = cell
     return out

@@ -34,8 +34,10 @@ def ensure_study_data(cfg: Config) -> None:
     if not missing:
         return
     if len(roots) != 1 or list(ds.classes or []) != SHAPES_CLASSES:
-        raise FileNotFoundError(f"data.train.root {missing[0]}: not found (only the synthetic shapes dataset is generated "
-                                "when absent; point data.train at your data)")  # fmt: skip
+        raise FileNotFoundError(
+            f"data.train.root {missing[0]}: not found (only the synthetic shapes dataset is generated "
+            "when absent; point data.train at your data)"
+        )
     log.info("data.train.root %s is absent: generating the shapes dataset there (%s)", missing[0], STUDY_DATA)
     ensure_shapes(missing[0], **STUDY_DATA)
 
@@ -55,7 +57,9 @@ def val_subset(ds: DatasetConfig, num_images: int, out: Path) -> DatasetConfig:
         data = json.loads(Path(ds.annotations).read_text())
         images = data.get("images", [])[:num_images]
         keep = {im["id"] for im in images}
-        subset = dict(data, images=images, annotations=[a for a in data.get("annotations", []) if a["image_id"] in keep])
+        subset = dict(
+            data, images=images, annotations=[a for a in data.get("annotations", []) if a["image_id"] in keep]
+        )
         out.mkdir(parents=True, exist_ok=True)
         path = out / "instances_val_subset.json"
         path.write_text(json.dumps(subset))
@@ -89,5 +93,7 @@ def fixed_batch(cfg: Config, num_images: int) -> Tensor:
     dataset = build_dataset(cfg.data.train, transform, train=False, on_error="raise", key="data.train")
     n = min(num_images, len(dataset))
     if n < 2:
-        raise ValueError(f"data.train has {len(dataset)} image(s); the activation histograms need at least 2 (BN batch statistics)")
+        raise ValueError(
+            f"data.train has {len(dataset)} image(s); the activation histograms need at least 2 (BN batch statistics)"
+        )
     return stack_images([dataset[i]["image"] for i in range(n)])

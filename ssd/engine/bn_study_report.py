@@ -61,11 +61,15 @@ def format_table(summary: dict) -> str:
     for r in summary["variants"]:
         diverged = f"**yes** ({r['diverged_reason']})" if r["diverged"] else "no"
         if r["loss_rebound"] >= REBOUND_NOTE:
-            factor = f"{r['loss_rebound']:.1f}" if r["loss_rebound"] < 1000 else f"{r['loss_rebound']:.0e}"  # a blow-up: 2e+29x
+            factor = (
+                f"{r['loss_rebound']:.1f}" if r["loss_rebound"] < 1000 else f"{r['loss_rebound']:.0e}"
+            )  # a blow-up: 2e+29x
             diverged += f" (loss rebounded {factor}x, iteration {r['loss_rebound_iter']})"
         to90 = str(r["iters_to_90pct"]) if r["iters_to_90pct"] is not None else "never"
-        lines.append(f"| {r['name']} | {blocks_label(r['batch_norm'])} | {r['optimizer']} | {r['lr']:g} | {_fmt(r['final_map'])} | "
-                     f"{_fmt(r['best_map'])} | {to90} | {diverged} | {_fmt(r['images_per_s'], 1)} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {blocks_label(r['batch_norm'])} | {r['optimizer']} | {r['lr']:g} | {_fmt(r['final_map'])} | "
+            f"{_fmt(r['best_map'])} | {to90} | {diverged} | {_fmt(r['images_per_s'], 1)} |"
+        )
     return "\n".join(lines)
 
 
@@ -140,7 +144,12 @@ def _line_plot(plt, variants: list[dict], styles: dict, curve: str, key: str, pa
             y = c[key][-1] if math.isfinite(c[key][-1]) else top
             ax.plot(c["iter"][-1], min(y, top), marker="x", markersize=9, color=styles[r["name"]]["color"])
     if key == "loss":
-        ax.set(xlabel="iteration", ylabel="training loss (loc + conf)", yscale="log", title="Training loss per BN variant (x: stopped, non-finite loss)")
+        ax.set(
+            xlabel="iteration",
+            ylabel="training loss (loc + conf)",
+            yscale="log",
+            title="Training loss per BN variant (x: stopped, non-finite loss)",
+        )
         ax.set_ylim(bottom, top)
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -163,7 +172,11 @@ def _lr_sweep_plot(plt, summary: dict, styles: dict, path: Path) -> None:
     groups: dict[str, list[dict]] = {}
     for r in summary["variants"]:
         groups.setdefault(blocks_label(r["batch_norm"]), []).append(r)
-    finite = [r["end_loss"] for r in summary["variants"] if not r["error"] and r["end_loss"] is not None and math.isfinite(r["end_loss"])]
+    finite = [
+        r["end_loss"]
+        for r in summary["variants"]
+        if not r["error"] and r["end_loss"] is not None and math.isfinite(r["end_loss"])
+    ]
     top = 2 * max(finite, default=10.0)  # where the stopped runs sit on the loss axis
     fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, members in groups.items():
@@ -174,11 +187,24 @@ def _lr_sweep_plot(plt, summary: dict, styles: dict, path: Path) -> None:
         for ax, ys in ((ax_map, [sweep_map(r) for r in members]), (ax_loss, losses)):
             ax.plot(lrs, ys, color=color, label=f"BN: {'none' if label == '-' else label}")
             for r, y in zip(members, ys):
-                ax.plot(r["lr"], y, marker="x" if r["diverged"] else "o", markersize=9 if r["diverged"] else 6, color=color, linestyle="none")
+                ax.plot(
+                    r["lr"],
+                    y,
+                    marker="x" if r["diverged"] else "o",
+                    markersize=9 if r["diverged"] else 6,
+                    color=color,
+                    linestyle="none",
+                )
     optimizers = ", ".join(sorted({r["optimizer"] for r in summary["variants"]}))
     best = max((sweep_map(r) for r in summary["variants"]), default=0.0)
-    ax_map.set(ylabel="final VOC07 mAP@0.5", ylim=(0, min(1.0, max(0.1, 1.15 * best))), title="Final validation mAP (x: diverged)")
-    ax_loss.set(ylabel="last logged training loss", yscale="log", title="Final training loss (x: diverged; top: stopped)")
+    ax_map.set(
+        ylabel="final VOC07 mAP@0.5",
+        ylim=(0, min(1.0, max(0.1, 1.15 * best))),
+        title="Final validation mAP (x: diverged)",
+    )
+    ax_loss.set(
+        ylabel="last logged training loss", yscale="log", title="Final training loss (x: diverged; top: stopped)"
+    )
     ax_loss.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax_loss.yaxis.set_minor_formatter(NullFormatter())
     for ax in (ax_map, ax_loss):
@@ -193,7 +219,9 @@ def _lr_sweep_plot(plt, summary: dict, styles: dict, path: Path) -> None:
 
 def _activations_plot(plt, variants: list[dict], path: Path) -> None:
     layers = list(variants[0]["activations"])
-    fig, axes = plt.subplots(len(variants), len(layers), figsize=(2.1 * len(layers), 1.6 * len(variants) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(variants), len(layers), figsize=(2.1 * len(layers), 1.6 * len(variants) + 0.6), squeeze=False
+    )
     for i, r in enumerate(variants):
         for j, layer in enumerate(layers):
             ax = axes[i][j]
@@ -204,7 +232,13 @@ def _activations_plot(plt, variants: list[dict], path: Path) -> None:
             edges = cell["edges"]
             for phase, color in (("start", "tab:blue"), ("end", "tab:orange")):
                 if phase in cell:
-                    ax.stairs(cell[phase]["density"], edges, color=color, fill=phase == "start", alpha=0.45 if phase == "start" else 1)
+                    ax.stairs(
+                        cell[phase]["density"],
+                        edges,
+                        color=color,
+                        fill=phase == "start",
+                        alpha=0.45 if phase == "start" else 1,
+                    )
             ax.axvline(0.0, color="black", lw=0.6)
             stds = "→".join(_fmt(cell[p]["std"], 2) for p in ("start", "end") if p in cell)
             ax.text(0.97, 0.95, f"std {stds}", transform=ax.transAxes, ha="right", va="top", fontsize=7)
@@ -213,9 +247,14 @@ def _activations_plot(plt, variants: list[dict], path: Path) -> None:
             if i == 0:
                 ax.set_title(layer + (" (logits)" if layer.startswith("conf") else ""), fontsize=9)
             if j == 0:
-                ax.set_ylabel(f"{r['name']}\n{r['optimizer']} {r['lr']:g}" + ("\nDIVERGED" if r["diverged"] else ""), fontsize=8)
-    fig.suptitle("Values entering each block's ReLU, and the first conf head's logits, on one fixed batch: start (blue, "
-                 "filled) and end (orange) of training", fontsize=10)  # fmt: skip
+                ax.set_ylabel(
+                    f"{r['name']}\n{r['optimizer']} {r['lr']:g}" + ("\nDIVERGED" if r["diverged"] else ""), fontsize=8
+                )
+    fig.suptitle(
+        "Values entering each block's ReLU, and the first conf head's logits, on one fixed batch: start (blue, "
+        "filled) and end (orange) of training",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -72,8 +72,13 @@ class ModelEma:
                 raise ValueError("EMA update from a model with other state-dict keys than the EMA copy")
             floats = [k for k, v in own.items() if v.is_floating_point()]
             others = [k for k, v in own.items() if not v.is_floating_point()]
-            self._pairs = (model, [own[k].data for k in floats], [theirs[k].data for k in floats],
-                           [own[k].data for k in others], [theirs[k].data for k in others])  # fmt: skip
+            self._pairs = (
+                model,
+                [own[k].data for k in floats],
+                [theirs[k].data for k in floats],
+                [own[k].data for k in others],
+                [theirs[k].data for k in others],
+            )
         return self._pairs[1:]
 
     @torch.no_grad()
@@ -112,7 +117,9 @@ def build_ema(decay: float | None, model: nn.Module) -> ModelEma | None:
     """``train.ema``: a :class:`ModelEma` of ``model`` (already on its device and memory format), or None."""
     if decay is None:
         return None
-    log.info("train.ema %g: the weights' moving average is evaluated beside them and is the checkpoints' default", decay)
+    log.info(
+        "train.ema %g: the weights' moving average is evaluated beside them and is the checkpoints' default", decay
+    )
     return ModelEma(model, decay)
 
 
@@ -120,5 +127,10 @@ def combine_evaluations(ema_res: dict, raw_res: dict) -> dict:
     """One evaluation record of both weights: ``map`` / ``per_class`` are the EMA weights' (what the
     checkpoints use by default, and what ``best.pt`` follows); ``metrics`` holds the metrics.jsonl
     fields that name each: ``weights: "ema"``, ``map_ema``, ``map_raw``, ``per_class_raw``."""
-    metrics = {"weights": "ema", "map_ema": ema_res["map"], "map_raw": raw_res["map"], "per_class_raw": raw_res["per_class"]}
+    metrics = {
+        "weights": "ema",
+        "map_ema": ema_res["map"],
+        "map_raw": raw_res["map"],
+        "per_class_raw": raw_res["per_class"],
+    }
     return {**ema_res, "metrics": metrics}

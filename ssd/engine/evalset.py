@@ -76,8 +76,10 @@ class EvalSet:
         seen = {}
         for rec in records:
             if rec.image_id in seen:
-                raise ValueError(f"image id {rec.image_id!r} appears twice in the evaluation set ({seen[rec.image_id]} and "
-                                 f"{rec.path}); detections are matched to images by id, so ids must be unique")  # fmt: skip
+                raise ValueError(
+                    f"image id {rec.image_id!r} appears twice in the evaluation set ({seen[rec.image_id]} and "
+                    f"{rec.path}); detections are matched to images by id, so ids must be unique"
+                )
             seen[rec.image_id] = rec.path
         if self.coco_format:
             if annotations is None:
@@ -96,7 +98,9 @@ class EvalSet:
 
     # frames -------------------------------------------------------------------------------------
 
-    def from_predictions(self, predictions: dict[str, dict], model_classes: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+    def from_predictions(
+        self, predictions: dict[str, dict], model_classes: list[str] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame.
         ``model_classes``: the classes the predictions' labels index, when not the data's (see :func:`class_label_map`)."""
         if model_classes is not None:
@@ -111,8 +115,13 @@ class EvalSet:
             xyxy = np.asarray(d["boxes"], np.float64).reshape(-1, 4)
             xy = xyxy[:, :2] + shift
             boxes = np.concatenate([xy, xyxy[:, 2:] - xy], 1)
-            out.append({"boxes": boxes, "scores": np.asarray(d["scores"], np.float64).reshape(-1),
-                        "labels": np.asarray(d["labels"], np.int64).reshape(-1)})  # fmt: skip
+            out.append(
+                {
+                    "boxes": boxes,
+                    "scores": np.asarray(d["scores"], np.float64).reshape(-1),
+                    "labels": np.asarray(d["labels"], np.int64).reshape(-1),
+                }
+            )
         return out
 
     @staticmethod
@@ -122,25 +131,41 @@ class EvalSet:
     def ground_truth(self) -> list[dict[str, np.ndarray]]:
         """Per record: xyxy boxes as written in the annotation file (all objects, difficult flagged)."""
         return [
-            {"boxes": np.asarray(rec.boxes if rec.source_boxes is None else rec.source_boxes, np.float64).reshape(-1, 4),
-             "labels": rec.labels, "difficult": rec.difficult}
+            {
+                "boxes": np.asarray(rec.boxes if rec.source_boxes is None else rec.source_boxes, np.float64).reshape(
+                    -1, 4
+                ),
+                "labels": rec.labels,
+                "difficult": rec.difficult,
+            }
             for rec in self.dataset.records
-        ]  # fmt: skip
+        ]
 
     # metrics ------------------------------------------------------------------------------------
 
-    def evaluate(self, detections: list[dict], metric: str | None = "auto", voc_pixel_convention: str = "inclusive") -> dict:
+    def evaluate(
+        self, detections: list[dict], metric: str | None = "auto", voc_pixel_convention: str = "inclusive"
+    ) -> dict:
         """``{"metric", "map", "per_class": {name: AP}, "num_gt": {name: n}, "curves": {name: [(label,
         recall, precision), ...]}}`` plus, for COCO, the 12 numbers of ``COCO_STATS`` by name."""
         metric = resolve_metric(metric, self.coco_format)
         if voc_pixel_convention not in PIXEL_CONVENTIONS:
-            raise ValueError(f"voc_pixel_convention {voc_pixel_convention!r} is not one of {', '.join(PIXEL_CONVENTIONS)}")
+            raise ValueError(
+                f"voc_pixel_convention {voc_pixel_convention!r} is not one of {', '.join(PIXEL_CONVENTIONS)}"
+            )
         if len(detections) != len(self.dataset.records):
             raise ValueError(f"{len(detections)} detection lists for {len(self.dataset.records)} images")
         if metric == "coco":
             return self._evaluate_coco(detections)
         dets = [{"boxes": _xyxy(d["boxes"]), "scores": d["scores"], "labels": d["labels"]} for d in detections]
-        res = voc_map(dets, self.ground_truth(), len(self.classes) + 1, metric == "voc07", 0.5, voc_pixel_convention == "inclusive")
+        res = voc_map(
+            dets,
+            self.ground_truth(),
+            len(self.classes) + 1,
+            metric == "voc07",
+            0.5,
+            voc_pixel_convention == "inclusive",
+        )
         return {
             "metric": metric,
             "map": res["map"],
@@ -154,8 +179,12 @@ class EvalSet:
         if self.coco_gt is None:
             self.coco_gt = self._coco_from_records()
         # only the categories of the listed classes are scored (a `classes` subset with ignore_other_classes)
-        res = coco_eval(self.coco_gt, self.results(detections), list(self.record_of_image_id) if self.coco_format else
-                        list(range(1, len(self.dataset.records) + 1)), sorted(self.label_of_category))  # fmt: skip
+        res = coco_eval(
+            self.coco_gt,
+            self.results(detections),
+            list(self.record_of_image_id) if self.coco_format else list(range(1, len(self.dataset.records) + 1)),
+            sorted(self.label_of_category),
+        )
         out = {"metric": "coco", "map": res["stats"]["AP"], "per_class": {}, "num_gt": {}, "curves": {}}
         thresholds = [round(float(t), 2) for t in res["iou_thresholds"]]
         for label, name in enumerate(self.classes, 1):
@@ -165,9 +194,11 @@ class EvalSet:
             if cat in res["curves"]:
                 recall, precision = res["curves"][cat]
                 mean = np.nanmean(precision, 0) if not np.isnan(precision).all() else precision[0]
-                out["curves"][name] = [(f"IoU {thresholds[0]:.2f}", recall, precision[0]),
-                                       (f"IoU {thresholds[5]:.2f}", recall, precision[5]),
-                                       ("IoU .50:.95 mean", recall, mean)]  # fmt: skip
+                out["curves"][name] = [
+                    (f"IoU {thresholds[0]:.2f}", recall, precision[0]),
+                    (f"IoU {thresholds[5]:.2f}", recall, precision[5]),
+                    ("IoU .50:.95 mean", recall, mean),
+                ]
         out.update(res["stats"])
         return out
 
@@ -180,8 +211,16 @@ class EvalSet:
             images.append({"id": i, "width": rec.width, "height": rec.height, "file_name": rec.path})
             for box, label, difficult in zip(gt["boxes"].tolist(), gt["labels"].tolist(), gt["difficult"].tolist()):
                 w, h = box[2] - box[0], box[3] - box[1]
-                annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label, "bbox": [box[0], box[1], w, h],
-                                    "area": w * h, "iscrowd": int(difficult)})  # fmt: skip
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i,
+                        "category_id": label,
+                        "bbox": [box[0], box[1], w, h],
+                        "area": w * h,
+                        "iscrowd": int(difficult),
+                    }
+                )
         categories = [{"id": label, "name": name} for label, name in enumerate(self.classes, 1)]
         return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
 
@@ -201,7 +240,9 @@ class EvalSet:
                     continue
                 out.append({"image_id": image_id, "category_id": cat, "bbox": box, "score": score})
         if dropped:
-            log.warning("%d detection(s) have a label without a category in the annotation file and were left out", dropped)
+            log.warning(
+                "%d detection(s) have a label without a category in the annotation file and were left out", dropped
+            )
         return out
 
     def read_results(self, path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
@@ -217,13 +258,19 @@ class EvalSet:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a readable JSON file ({e})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of detections in COCO results format "
-                             f"([{{\"image_id\", \"category_id\", \"bbox\": [x, y, w, h], \"score\"}}, ...]), got a {type(data).__name__}")  # fmt: skip
+            raise ValueError(
+                f"{path}: expected a JSON list of detections in COCO results format "
+                f'([{{"image_id", "category_id", "bbox": [x, y, w, h], "score"}}, ...]), got a {type(data).__name__}'
+            )
         if self.coco_format:
             id_hint = "COCO-format data.val: use the annotation file's integer image ids"
             cat_hint = f"valid: the annotation file's category ids {sorted(self.label_of_category)[:10]}"
         else:
-            id_hint = f"VOC-format data.val: use the split file's id strings, e.g. {self.result_image_ids[0]!r}" if self.result_image_ids else ""
+            id_hint = (
+                f"VOC-format data.val: use the split file's id strings, e.g. {self.result_image_ids[0]!r}"
+                if self.result_image_ids
+                else ""
+            )
             cat_hint = f"valid: 1..{len(self.classes)}, the 1-based index in classes"
         min_size = 0.0 if self.coco_format else -1.0  # VOC: inclusive numbers, xmax = xmin - 1 is an empty box
         rows, labels, boxes, scores = [], [], [], []
@@ -233,9 +280,15 @@ class EvalSet:
                 raise ValueError(f"{where}: expected an object with {', '.join(RESULT_KEYS)}, got {entry!r:.80}")
             missing = [k for k in RESULT_KEYS if k not in entry]
             if missing:
-                raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (each detection needs {', '.join(RESULT_KEYS)})")
+                raise ValueError(
+                    f"{where}: missing key(s) {', '.join(missing)} (each detection needs {', '.join(RESULT_KEYS)})"
+                )
             image_id, cat, bbox, score = (entry[k] for k in RESULT_KEYS)
-            row = self.record_of_image_id.get(image_id) if isinstance(image_id, (str, int)) and type(image_id) is not bool else None
+            row = (
+                self.record_of_image_id.get(image_id)
+                if isinstance(image_id, (str, int)) and type(image_id) is not bool
+                else None
+            )
             if row is None:
                 raise ValueError(f"{where}: unknown image_id {image_id!r}, not in data.val ({id_hint})")
             label = self.label_of_category.get(cat) if type(cat) is int else None
@@ -257,9 +310,14 @@ class EvalSet:
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")  # grouped by image, file order within each
         starts = np.searchsorted(rows[order], np.arange(len(self.dataset.records) + 1))
-        boxes, scores, labels = (np.asarray(boxes, np.float64).reshape(-1, 4)[order], np.asarray(scores, np.float64)[order],
-                                 np.asarray(labels, np.int64)[order])  # fmt: skip
-        return [{"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+        boxes, scores, labels = (
+            np.asarray(boxes, np.float64).reshape(-1, 4)[order],
+            np.asarray(scores, np.float64)[order],
+            np.asarray(labels, np.int64)[order],
+        )
+        return [
+            {"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in zip(starts[:-1], starts[1:])
+        ]
 
     def write_results(self, path: str | os.PathLike, detections: list[dict]) -> int:
         """Write ``detections.json`` (COCO results format, the file's ids and frame); returns the count."""
@@ -279,7 +337,9 @@ class EvalSet:
         out_dir.mkdir(parents=True, exist_ok=True)
         lines = {label: [] for label in range(1, len(self.classes) + 1)}
         for image_id, d in zip(self.result_image_ids, detections):
-            for (x1, y1, x2, y2), score, label in zip(_xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist()):
+            for (x1, y1, x2, y2), score, label in zip(
+                _xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist()
+            ):
                 if label in lines:
                     lines[label].append(f"{image_id} {score:.3f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}\n")
         paths = []
@@ -324,19 +384,31 @@ def class_label_map(model_classes: list[str], data_classes: list[str], where: st
     try:
         mapping, how = match_classes(model_classes, data_classes)
     except ValueError as e:
-        raise ValueError(f"{where}: the model detects {len(model_classes)} classes ({_name_list(model_classes, 5)}) but data.val "
-                         f"has {len(data_classes)} ({_name_list(data_classes, 5)}): {e}") from None  # fmt: skip
+        raise ValueError(
+            f"{where}: the model detects {len(model_classes)} classes ({_name_list(model_classes, 5)}) but data.val "
+            f"has {len(data_classes)} ({_name_list(data_classes, 5)}): {e}"
+        ) from None
     if how == "position" and [class_key(n) for n in model_classes] != [class_key(n) for n in data_classes]:
-        log.warning("%s: class names differ from data.val's (%s vs %s); labels are matched by position",
-                    where, model_classes[:3], data_classes[:3])  # fmt: skip
+        log.warning(
+            "%s: class names differ from data.val's (%s vs %s); labels are matched by position",
+            where,
+            model_classes[:3],
+            data_classes[:3],
+        )
     elif how == "name":
         matched = set(mapping.values())
         unknown = [n for label, n in enumerate(model_classes, 1) if label not in mapping]
         missing = [n for label, n in enumerate(data_classes, 1) if label not in matched]
-        log.log(logging.WARNING if missing else logging.INFO,
-                "%s: %d model classes matched to data.val's %d by name; not in data.val (their detections are left out): %s; "
-                "in data.val but not detected by the model (AP 0): %s",
-                where, len(mapping), len(data_classes), _name_list(unknown), _name_list(missing))  # fmt: skip
+        log.log(
+            logging.WARNING if missing else logging.INFO,
+            "%s: %d model classes matched to data.val's %d by name; not in data.val (their detections are left out): %s; "
+            "in data.val but not detected by the model (AP 0): %s",
+            where,
+            len(mapping),
+            len(data_classes),
+            _name_list(unknown),
+            _name_list(missing),
+        )
     lookup = np.zeros(len(model_classes) + 1, np.int64)
     for model_label, data_label in mapping.items():
         lookup[model_label] = data_label
@@ -358,17 +430,27 @@ def relabel_predictions(predictions: dict[str, dict] | None, lookup: np.ndarray)
         new = np.where(inside, lookup[np.where(inside, labels, 0)], 0)
         keep = new > 0
         dropped.update(labels[~keep].tolist())
-        out[image_id] = {"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[keep], "scores": np.asarray(d["scores"]).reshape(-1)[keep],
-                         "labels": new[keep]}  # fmt: skip
+        out[image_id] = {
+            "boxes": np.asarray(d["boxes"]).reshape(-1, 4)[keep],
+            "scores": np.asarray(d["scores"]).reshape(-1)[keep],
+            "labels": new[keep],
+        }
     if dropped:
-        log.warning("%d detection(s) of model labels without a class in data.val were left out (label: count %s)",
-                    sum(dropped.values()), dict(dropped.most_common(10)))  # fmt: skip
+        log.warning(
+            "%d detection(s) of model labels without a class in data.val were left out (label: count %s)",
+            sum(dropped.values()),
+            dict(dropped.most_common(10)),
+        )
     return out
 
 
-def evaluate_voc(dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True) -> dict:
+def evaluate_voc(
+    dataset: DetectionDataset, predictions: dict[str, dict], use_07_metric: bool = True, inclusive: bool = True
+) -> dict:
     """VOC mAP of ``predictions`` (VOC07 11-point or VOC2010+ area); see :func:`evaluate_predictions`."""
-    return evaluate_predictions(dataset, predictions, "voc07" if use_07_metric else "voc", "inclusive" if inclusive else "continuous")
+    return evaluate_predictions(
+        dataset, predictions, "voc07" if use_07_metric else "voc", "inclusive" if inclusive else "continuous"
+    )
 
 
 def safe_name(name: str) -> str:

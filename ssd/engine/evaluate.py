@@ -59,17 +59,39 @@ def build_eval_set(cfg: Config, model_cfg: ModelConfig) -> DetectionDataset:
     return build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
 
 
-def build_eval_loader(dataset: DetectionDataset, model_cfg: ModelConfig, batch_size: int, num_workers: int,
-                      pin_memory: bool = False, worker_nice: int = 0, distributed: bool | None = None):  # fmt: skip
+def build_eval_loader(
+    dataset: DetectionDataset,
+    model_cfg: ModelConfig,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    worker_nice: int = 0,
+    distributed: bool | None = None,
+):
     """Ordered batches of :func:`build_eval_set`'s dataset: uint8 ``[B, 3, S, S]`` resized in the workers
     (``bilinear``) or lists of original images (``normalize_then_bilinear``); this rank's shard under DDP."""
     collate_fn = collate if resizes_in_loader(model_cfg.preprocess) else collate_originals
-    return build_dataloader(dataset, batch_size, train=False, num_workers=num_workers, pin_memory=pin_memory,
-                            distributed=distributed, worker_nice=worker_nice, collate_fn=collate_fn)  # fmt: skip
+    return build_dataloader(
+        dataset,
+        batch_size,
+        train=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        distributed=distributed,
+        worker_nice=worker_nice,
+        collate_fn=collate_fn,
+    )
 
 
-def evaluate_model(model: nn.Module, model_cfg: ModelConfig, loader, postprocessor: PostProcessor, device: torch.device,
-                   amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict | None:  # fmt: skip
+def evaluate_model(
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    loader,
+    postprocessor: PostProcessor,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict | None:
     """Predictions of ``model`` on every rank's shard of ``loader`` (from :func:`build_eval_loader`),
     gathered on rank 0 (None elsewhere): the evaluation forward shared by the training loop and ``ssd eval``.
 
@@ -117,8 +139,11 @@ def predict_loader(
         for image_id, d in zip(batch["image_ids"], dets):
             results[image_id] = {k: v.cpu().numpy() for k, v in d.items()}
     if unreadable:
-        log.warning("%d evaluation image(s) could not be read and count as images without detections, e.g. %s",
-                    len(unreadable), unreadable[0])  # fmt: skip
+        log.warning(
+            "%d evaluation image(s) could not be read and count as images without detections, e.g. %s",
+            len(unreadable),
+            unreadable[0],
+        )
     for m, training in modes:
         m.training = training
     return results
@@ -146,7 +171,9 @@ def format_table(result: dict) -> str:
     for name, ap in result["per_class"].items():
         lines.append(f"{name:<{width}} {result['num_gt'][name]:>7d} {'-' if math.isnan(ap) else f'{ap:.4f}':>7}")
     counted = sum(not math.isnan(ap) for ap in result["per_class"].values())
-    label = {"voc07": "mAP@0.5 (VOC07 11-point)", "voc": "mAP@0.5 (VOC area)", "coco": "AP@[.50:.95] (COCO)"}[result["metric"]]
+    label = {"voc07": "mAP@0.5 (VOC07 11-point)", "voc": "mAP@0.5 (VOC area)", "coco": "AP@[.50:.95] (COCO)"}[
+        result["metric"]
+    ]
     lines.append(f"{label}: {result['map']:.4f} over {counted} class(es) with ground truth")
     if result["metric"] == "coco":
         lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[:6]))
@@ -160,8 +187,12 @@ def _json_number(v: float) -> float | None:
 
 def metrics_json(result: dict) -> dict:
     """The ``--json`` content: metric, map, per_class (null: no ground truth), num_gt, COCO's 12 numbers."""
-    out = {"metric": result["metric"], "map": _json_number(result["map"]),
-           "per_class": {k: _json_number(v) for k, v in result["per_class"].items()}, "num_gt": dict(result["num_gt"])}  # fmt: skip
+    out = {
+        "metric": result["metric"],
+        "map": _json_number(result["map"]),
+        "per_class": {k: _json_number(v) for k, v in result["per_class"].items()},
+        "num_gt": dict(result["num_gt"]),
+    }
     out.update({k: result[k] for k in COCO_STATS if k in result})
     return out
 
@@ -209,8 +240,9 @@ def split_name(cfg: DatasetConfig) -> str:
 # --- ssd eval ---------------------------------------------------------------------------------------
 
 
-def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int,
-                       weights_kind: str | None = None) -> tuple[DetectionDataset, dict | None]:  # fmt: skip
+def predict_checkpoint(
+    cfg, weights: str, device_name: str, batch_size: int, weights_kind: str | None = None
+) -> tuple[DetectionDataset, dict | None]:
     """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
     ``weights_kind``: None for the checkpoint's default weights (the EMA ones of a run with ``train.ema``,
     those its logged mAP belongs to), ``"raw"`` or ``"ema"`` (:func:`ssd.checkpoint.checkpoint_weights`).
@@ -234,8 +266,15 @@ def predict_checkpoint(cfg, weights: str, device_name: str, batch_size: int,
     loader = build_eval_loader(dataset, model_cfg, batch_size, num_workers, pin_memory=device.type == "cuda")
     channels_last = use_channels_last(cfg.train.channels_last, device)  # as training's evaluation
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    predictions = evaluate_model(model, model_cfg, loader, build_postprocess(cfg.postprocess, model_cfg), device,
-                                 amp_dtype(cfg.train, device), channels_last)  # fmt: skip
+    predictions = evaluate_model(
+        model,
+        model_cfg,
+        loader,
+        build_postprocess(cfg.postprocess, model_cfg),
+        device,
+        amp_dtype(cfg.train, device),
+        channels_last,
+    )
     return dataset, relabel_predictions(predictions, label_map)
 
 
@@ -257,7 +296,9 @@ def run_eval_command(args) -> int:
         detections = evalset.read_results(args.detections)
     else:
         try:
-            dataset, predictions = predict_checkpoint(cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None))
+            dataset, predictions = predict_checkpoint(
+                cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None)
+            )
         finally:
             cleanup()
         if predictions is None:  # not rank 0
@@ -275,5 +316,10 @@ def run_eval_command(args) -> int:
     if args.out_dir:
         n = evalset.write_results(Path(args.out_dir) / "detections.json", detections)
         evalset.write_comp4(args.out_dir, split_name(cfg.data.val), detections)
-        log.info("wrote %d detections to %s (detections.json, comp4_det_%s_<class>.txt)", n, args.out_dir, split_name(cfg.data.val))
+        log.info(
+            "wrote %d detections to %s (detections.json, comp4_det_%s_<class>.txt)",
+            n,
+            args.out_dir,
+            split_name(cfg.data.val),
+        )
     return 0

@@ -69,7 +69,9 @@ def adopt_source_config(cfg: Config) -> Config:
     ``init_backbone`` were trained with different preprocessing. ``init`` alone decides the priors.
     """
     model = cfg.model
-    sources = [read_source(k, p) for k, p in (("model.init", model.init), ("model.init_backbone", model.init_backbone)) if p]
+    sources = [
+        read_source(k, p) for k, p in (("model.init", model.init), ("model.init_backbone", model.init_backbone)) if p
+    ]
     if not sources:
         return cfg
     preprocess = _adopt_preprocess(cfg, sources)
@@ -78,7 +80,9 @@ def adopt_source_config(cfg: Config) -> Config:
     if not preprocess and not priors:
         return cfg
     model = dataclasses.replace(
-        model, preprocess=dataclasses.replace(model.preprocess, **preprocess), priors=dataclasses.replace(model.priors, **priors)
+        model,
+        preprocess=dataclasses.replace(model.preprocess, **preprocess),
+        priors=dataclasses.replace(model.priors, **priors),
     )
     return dataclasses.replace(cfg, model=model)  # keeps cfg.user_keys: adopted keys stay "not set by the user"
 
@@ -90,8 +94,10 @@ def _adopt_preprocess(cfg: Config, sources: list[Source]) -> dict[str, Any]:
             value = getattr(source.model.preprocess, name)
             if name in wanted and not _same(wanted[name][0], value):
                 first, first_source = wanted[name]
-                raise ConfigError(f"model.preprocess.{name}: {first_source} was trained with {first!r} but {source} with "
-                                  f"{value!r}; their weights expect different inputs: fine-tune from one of them")  # fmt: skip
+                raise ConfigError(
+                    f"model.preprocess.{name}: {first_source} was trained with {first!r} but {source} with "
+                    f"{value!r}; their weights expect different inputs: fine-tune from one of them"
+                )
             wanted.setdefault(name, (value, source))
     current = cfg.model.preprocess
     return {
@@ -105,8 +111,12 @@ def _adopt_priors(cfg: Config, source: Source) -> dict[str, Any]:
     ours, theirs = cfg.model, source.model
     levels = TRUNK_LEVELS + len(ours.extras)
     if TRUNK_LEVELS + len(theirs.extras) != levels:
-        log.warning("%s has %d feature levels, this model %d: its priors are not adopted (its heads do not fit anyway)",
-                    source, TRUNK_LEVELS + len(theirs.extras), levels)  # fmt: skip
+        log.warning(
+            "%s has %d feature levels, this model %d: its priors are not adopted (its heads do not fit anyway)",
+            source,
+            TRUNK_LEVELS + len(theirs.extras),
+            levels,
+        )
         return {}
     mine, src = resolve_prior_layout(ours, levels), resolve_prior_layout(theirs, levels)
     changes: dict[str, Any] = {}
@@ -122,20 +132,33 @@ def _adopt_priors(cfg: Config, source: Source) -> dict[str, Any]:
     changes.update(_adopt_steps(cfg, source, mine["steps"], src["steps"], left))
     changes.update(_adopt_sizes(cfg, source, mine, src, left))
     if left:
-        log.warning("%s was trained at %s px input, this model takes %s px: its prior %s not adopted (pixels of another input "
-                    "size); set model.priors.scales (fractions of the input) to choose", source, theirs.input_size,
-                    ours.input_size, " and ".join(left) + (" are" if len(left) > 1 else " is"))  # fmt: skip
+        log.warning(
+            "%s was trained at %s px input, this model takes %s px: its prior %s not adopted (pixels of another input "
+            "size); set model.priors.scales (fractions of the input) to choose",
+            source,
+            theirs.input_size,
+            ours.input_size,
+            " and ".join(left) + (" are" if len(left) > 1 else " is"),
+        )
     return changes
 
 
-def _adopt_steps(cfg: Config, source: Source, mine: list | None, theirs: list | None, left: list[str]) -> dict[str, Any]:
+def _adopt_steps(
+    cfg: Config, source: Source, mine: list | None, theirs: list | None, left: list[str]
+) -> dict[str, Any]:
     """Steps are pixels: adopted at the source's input size only. None (derived from the feature map
     sizes) is left to this model's own rule."""
     ours_model, theirs_model = cfg.model, source.model
     if ours_model.input_size == theirs_model.input_size:
-        return {"steps": theirs} if theirs is not None and _adopt(cfg, "model.priors.steps", mine, theirs, source) else {}
+        return (
+            {"steps": theirs} if theirs is not None and _adopt(cfg, "model.priors.steps", mine, theirs, source) else {}
+        )
     explicit = theirs_model.priors.steps
-    if explicit is not None and not _same(ours_model.priors.steps, explicit) and not is_user_set(cfg, "model.priors.steps"):
+    if (
+        explicit is not None
+        and not _same(ours_model.priors.steps, explicit)
+        and not is_user_set(cfg, "model.priors.steps")
+    ):
         left.append(f"steps {explicit}")
     return {}
 
@@ -149,8 +172,10 @@ def _adopt_sizes(cfg: Config, source: Source, mine: dict, src: dict, left: list[
     user_set = [f"model.priors.{k}" for k in SIZE_KEYS if is_user_set(cfg, f"model.priors.{k}")]
     adoptable = ours.input_size == theirs.input_size or theirs.priors.scales is not None
     if user_set and adoptable:
-        raise ConfigError(f"{', '.join(user_set)}: the config sets {_describe_sizes(ours, mine)} but {source} was trained "
-                          f"with {_describe_sizes(theirs, src)}; {_HOW_TO_FIX}")  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(user_set)}: the config sets {_describe_sizes(ours, mine)} but {source} was trained "
+            f"with {_describe_sizes(theirs, src)}; {_HOW_TO_FIX}"
+        )
     if not adoptable:
         if not user_set:
             left.append(_describe_sizes(theirs, src))
@@ -158,7 +183,9 @@ def _adopt_sizes(cfg: Config, source: Source, mine: dict, src: dict, left: list[
     sizes = _source_sizes(theirs, src)
     for name in SIZE_KEYS:
         if not _same(getattr(ours.priors, name), sizes[name]):
-            log.info("model.priors.%s: %r -> %r (adopted from %s)", name, getattr(ours.priors, name), sizes[name], source)
+            log.info(
+                "model.priors.%s: %r -> %r (adopted from %s)", name, getattr(ours.priors, name), sizes[name], source
+            )
     return sizes
 
 
@@ -176,7 +203,12 @@ def _same(a: Any, b: Any) -> bool:
     """Equal values, floats to 1e-6 relative (a hand-typed 1/255 or a YAML round trip still matches)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
     return a == b
 
@@ -189,8 +221,11 @@ def _source_sizes(model: ModelConfig, layout: dict) -> dict[str, Any]:
     if p.min_sizes is not None:
         return {"scales": None, "min_sizes": list(p.min_sizes), "max_sizes": list(p.max_sizes)}
     size = model.input_size
-    return {"scales": None, "min_sizes": [round(s * size, 6) for s in layout["min_scales"]],
-            "max_sizes": [round(s * size, 6) for s in layout["max_scales"]]}  # fmt: skip
+    return {
+        "scales": None,
+        "min_sizes": [round(s * size, 6) for s in layout["min_scales"]],
+        "max_sizes": [round(s * size, 6) for s in layout["max_scales"]],
+    }
 
 
 def _describe_sizes(model: ModelConfig, layout: dict) -> str:
@@ -227,16 +262,24 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
     model.load_state_dict(update, strict=False)
     if not backbone_only:
         _log_head_bn_mismatch(path, own, state)
-    log.info("init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
-             path, len(report["loaded"]), len(report["reinitialised"]), ", ".join(report["reinitialised"][:6]) or "-",
-             len(report["ignored"]), ", ".join(report["ignored"][:6]) or "-")  # fmt: skip
+    log.info(
+        "init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
+        path,
+        len(report["loaded"]),
+        len(report["reinitialised"]),
+        ", ".join(report["reinitialised"][:6]) or "-",
+        len(report["ignored"]),
+        ", ".join(report["ignored"][:6]) or "-",
+    )
     return report
 
 
 def _head_bn_layers(state: dict) -> list[str]:
     """The prediction heads' BN layers (``head.loc_bn.i``, ``head.conf_bn.i``) named in a state dict."""
     suffix = ".running_mean"
-    return [k.removesuffix(suffix) for k in state if k.startswith(("head.loc_bn.", "head.conf_bn.")) and k.endswith(suffix)]
+    return [
+        k.removesuffix(suffix) for k in state if k.startswith(("head.loc_bn.", "head.conf_bn.")) and k.endswith(suffix)
+    ]
 
 
 def _spans(layers: list[str]) -> str:
@@ -245,7 +288,9 @@ def _spans(layers: list[str]) -> str:
     for name in layers:
         prefix, _, index = name.rpartition(".")
         groups.setdefault(prefix, []).append(int(index))
-    return ", ".join(f"{prefix}.{min(i)}..{max(i)}" if len(i) > 1 else f"{prefix}.{i[0]}" for prefix, i in groups.items())
+    return ", ".join(
+        f"{prefix}.{min(i)}..{max(i)}" if len(i) > 1 else f"{prefix}.{i[0]}" for prefix, i in groups.items()
+    )
 
 
 def _log_head_bn_mismatch(path: str, own: dict, state: dict) -> None:
@@ -254,13 +299,22 @@ def _log_head_bn_mismatch(path: str, own: dict, state: dict) -> None:
     mine, theirs = _head_bn_layers(own), _head_bn_layers(state)
     if mine and not theirs:
         biases = [k for k in state if k.startswith(("head.loc.", "head.conf.")) and k.endswith(".bias")]
-        log.info("init from %s: %s start fresh (not in the checkpoint, trained without BN in the heads)%s", path, _spans(mine),
-                 f"; its head conv biases ({len(biases)}) are not used: with BN in the heads the convs have none, BN's "
-                 "shift takes their place" if biases else "")  # fmt: skip
+        log.info(
+            "init from %s: %s start fresh (not in the checkpoint, trained without BN in the heads)%s",
+            path,
+            _spans(mine),
+            f"; its head conv biases ({len(biases)}) are not used: with BN in the heads the convs have none, BN's "
+            "shift takes their place"
+            if biases
+            else "",
+        )
     elif theirs and not mine:
-        log.info("init from %s: its head BN layers %s are not used (model.batch_norm has no 'heads'); the head convs load "
-                 "their weights, which were trained to feed those BN layers, and their biases start at 0",
-                 path, _spans(theirs))  # fmt: skip
+        log.info(
+            "init from %s: its head BN layers %s are not used (model.batch_norm has no 'heads'); the head convs load "
+            "their weights, which were trained to feed those BN layers, and their biases start at 0",
+            path,
+            _spans(theirs),
+        )
 
 
 def freeze_blocks(model: nn.Module, blocks: list[str]) -> list[str]:
@@ -285,5 +339,8 @@ def warn_frozen_untrained(blocks: list[str], loaded_keys: list[str]) -> None:
     """Warn for each ``train.freeze`` block that nothing loaded: it keeps its random initialisation."""
     for block in blocks:
         if not any(key.startswith(f"backbone.{block}.") for key in loaded_keys):
-            log.warning("train.freeze: %s was not loaded from model.init or model.init_backbone, so it stays at its random "
-                        "initialisation; freeze only blocks that come with trained weights", block)  # fmt: skip
+            log.warning(
+                "train.freeze: %s was not loaded from model.init or model.init_backbone, so it stays at its random "
+                "initialisation; freeze only blocks that come with trained weights",
+                block,
+            )

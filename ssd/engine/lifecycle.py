@@ -47,7 +47,9 @@ def resume_checkpoint(out: Path) -> tuple[Path, dict, bool]:
         ckpt = read_training_state(previous)
     except CheckpointError as e:
         raise CheckpointError(f"{error}; and the previous checkpoint {e}") from None
-    log.warning("%s; resuming from the previous checkpoint %s (iteration %d) instead", error, previous, ckpt["iteration"])
+    log.warning(
+        "%s; resuming from the previous checkpoint %s (iteration %d) instead", error, previous, ckpt["iteration"]
+    )
     return previous, ckpt, True
 
 

@@ -69,7 +69,9 @@ class SkippedImages:
     def end_epoch(self, epoch: int) -> None:
         count, self.count = self.count, 0
         if count and count != self.last_logged:
-            log.warning("epoch %d: skipped %d unreadable image(s), %d file(s) in all so far", epoch, count, len(self.warned))
+            log.warning(
+                "epoch %d: skipped %d unreadable image(s), %d file(s) in all so far", epoch, count, len(self.warned)
+            )
             self.last_logged = count
 
 
@@ -91,7 +93,9 @@ class TensorBoard:
     def train_row(self, row: dict) -> None:
         if self.writer:
             for key in ("loss", "loc", "conf", "lr", "images_per_s", "skipped", "grad_scale"):
-                if row.get(key) is not None:  # no loss terms when every step of the window was skipped; grad_scale: fp16
+                if (
+                    row.get(key) is not None
+                ):  # no loss terms when every step of the window was skipped; grad_scale: fp16
                     self.writer.add_scalar(f"train/{key}", row[key], row["iter"])
 
     def eval_row(self, it: int, res: dict) -> None:
@@ -116,7 +120,9 @@ def draw_samples(dataset, predictions: dict, count: int) -> list[tuple[str, np.n
     samples = []
     for rec in dataset.records[:count]:
         d = predictions[rec.image_id]
-        samples.append((rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes)))
+        samples.append(
+            (rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes))
+        )
     return samples
 
 

@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssd.checkpoint import CheckpointError, add_ema, checkpoint_weights, load_checkpoint, load_state_strict, make_checkpoint
+from ssd.checkpoint import (
+    CheckpointError,
+    add_ema,
+    checkpoint_weights,
+    load_checkpoint,
+    load_state_strict,
+    make_checkpoint,
+)
 from ssd.config import Config, to_dict
 
 log = logging.getLogger("ssd.train")
@@ -20,8 +27,19 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, iteration: int, best: dict,
-                   rng_states: list[dict], elapsed: float, ema=None) -> dict:  # fmt: skip
+def training_state(
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    cfg: Config,
+    classes,
+    iteration: int,
+    best: dict,
+    rng_states: list[dict],
+    elapsed: float,
+    ema=None,
+) -> dict:
     """``rng_states``: :func:`rng_state` of every rank, in rank order (each restores its own);
     ``elapsed``: seconds of training so far (:class:`ssd.engine.lifecycle.TrainClock`); ``ema``: the
     run's :class:`ssd.engine.ema.ModelEma` (``train.ema``), saved as the checkpoint's default weights."""
@@ -44,7 +62,10 @@ def training_state(model, optimizer, scheduler, scaler, cfg: Config, classes, it
 def best_checkpoint(model, ema, cfg: Config, classes, iteration: int, res: dict) -> dict:
     """``best.pt``: the weights evaluated at ``iteration`` with their mAP (``res`` from the training loop's
     evaluation); with ``ema`` (``train.ema``) the average is the default and ``map_raw`` the raw weights'."""
-    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train") | {"iteration": iteration, "map": res["map"]}
+    ckpt = make_checkpoint(unwrap(model).state_dict(), cfg.model, classes, "train") | {
+        "iteration": iteration,
+        "map": res["map"],
+    }
     if ema is not None:
         add_ema(ckpt, ema.state_dict(), ema.updates)
         ckpt["map_raw"] = res["metrics"]["map_raw"]
@@ -55,12 +76,15 @@ def read_training_state(path: Path) -> dict:
     """``last.pt`` as :func:`training_state` wrote it; :class:`CheckpointError` when it is not one."""
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt or "iteration" not in ckpt:
-        raise CheckpointError(f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it")
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (no optimizer state); use model.init to fine-tune from it"
+        )
     return ckpt
 
 
-def restore_state(ckpt: dict, path: Path, model, optimizer, scheduler, scaler, device: torch.device,
-                  rank: int = 0, ema=None) -> tuple[int, dict, float]:  # fmt: skip
+def restore_state(
+    ckpt: dict, path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int = 0, ema=None
+) -> tuple[int, dict, float]:
     """Load :func:`read_training_state`'s ``ckpt`` (read from ``path``) into the run's objects. Returns
     ``(iteration, best, elapsed)``; checkpoints from before ``elapsed`` was saved give 0 seconds.
     ``ema`` (``train.ema``) gets the saved average and its update count; a checkpoint without one starts

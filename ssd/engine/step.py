@@ -75,8 +75,18 @@ class TrainStep:
     """``step(batch, iteration)`` runs forward, loss, backward and the optimizer update without reading a
     device value; :meth:`check` reads the record of the steps since the last call."""
 
-    def __init__(self, net: nn.Module, model: nn.Module, criterion, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, forward_images, tcfg: TrainConfig, distributed: bool, ema=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        criterion,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        forward_images,
+        tcfg: TrainConfig,
+        distributed: bool,
+        ema=None,
+    ) -> None:
         self.net, self.model, self.criterion, self.optimizer, self.scaler = net, model, criterion, optimizer, scaler
         self.ema = ema  # ssd.engine.ema.ModelEma (train.ema): updated after every optimizer step, on the device
         self.forward_images, self.tcfg, self.distributed = forward_images, tcfg, distributed
@@ -94,7 +104,9 @@ class TrainStep:
         losses = self.criterion(outputs, gt_boxes, gt_labels, self.model.priors)
         loss = losses["loc"] + losses["conf"]
         bad = (~torch.isfinite(loss)).float()
-        if self.distributed and not self.scaler.is_enabled():  # every rank skips together (fp16: DDP's NaN gradients agree)
+        if (
+            self.distributed and not self.scaler.is_enabled()
+        ):  # every rank skips together (fp16: DDP's NaN gradients agree)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
@@ -141,7 +153,13 @@ class TrainStep:
             if bad > 0:
                 w.skipped += 1
                 self.bad_run += 1
-                log.warning("iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s", iteration, loc, conf, image_ids)
+                log.warning(
+                    "iteration %d: non-finite loss (loc %s, conf %s), step skipped; images %s",
+                    iteration,
+                    loc,
+                    conf,
+                    image_ids,
+                )
                 if self.bad_run >= self.tcfg.max_bad_steps:
                     self.pending = []
                     raise TrainingError(

@@ -30,7 +30,15 @@ from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.device import use_channels_last
 from ssd.engine import bn as bn_tools
-from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, gather_objects, init_distributed, resolve_device
+from ssd.engine.distributed import (
+    DistContext,
+    all_true,
+    barrier,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    resolve_device,
+)
 from ssd.engine.ema import build_ema, combine_evaluations
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
@@ -91,6 +99,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+
     def make(fused: bool | None) -> torch.optim.Optimizer:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
@@ -133,7 +142,9 @@ def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> d
     ranks get the same keys without metrics).
     """
     tcfg = cfg.train
-    device_type = "cuda" if (tcfg.device == "auto" and torch.cuda.is_available()) or tcfg.device.startswith("cuda") else "cpu"
+    device_type = (
+        "cuda" if (tcfg.device == "auto" and torch.cuda.is_available()) or tcfg.device.startswith("cuda") else "cpu"
+    )
     ctx = init_distributed(device_type)
     try:
         return _train(cfg, Path(output_dir), resume, ctx)
@@ -150,7 +161,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if tcfg.schedule_by_time and ctx.enabled:  # each rank's clock differs: their learning rates would too
         raise ConfigError("train.schedule_by_time works in single-process runs only; unset it under torchrun")
     if tcfg.bn == "sync" and ctx.enabled and device.type != "cuda":  # PyTorch's SyncBatchNorm has no CPU kernel
-        raise ConfigError(f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen")
+        raise ConfigError(
+            f"train.bn=sync needs CUDA devices (this run is on {device.type}); use train.bn=train or frozen"
+        )
     small_batch = bn_tools.small_batch_warning(tcfg.bn, ctx.world_size, tcfg.batch_size // ctx.world_size)
     if small_batch and ctx.is_main:
         log.warning(small_batch)
@@ -163,8 +176,10 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     train_set = build_dataset(cfg.data.train, train_tf, train=True, on_error=cfg.data.on_error, key="data.train")
     val_set = build_eval_set(cfg, cfg.model)  # ssd eval's data and preprocessing (ssd.preprocess)
     if len(train_set.classes) != cfg.model.num_classes - 1:
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
-                         f"(+1 background = {len(train_set.classes) + 1})")  # fmt: skip
+        raise ValueError(
+            f"model.num_classes is {cfg.model.num_classes} but data.train has {len(train_set.classes)} classes "
+            f"(+1 background = {len(train_set.classes) + 1})"
+        )
     pin = device.type == "cuda"
     num_workers = default_num_workers(cfg.data.num_workers)
     if cfg.data.num_workers is None and ctx.is_main:
@@ -177,7 +192,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     bn_workers = {**workers, "num_workers": min(num_workers, tcfg.precise_bn_batches)}
     bn_loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, persistent=False, **bn_workers)
     if len(loader) == 0:
-        raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}")
+        raise ValueError(
+            f"data.train has {len(train_set)} images, fewer than one batch of {tcfg.batch_size // ctx.world_size}"
+        )
 
     # model, loss, optimizer
     model = build_ssd(cfg.model)
@@ -210,7 +227,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     iteration, best, fell_back = 0, {"map": -1.0, "iter": 0}, False
     if resume:  # last.pt, or last.prev.pt when last.pt cannot be read
         path, ckpt, fell_back = resume_checkpoint(out)
-        iteration, best, clock.before = restore_state(ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank, ema)
+        iteration, best, clock.before = restore_state(
+            ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank, ema
+        )
         del ckpt
         log.info("resumed from %s at iteration %d", path, iteration)
 
@@ -250,7 +269,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         if not ctx.is_main:
             return None
         # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
-        res = evaluate_predictions(val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations)
+        res = evaluate_predictions(
+            val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations
+        )
         samples = draw_samples(val_set, preds, tcfg.tensorboard_images) if tensorboard.writer else []
         return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
 
@@ -266,18 +287,47 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     metrics_file = open(out / "metrics.jsonl", "a" if resume else "w") if ctx.is_main else None
     try:
         with StopSignal() as stop:
-            stopped = _train_loop(cfg, ctx, step, loader, scheduler, evaluate, train_set.classes, out, metrics_file, tensorboard,
-                                  state, stop)  # fmt: skip
+            stopped = _train_loop(
+                cfg,
+                ctx,
+                step,
+                loader,
+                scheduler,
+                evaluate,
+                train_set.classes,
+                out,
+                metrics_file,
+                tensorboard,
+                state,
+                stop,
+            )
     finally:
         tensorboard.close()
         if metrics_file:
             metrics_file.close()
-    return {"iteration": state["iteration"], "best_map": state["best"]["map"], "best_iter": state["best"]["iter"], "stopped": stopped,
-            "signal": stop.name or None}  # fmt: skip
+    return {
+        "iteration": state["iteration"],
+        "best_map": state["best"]["map"],
+        "best_iter": state["best"]["iter"],
+        "stopped": stopped,
+        "signal": stop.name or None,
+    }
 
 
-def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes, out: Path, metrics_file,
-                tensorboard: TensorBoard, state: dict, stop: StopSignal) -> str:  # fmt: skip
+def _train_loop(
+    cfg,
+    ctx,
+    step: TrainStep,
+    loader,
+    scheduler,
+    evaluate,
+    classes,
+    out: Path,
+    metrics_file,
+    tensorboard: TensorBoard,
+    state: dict,
+    stop: StopSignal,
+) -> str:
     tcfg = cfg.train
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
     it, clock = state["iteration"], state["clock"]
@@ -294,8 +344,19 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
-            ckpt = training_state(step.net, optimizer, scheduler, scaler, cfg, classes, it, state["best"], rng_states, clock.elapsed(),
-                                  step.ema)  # fmt: skip
+            ckpt = training_state(
+                step.net,
+                optimizer,
+                scheduler,
+                scaler,
+                cfg,
+                classes,
+                it,
+                state["best"],
+                rng_states,
+                clock.elapsed(),
+                step.ema,
+            )
             save_checkpoint(ckpt, out / LAST, keep_previous=out / PREVIOUS if state["keep_last"] else None)
             state["keep_last"] = True
         state["saved_at"] = it
@@ -311,8 +372,13 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         nonlocal window
         dt = time.perf_counter() - window["t"]
         steps, elapsed = step.take_window(), clock.elapsed()
-        row = {"iter": it, **steps.row(), "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": window["images"] / max(dt, 1e-9), "time": elapsed}  # fmt: skip
+        row = {
+            "iter": it,
+            **steps.row(),
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": window["images"] / max(dt, 1e-9),
+            "time": elapsed,
+        }
         left = format_eta(eta.update(it, window["iters"], dt, elapsed))
         if scaler.is_enabled():  # fp16: the scale, and the steps the GradScaler skipped for overflowing gradients
             row["grad_scale"], row["amp_skipped"] = scaler.get_scale(), steps.amp_skipped
@@ -322,11 +388,26 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
             window = {"images": 0, "iters": 0, "t": time.perf_counter()}
             return
         if progress is not None:
-            progress.set_postfix(loss=f"{row['loss']:.3f}", loc=f"{row['loc']:.3f}", conf=f"{row['conf']:.3f}",
-                                 lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}", eta=left)  # fmt: skip
+            progress.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                loc=f"{row['loc']:.3f}",
+                conf=f"{row['conf']:.3f}",
+                lr=f"{row['lr']:.2e}",
+                ips=f"{row['images_per_s']:.1f}",
+                eta=left,
+            )
         elif ctx.is_main:
-            log.info("iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s eta %s", it, tcfg.max_iter,
-                     row["loss"], row["loc"], row["conf"], row["lr"], row["images_per_s"], left)  # fmt: skip
+            log.info(
+                "iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s eta %s",
+                it,
+                tcfg.max_iter,
+                row["loss"],
+                row["loc"],
+                row["conf"],
+                row["lr"],
+                row["images_per_s"],
+                left,
+            )
         window = {"images": 0, "iters": 0, "t": time.perf_counter()}
 
     def run_eval(final: bool = False) -> None:
@@ -337,14 +418,20 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
         both = res.get("metrics", {})  # train.ema: "map" is the EMA weights'; map_ema, map_raw name each
         write_metrics({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"], **both})
         tensorboard.eval_row(it, res)
-        log.info("iter %d: %s mAP %.4f%s", it, res["metric"], res["map"], f" (EMA; raw weights {both['map_raw']:.4f})" if both else "")
+        log.info(
+            "iter %d: %s mAP %.4f%s",
+            it,
+            res["metric"],
+            res["map"],
+            f" (EMA; raw weights {both['map_raw']:.4f})" if both else "",
+        )
         if res["map"] > state["best"]["map"]:  # with train.ema: the EMA weights' mAP, the weights best.pt's default
             state["best"] = {"map": res["map"], "iter": it}
             save_checkpoint(best_checkpoint(model, step.ema, cfg, classes, it, res), out / "best.pt")
         barrier()
 
     def stop_requested() -> str | None:
-        """"signal", "time_limit" or None, agreed by every rank: host-side, no device value."""
+        """ "signal", "time_limit" or None, agreed by every rank: host-side, no device value."""
         out_of_time = tcfg.time_limit is not None and clock.elapsed() > tcfg.time_limit
         if all_true(stop.received is None and not out_of_time):
             return None
@@ -384,13 +471,17 @@ def _train_loop(cfg, ctx, step: TrainStep, loader, scheduler, evaluate, classes,
     if progress is not None:
         progress.close()
     if stop_reason == "signal":
-        if state.get("saved_at") != it:  # not again right after train.checkpoint_period's save: last.prev.pt stays older
+        if (
+            state.get("saved_at") != it
+        ):  # not again right after train.checkpoint_period's save: last.prev.pt stays older
             save_last()
         if ctx.is_main:
             best = state["best"]
             best_text = f" (best mAP {best['map']:.4f} at iteration {best['iter']})" if best["map"] >= 0 else ""
             by = stop.name or "another process's signal"  # torchrun: every rank stops when one is signalled
-            log.warning("stopped by %s at iteration %d: saved %s%s; continue with --resume", by, it, out / LAST, best_text)
+            log.warning(
+                "stopped by %s at iteration %d: saved %s%s; continue with --resume", by, it, out / LAST, best_text
+            )
         return "signal"
     if stop_reason == "time_limit":
         log.info("train.time_limit %.0f s reached at iteration %d", tcfg.time_limit, it)

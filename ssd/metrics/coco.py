@@ -53,13 +53,20 @@ def load_results(coco_gt, results: list[dict]):
     """``coco_gt.loadRes`` on copies of ``results`` (it writes ``area``/``id``/``segmentation`` into
     each dict); an empty list gives an empty results object, which ``loadRes`` cannot make."""
     if not results:
-        return coco_from_dict({"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-                               "annotations": []})  # fmt: skip
+        return coco_from_dict(
+            {
+                "images": list(coco_gt.dataset["images"]),
+                "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+                "annotations": [],
+            }
+        )
     with quiet_pycocotools():
         return coco_gt.loadRes([dict(r) for r in results])
 
 
-def coco_eval(coco_gt, results: list[dict], image_ids: list[int] | None = None, cat_ids: list[int] | None = None) -> dict:
+def coco_eval(
+    coco_gt, results: list[dict], image_ids: list[int] | None = None, cat_ids: list[int] | None = None
+) -> dict:
     """Evaluate ``results`` against ``coco_gt`` on ``image_ids`` (default: every image of ``coco_gt``)
     and the categories ``cat_ids`` (default: all; a subset leaves the others out of every number).
 
@@ -93,5 +100,10 @@ def coco_eval(coco_gt, results: list[dict], image_ids: list[int] | None = None, 
     for ann in coco_gt.dataset.get("annotations", []):
         if ann["image_id"] in images and not ann.get("iscrowd", 0) and ann["category_id"] in num_gt:
             num_gt[ann["category_id"]] += 1
-    return {"stats": dict(zip(COCO_STATS, (float(s) for s in evaluator.stats))), "per_class": per_class, "curves": curves,
-            "iou_thresholds": np.asarray(params.iouThrs), "num_gt": num_gt}  # fmt: skip
+    return {
+        "stats": dict(zip(COCO_STATS, (float(s) for s in evaluator.stats))),
+        "per_class": per_class,
+        "curves": curves,
+        "iou_thresholds": np.asarray(params.iouThrs),
+        "num_gt": num_gt,
+    }

@@ -94,9 +94,13 @@ def _best_overlap(bb: np.ndarray, gt: np.ndarray, valid: np.ndarray, one: float)
 
 
 def class_tp_fp(
-    dets: ClassDetections, gt: ClassGroundTruth, num_images: int, iou_threshold: float = 0.5, inclusive: bool = True,
+    dets: ClassDetections,
+    gt: ClassGroundTruth,
+    num_images: int,
+    iou_threshold: float = 0.5,
+    inclusive: bool = True,
     max_elements: int = MAX_ELEMENTS,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """TP / FP flags (float64 [D]) of one class's detections in descending-score order."""
     order = np.argsort(-dets.scores)  # the reference's call, for identical tie order
     num = len(order)
@@ -130,9 +134,14 @@ def class_tp_fp(
 
 
 def voc_class_ap(
-    dets: ClassDetections, gt: ClassGroundTruth, num_images: int, use_07_metric: bool, iou_threshold: float = 0.5,
-    inclusive: bool = True, max_elements: int = MAX_ELEMENTS,
-) -> tuple[float, np.ndarray, np.ndarray]:  # fmt: skip
+    dets: ClassDetections,
+    gt: ClassGroundTruth,
+    num_images: int,
+    use_07_metric: bool,
+    iou_threshold: float = 0.5,
+    inclusive: bool = True,
+    max_elements: int = MAX_ELEMENTS,
+) -> tuple[float, np.ndarray, np.ndarray]:
     """AP, recall and precision of one class (NaN AP and empty curves without non-difficult GT)."""
     npos = int((~gt.difficult).sum())
     if npos == 0:
@@ -176,8 +185,12 @@ def voc_map(
     gt_lab = _concat([g["labels"] for g in ground_truth], np.int64, (-1,))
     gt_box = _concat([g["boxes"] for g in ground_truth], np.float64, (-1, 4))
     gt_diff = _concat([g["difficult"] for g in ground_truth], bool, (-1,))
-    if not (len(det_img) == len(det_lab) == len(det_box)) or not (len(gt_img) == len(gt_lab) == len(gt_box) == len(gt_diff)):
-        raise ValueError("every image needs as many boxes as labels and scores (detections) or difficult flags (ground truth)")
+    if not (len(det_img) == len(det_lab) == len(det_box)) or not (
+        len(gt_img) == len(gt_lab) == len(gt_box) == len(gt_diff)
+    ):
+        raise ValueError(
+            "every image needs as many boxes as labels and scores (detections) or difficult flags (ground truth)"
+        )
     # group by class once; a stable sort keeps each class's detections in image order, the order
     # the reference concatenates them in (its argsort then breaks score ties the same way)
     det_order, gt_order = np.argsort(det_lab, kind="stable"), np.argsort(gt_lab, kind="stable")

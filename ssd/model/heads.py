@@ -24,17 +24,30 @@ class MultiBoxHead(nn.Module):
     """``loc.i`` predicts 4 offsets and ``conf.i`` ``num_classes`` logits per prior of source i;
     with ``batch_norm``, ``loc_bn.i`` / ``conf_bn.i`` normalise those outputs."""
 
-    def __init__(self, in_channels: list[int], num_anchors: list[int], num_classes: int, batch_norm: bool = False,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: list[int],
+        num_anchors: list[int],
+        num_classes: int,
+        batch_norm: bool = False,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.batch_norm = batch_norm
         outs = {"loc": [a * 4 for a in num_anchors], "conf": [a * num_classes for a in num_anchors]}
         for kind, channels in outs.items():
-            convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1, bias=not batch_norm) for c, o in zip(in_channels, channels))
+            convs = nn.ModuleList(
+                nn.Conv2d(c, o, 3, padding=1, bias=not batch_norm) for c, o in zip(in_channels, channels)
+            )
             setattr(self, kind, convs)
             if batch_norm:
-                setattr(self, f"{kind}_bn", nn.ModuleList(nn.BatchNorm2d(o, eps=bn_eps, momentum=bn_momentum) for o in channels))
+                setattr(
+                    self,
+                    f"{kind}_bn",
+                    nn.ModuleList(nn.BatchNorm2d(o, eps=bn_eps, momentum=bn_momentum) for o in channels),
+                )
 
     def _predict(self, kind: str, features: list[Tensor], k: int) -> Tensor:
         convs = getattr(self, kind)

@@ -91,7 +91,9 @@ def resolve_prior_layout(cfg: ModelConfig, num_levels: int) -> dict:
     if p.scales is not None:
         scales = p.scales
         if len(scales) != num_levels + 1:
-            raise ConfigError(f"model.priors.scales needs {num_levels + 1} values for {num_levels} levels, got {len(scales)}")
+            raise ConfigError(
+                f"model.priors.scales needs {num_levels + 1} values for {num_levels} levels, got {len(scales)}"
+            )
         min_s, max_s = scales[:-1], scales[1:]
     elif p.min_sizes is not None:
         min_s, max_s = [m / size for m in p.min_sizes], [m / size for m in p.max_sizes]

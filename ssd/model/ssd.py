@@ -22,7 +22,9 @@ class SSD(nn.Module):
     device of the model and is rebuilt from the config, never loaded from a checkpoint.
     """
 
-    def __init__(self, backbone: VGG16Trunk, extras: Extras, head: MultiBoxHead, priors: Tensor, input_size: int) -> None:
+    def __init__(
+        self, backbone: VGG16Trunk, extras: Extras, head: MultiBoxHead, priors: Tensor, input_size: int
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.extras = extras
@@ -75,14 +77,25 @@ def init_weights(model: SSD) -> None:
 def build_ssd(cfg: ModelConfig) -> SSD:
     """Build the detector described by ``cfg`` (see :class:`ssd.config.ModelConfig`)."""
     bn = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
-    backbone = VGG16Trunk(cfg.width, cfg.batch_norm, dropout=cfg.dropout, l2norm_scale=cfg.l2norm_scale,
-                          fc6_dilation=cfg.fc6_dilation, **bn)  # fmt: skip
+    backbone = VGG16Trunk(
+        cfg.width,
+        cfg.batch_norm,
+        dropout=cfg.dropout,
+        l2norm_scale=cfg.l2norm_scale,
+        fc6_dilation=cfg.fc6_dilation,
+        **bn,
+    )
     extras = Extras(backbone.out_channels[-1], cfg.extras, cfg.width, "extras" in cfg.batch_norm, **bn)
     sizes = feature_sizes(backbone, extras, cfg.input_size)
     layout = resolve_prior_layout(cfg, len(sizes))
     priors = make_priors(sizes, (cfg.input_size, cfg.input_size), **layout)
-    head = MultiBoxHead(backbone.out_channels + extras.out_channels, num_priors_per_location(layout["aspect_ratios"]),
-                        cfg.num_classes, "heads" in cfg.batch_norm, **bn)  # fmt: skip
+    head = MultiBoxHead(
+        backbone.out_channels + extras.out_channels,
+        num_priors_per_location(layout["aspect_ratios"]),
+        cfg.num_classes,
+        "heads" in cfg.batch_norm,
+        **bn,
+    )
     model = SSD(backbone, extras, head, priors, cfg.input_size)
     init_weights(model)
     return model

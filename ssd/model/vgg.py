@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from ssd.config import ExtraLayer
 
 # VGG16 "D" (Simonyan & Zisserman, Table 1): output channels of each conv, per block
-VGG16_BLOCKS = {"conv1": [64, 64], "conv2": [128, 128], "conv3": [256, 256, 256], "conv4": [512, 512, 512], "conv5": [512, 512, 512]}
+VGG16_BLOCKS = {
+    "conv1": [64, 64],
+    "conv2": [128, 128],
+    "conv3": [256, 256, 256],
+    "conv4": [512, 512, 512],
+    "conv5": [512, 512, 512],
+}
 FC_CHANNELS = 1024  # paper: fc6/fc7 reduced from 4096 to 1024 by sub-sampling
 # Canonical order of the 15 trunk convolutions; converters map foreign layouts onto it.
 TRUNK_LAYERS = [f"{b}.{i}" for b, chans in VGG16_BLOCKS.items() for i in range(len(chans))] + ["fc6", "fc7"]
