@@ -1,4 +1,7 @@
-"""`ssd train` for people used to the ports' layout: `torchrun --nproc_per_node=N scripts/train.py CFG [key=value ...]`."""
+"""`ssd train` for people used to the ports' layout.
+
+Usage: `torchrun --nproc_per_node=N scripts/train.py CFG [key=value ...]`.
+"""
 
 import sys
 

@@ -72,7 +72,8 @@ def checkpoint_weights(
     (a :class:`CheckpointError` for a checkpoint without one)."""
     if weights_kind not in (None, *WEIGHTS_KINDS):
         raise ValueError(
-            f"weights kind must be {' or '.join(WEIGHTS_KINDS)} (or unset: the checkpoint's default), got {weights_kind!r}"
+            f"weights kind must be {' or '.join(WEIGHTS_KINDS)} (or unset: the checkpoint's default), "
+            f"got {weights_kind!r}"
         )
     has_ema = ckpt.get("eval_weights") == "ema"
     if weights_kind == "ema" and not has_ema:
@@ -171,7 +172,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
             f"{path}: not an ssd checkpoint (top-level keys {keys}); "
-            "convert foreign weights first: ssd convert --from {torchvision,amdegroot,lufficc,vgg16,vgg16_bn} SRC --out DST.pt"
+            "convert foreign weights first: "
+            "ssd convert --from {torchvision,amdegroot,lufficc,vgg16,vgg16_bn} SRC --out DST.pt"
         )
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {obj['version']} is newer than this code reads ({VERSION})")

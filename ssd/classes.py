@@ -31,7 +31,7 @@ COCO_CATEGORY_IDS = [
 def coco_91_names() -> list[str]:
     """torchvision's 91-entry label space (index = COCO category id, unused ids named ``N/A``), minus background."""
     names = ["N/A"] * 91
-    for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES):
+    for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True):
         names[cid] = name
     return names[1:]
 
@@ -53,7 +53,7 @@ def match_classes(model_classes: list[str], data_classes: list[str]) -> tuple[di
     data_keys = [class_key(n) for n in data_classes]
     shared = set(model_keys) & set(data_keys)
     if len(model_keys) == len(data_keys) and all(
-        m == d for m, d in zip(model_keys, data_keys) if m in shared or d in shared
+        m == d for m, d in zip(model_keys, data_keys, strict=True) if m in shared or d in shared
     ):
         return {label: label for label in range(1, len(model_keys) + 1)}, "position"
     if not shared:
@@ -75,7 +75,10 @@ def unlisted_class_hint(name: str, classes: list[str], skip_hint: bool = True) -
     if not close:  # case and surrounding spaces are not a spelling difference
         close = [c for c in classes if class_key(c) == class_key(name)][:1]
     text = f" (did you mean {close[0]!r}?)" if close else ""
-    text += "; to train on the listed classes only, set ignore_other_classes: true on this dataset (e.g. data.train.ignore_other_classes=true)"
+    text += (
+        "; to train on the listed classes only, set ignore_other_classes: true on this dataset "
+        "(e.g. data.train.ignore_other_classes=true)"
+    )
     return text + (", or data.on_error=skip to skip such objects as counted problems" if skip_hint else "")
 
 

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="source_format",
         required=True,
         choices=["torchvision", "amdegroot", "lufficc", "vgg16", "vgg16_bn"],
-        help="layout of SRC: torchvision ssd300_vgg16, amdegroot ssd.pytorch, lufficc SSD, or ImageNet vgg16/vgg16_bn (backbone init)",
+        help="layout of SRC: torchvision ssd300_vgg16, amdegroot ssd.pytorch, lufficc SSD, "
+        "or ImageNet vgg16/vgg16_bn (backbone init)",
     )
     p.add_argument("src", help="source weights file (.pth state_dict)")
     p.add_argument("--out", required=True, help="destination checkpoint (.pt)")

@@ -238,7 +238,8 @@ class TrainConfig:
     (CUDA): steps between log steps run under ``torch.cuda.set_sync_debug_mode("error")``, so any
     host-device synchronisation in a steady-state step raises (a check, not for production runs).
     ``bn``: ``train`` (batch statistics), ``frozen`` (the BN layers whose running statistics came from
-    ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the others train), ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
+    ``model.init`` / ``init_backbone`` keep them and fixed affine parameters; the others train),
+    ``sync`` (SyncBatchNorm under DDP). ``precise_bn_batches`` > 0 recomputes the
     population statistics of the training BN layers over that many training batches (its own loader)
     after training and before every evaluation with ``precise_bn_before_eval``. ``freeze`` lists VGG16
     blocks that do not train (Caffe SSD's ``freeze_layers``: conv1 and conv2 when fine-tuning from

@@ -190,7 +190,8 @@ def check_onnx(path: str | Path, reference: nn.Module, batch_size: int = 1, seed
         expected = [t.cpu() for t in reference(images.to(reference.model.priors.device))]
     if len(got) == 2:
         return {
-            name: (g.double() - e.double()).abs().max().item() for name, g, e in zip(("boxes", "scores"), got, expected)
+            name: (g.double() - e.double()).abs().max().item()
+            for name, g, e in zip(("boxes", "scores"), got, expected, strict=True)
         }
     return {"count": float(abs(len(got[0]) - len(expected[0]))), "detections": _set_difference(got, expected)}
 
@@ -198,7 +199,7 @@ def check_onnx(path: str | Path, reference: nn.Module, batch_size: int = 1, seed
 def _set_difference(got: list[Tensor], expected: list[Tensor]) -> float:
     """Largest distance from a detection to the closest one of the same image and class, both ways."""
     worst = 0.0
-    keys = lambda dets: set(zip(dets[3].tolist(), dets[2].tolist()))  # noqa: E731  (image, label)
+    keys = lambda dets: set(zip(dets[3].tolist(), dets[2].tolist(), strict=True))  # noqa: E731  (image, label)
     for image, label in keys(got) | keys(expected):
         a, b = (
             (torch.cat([d[0], d[1][:, None]], 1)[(d[3] == image) & (d[2] == label)]).double() for d in (got, expected)
@@ -211,7 +212,8 @@ def _set_difference(got: list[Tensor], expected: list[Tensor]) -> float:
 
 
 def run_export_command(args) -> int:
-    """``ssd export --weights CKPT [--weights-kind ema|raw] --out model.onnx [--opset N] [--dynamic-batch] [--nms] [--no-fuse]``."""
+    """``ssd export --weights CKPT [--weights-kind ema|raw] --out model.onnx [--opset N] [--dynamic-batch] [--nms]
+    [--no-fuse]``."""
     try:
         import onnx  # noqa: F401  (the exporter writes through it; fail before loading any weights)
     except ImportError:

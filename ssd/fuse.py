@@ -15,6 +15,8 @@ kept apart so the convs keep their checkpoint names).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -52,7 +54,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn
     pairs = []
     for parent in model.modules():
         children = list(parent.named_children())
-        for (_, prev), (name, child) in zip(children, children[1:]):
+        for (_, prev), (name, child) in itertools.pairwise(children):
             if isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d):
                 pairs.append((parent, name, prev, child))
         siblings = dict(children)
@@ -61,7 +63,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn
             if isinstance(bns, nn.ModuleList) and isinstance(convs, nn.ModuleList) and len(convs) == len(bns):
                 pairs += [
                     (bns, str(i), conv, bn)
-                    for i, (conv, bn) in enumerate(zip(convs, bns))
+                    for i, (conv, bn) in enumerate(zip(convs, bns, strict=True))
                     if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
                 ]
     return pairs

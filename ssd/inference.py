@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
-ImageInput = Union[str, os.PathLike, np.ndarray, Tensor]
+ImageInput = str | os.PathLike | np.ndarray | Tensor
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def _try_read(path: Path) -> tuple[np.ndarray | None, str | None]:
         return None, str(e)
 
 
-Decoded = tuple[InputItem, Union[np.ndarray, None], Union[str, None]]  # (item, image or None, error or None)
+Decoded = tuple[InputItem, np.ndarray | None, str | None]  # (item, image or None, error or None)
 
 
 def prefetch_images(items: Sequence[InputItem], batch_size: int) -> Iterator[list[Decoded]]:
@@ -251,7 +251,7 @@ def prefetch_images(items: Sequence[InputItem], batch_size: int) -> Iterator[lis
         for k, chunk in enumerate(chunks):
             current = pending
             pending = [pool.submit(_try_read, it.path) for it in chunks[k + 1]] if k + 1 < len(chunks) else []
-            yield [(it, *f.result()) for it, f in zip(chunk, current)]
+            yield [(it, *f.result()) for it, f in zip(chunk, current, strict=True)]
 
 
 def detection_entry(
@@ -264,7 +264,7 @@ def detection_entry(
     entry["detections"] = [
         {"box": [float(v) for v in box], "score": float(score), "label": int(label), "name": name}
         for box, score, label, name in zip(
-            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["names"]
+            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["names"], strict=True
         )
     ]
     return entry
@@ -308,11 +308,11 @@ class Predictor:
 
     def images(self, items: list[InputItem]) -> None:
         for batch in prefetch_images(items, self.detector.batch_size):
-            for item, _, error in batch:
+            for _, _, error in batch:
                 if error is not None:
                     self.fail(error)
             good = [(item, image) for item, image, error in batch if error is None]
-            for (item, image), det in zip(good, self.detector.predict_batch([image for _, image in good])):
+            for (item, image), det in zip(good, self.detector.predict_batch([image for _, image in good]), strict=True):
                 self.record(str(item.path), image, det)
                 if self.out_dir is not None:
                     out = self.out_dir / item.out_name
@@ -341,7 +341,7 @@ class Predictor:
                     frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
                 if not frames:
                     break
-                for frame, det in zip(frames, self.detector.predict_batch(frames)):
+                for frame, det in zip(frames, self.detector.predict_batch(frames), strict=True):
                     self.record(str(item.path), frame, det, frame_index)
                     frame_index += 1
                     if self.out_dir is not None:
@@ -368,8 +368,8 @@ def video_frame_count(path: Path) -> int:
 
 
 def run_predict_command(args) -> int:
-    """``ssd predict --weights CKPT INPUT... [--weights-kind ema|raw] [--out DIR] [--json FILE] [--score-thresh] [--device]
-    [--batch-size] [--no-fuse]``.
+    """``ssd predict --weights CKPT INPUT... [--weights-kind ema|raw] [--out DIR] [--json FILE] [--score-thresh]
+    [--device] [--batch-size] [--no-fuse]``.
 
     Exit 0 when every input was read, 1 when any failed (each is reported and skipped).
     """

@@ -21,7 +21,7 @@ def pad_targets(boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tens
     ref = boxes[0] if boxes else torch.zeros(0, 4)
     out_boxes = ref.new_zeros(len(boxes), g, 4)
     out_labels = torch.zeros(len(boxes), g, dtype=torch.int64, device=ref.device)
-    for i, (b, lab) in enumerate(zip(boxes, labels)):
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
         out_boxes[i, : len(b)] = b
         out_labels[i, : len(b)] = lab
     return out_boxes, out_labels

@@ -114,9 +114,15 @@ def coverage_advice(cov: dict, smallest_prior_px: float, input_size: int) -> str
             "or raise model.input_size"
         )
     elif aspect > 2.5:
-        text += f"the unmatched boxes are elongated (median aspect {aspect:.1f}): add aspect ratios (e.g. 3, 4) to model.priors.aspect_ratios"
+        text += (
+            f"the unmatched boxes are elongated (median aspect {aspect:.1f}): "
+            "add aspect ratios (e.g. 3, 4) to model.priors.aspect_ratios"
+        )
     else:
-        text += f"median unmatched side {side:.0f} px, aspect {aspect:.1f}: adjust model.priors sizes or aspect ratios to the data"
+        text += (
+            f"median unmatched side {side:.0f} px, aspect {aspect:.1f}: "
+            "adjust model.priors sizes or aspect ratios to the data"
+        )
     return text + "; `ssd data fit-priors` chooses them"
 
 
@@ -158,7 +164,7 @@ class PriorGrid:
         size = cfg.input_size
         steps = [
             (1 / h, 1 / w) if layout["steps"] is None else (s / size, s / size)
-            for (h, w), s in zip(sizes, layout["steps"] or [None] * len(sizes))
+            for (h, w), s in zip(sizes, layout["steps"] or [None] * len(sizes), strict=True)
         ]
         return cls(size, sizes, steps, layout["clip"])
 
@@ -282,7 +288,7 @@ def stride_floors(grid: PriorGrid, today: PriorSizes) -> list[float]:
     fill gaps between the finer grids, which raises coverage, but it asks a 2x2 or 1x1 map to find and
     regress objects a fraction of one of its cells, and in training that cost more mAP than the
     coverage bought (docs/priorfit.md)."""
-    return [min(max(sy, sx) * grid.input_size, m) for (sy, sx), m in zip(grid.steps, today.min_px)]
+    return [min(max(sy, sx) * grid.input_size, m) for (sy, sx), m in zip(grid.steps, today.min_px, strict=True)]
 
 
 def min_size_bounds(sizes: PriorSizes, k: int, floors: list[float]) -> tuple[float, float]:
@@ -295,9 +301,11 @@ def min_size_bounds(sizes: PriorSizes, k: int, floors: list[float]) -> tuple[flo
 def floored(sizes: PriorSizes, floors: list[float]) -> PriorSizes:
     """``sizes`` with every min size raised to its floor (and to the level before it), max sizes kept >= min."""
     mins = []
-    for m, f in zip(sizes.min_px, floors):
+    for m, f in zip(sizes.min_px, floors, strict=True):
         mins.append(max(m, f, mins[-1] if mins else 0.0))
-    return PriorSizes(mins, [max(a, m) for a, m in zip(sizes.max_px, mins)], [list(r) for r in sizes.aspect_ratios])
+    return PriorSizes(
+        mins, [max(a, m) for a, m in zip(sizes.max_px, mins, strict=True)], [list(r) for r in sizes.aspect_ratios]
+    )
 
 
 def fit_sizes(
@@ -413,7 +421,7 @@ class Fit:
     @property
     def num_priors(self) -> int:
         sizes = model_feature_sizes(self.model)
-        return sum(h * w * (2 + 2 * len(r)) for (h, w), r in zip(sizes, self.sizes.aspect_ratios))
+        return sum(h * w * (2 + 2 * len(r)) for (h, w), r in zip(sizes, self.sizes.aspect_ratios, strict=True))
 
 
 def with_priors(cfg: ModelConfig, sizes: PriorSizes) -> ModelConfig:

@@ -79,7 +79,8 @@ def describe_changes(cfg: Config, fit: Fit) -> list[str]:
         lines.append(f"model.input_size: {old.input_size} -> {new.input_size}")
         if new.extras != old.extras:
             lines.append(
-                f"model.extras: {len(old.extras)} -> {len(new.extras)} blocks (feature levels {2 + len(old.extras)} -> {2 + len(new.extras)})"
+                f"model.extras: {len(old.extras)} -> {len(new.extras)} blocks "
+                f"(feature levels {2 + len(old.extras)} -> {2 + len(new.extras)})"
             )
         if new.fc6_dilation != old.fc6_dilation:
             lines.append(f"model.fc6_dilation: {old.fc6_dilation} -> {new.fc6_dilation}")
@@ -135,7 +136,8 @@ def run_fit_priors(
     print(coverage_row(f"today (input {size}, {len(today.priors)} priors)", before))
     for f in fits[:-1] if fit is fits[-1] else []:
         print(
-            f"  fitted at input {f.model.input_size:<4} {f.coverage:.1%} (below {TARGET_COVERAGE:.0%}: sizes alone are not enough)"
+            f"  fitted at input {f.model.input_size:<4} {f.coverage:.1%} "
+            f"(below {TARGET_COVERAGE:.0%}: sizes alone are not enough)"
         )
     print(coverage_row(f"fitted (input {fit.model.input_size}, {len(new_model.priors)} priors)", after))
     if fit.coverage < TARGET_COVERAGE:

@@ -98,4 +98,4 @@ def launch_ranks(world: int, command: list[str], cwd: Path) -> list[subprocess.C
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs, strict=True)]

@@ -95,7 +95,7 @@ def test_step_check_passes_a_real_step_and_reset_restores_the_weights(make_tiny_
     first = check_step(step, "tiny")
     assert set(first) == {"loc", "conf"}
     step.reset()
-    assert all(torch.equal(p, p0) for p, p0 in zip(step.model.parameters(), step.initial))
+    assert all(torch.equal(p, p0) for p, p0 in zip(step.model.parameters(), step.initial, strict=True))
     # the same weights, the same inputs: the same losses
     again = check_step(step, "tiny")
     assert again == pytest.approx(first, rel=1e-6)

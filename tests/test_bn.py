@@ -251,9 +251,9 @@ def test_small_per_process_batches_under_ddp_warn_naming_sync_and_frozen():
     assert warning("train", 1, 2) is None  # one process: the batch is what it is
     assert warning("train", 2, 8) is None and warning("sync", 8, 2) is None and warning("frozen", 8, 1) is None
     assert warning("train", 8, 4) == (
-        "train.bn=train with 4 image(s) per process (8 processes): each BatchNorm layer normalises with the statistics of "
-        "4 images. Use train.bn=sync (statistics over the global batch of 32, CUDA) or train.bn=frozen (fine-tuning from "
-        "trained statistics), or 8+ images per process; see docs/batchnorm.md"
+        "train.bn=train with 4 image(s) per process (8 processes): each BatchNorm layer normalises with "
+        "the statistics of 4 images. Use train.bn=sync (statistics over the global batch of 32, CUDA) or "
+        "train.bn=frozen (fine-tuning from trained statistics), or 8+ images per process; see docs/batchnorm.md"
     )
 
 

@@ -251,7 +251,8 @@ def test_command_errors_are_one_line(setup, tmp_path, capsys):
     args = ["--config", str(setup["config"]), "--device", "cpu"]
     assert main(["bn-report", "--weights", str(tmp_path / "plain.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"ssd bn-report: error: {tmp_path / 'plain.pt'}: the model has no BatchNorm layers (model.batch_norm: none); nothing to report"
+        f"ssd bn-report: error: {tmp_path / 'plain.pt'}: the model has no BatchNorm layers "
+        "(model.batch_norm: none); nothing to report"
     )
     assert main(["bn-report", "--weights", str(setup["last"]), *args, "--batches", "0"]) == 2
     assert capsys.readouterr().err.strip() == "ssd bn-report: error: --batches must be >= 1, got 0"

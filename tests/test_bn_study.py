@@ -143,7 +143,8 @@ def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolu
         parse_variant("alll")
     with pytest.raises(
         ValueError,
-        match=r"variant 'all\+head': unknown BN block 'head'; .*BN block \(conv1, conv2, conv3, conv4, conv5, fc, extras, heads\)",
+        match=r"variant 'all\+head': unknown BN block 'head'; "
+        r".*BN block \(conv1, conv2, conv3, conv4, conv5, fc, extras, heads\)",
     ):
         parse_variant("all+head")
     with pytest.raises(ValueError, match=r"variant 'conv4\+fc7': unknown BN block 'fc7'"):
@@ -200,7 +201,7 @@ def test_val_subset_is_the_first_images_without_touching_the_data(shapes, tmp_pa
     sub_cfg = val_subset(cfg.data.val, 3, tmp_path / "voc")
     sub = build_dataset(sub_cfg, None, train=False, key="data.val")
     assert [r.image_id for r in sub.records] == [r.image_id for r in full.records[:3]]
-    for a, b in zip(sub.records, full.records):
+    for a, b in zip(sub.records, full.records, strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
     assert (shapes / "ImageSets" / "Main" / "val.txt").read_text().count("\n") == 8  # the data folder is unchanged
     assert val_subset(cfg.data.val, 0, tmp_path / "all") is cfg.data.val
@@ -315,16 +316,16 @@ def test_study_writes_plots_and_a_summary_per_variant(study):
     best = max(v["best_map"] for v in saved["variants"])
     assert saved["study_best_map"] == best
     for v in saved["variants"]:
-        hits = [it for it, m in zip(v["map_curve"]["iter"], v["map_curve"]["map"]) if m >= 0.9 * best]
+        hits = [it for it, m in zip(v["map_curve"]["iter"], v["map_curve"]["map"], strict=True) if m >= 0.9 * best]
         assert v["iters_to_90pct"] == (hits[0] if hits else None)
 
     table = (out / "summary.md").read_text().splitlines()
     assert table[0].startswith(
         f"BN study of `{out.parent / 'run.yaml'}`: 4 iterations, batch 8, adamw, base lr 0.001, weight decay 0.0005"
     )
-    assert (
-        table[2]
-        == "| variant | BN blocks | optimizer | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |"
+    assert table[2] == (
+        "| variant | BN blocks | optimizer | lr | final mAP | best mAP "
+        "| iterations to 90% of best | diverged | images/s |"
     )
     assert [row.split(" | ")[0] for row in table[4:]] == ["| none", "| all@3x"]
     assert table[5].startswith("| all@3x | all | adamw | 0.003 | ")
@@ -385,7 +386,8 @@ def test_a_diverging_variant_is_recorded_not_raised(shapes, tmp_path):
     )
     assert summary["study_best_map"] is None and res["iters_to_90pct"] is None
     assert bn_study_report.format_table(summary).splitlines()[-1] == (
-        "| none | - | adamw | 0.001 | - | - | never | **yes** (non-finite loss, stopped) (loss rebounded 2.0x, iteration 15) | - |"
+        "| none | - | adamw | 0.001 | - | - | never | **yes** (non-finite loss, stopped) "
+        "(loss rebounded 2.0x, iteration 15) | - |"
     )
     bn_study_report.write_plots(summary, tmp_path)
     assert png_pixels(tmp_path / "activations.png").shape[0] > 100

@@ -186,5 +186,5 @@ def test_encode_decode_do_not_mutate_and_keep_dtype():
     copies = [t.clone() for t in (boxes, priors, deltas)]
     assert encode(boxes, priors).dtype == torch.float64
     assert decode(deltas, priors).dtype == torch.float64
-    for t, c in zip((boxes, priors, deltas), copies):
+    for t, c in zip((boxes, priors, deltas), copies, strict=True):
         assert torch.equal(t, c)

@@ -135,7 +135,10 @@ def test_file_errors(tmp_path):
 def test_an_error_in_the_file_names_the_file_and_the_line(tmp_path, capsys):
     path = tmp_path / "typo.yaml"
     path.write_text("# my run\nmodel:\n  arch: ssd300\n  num_clases: 5\ntrain:\n  lr: 0.1\n")
-    typo = f"{path}, line 4: unknown config key 'model.num_clases' (did you mean model.num_classes?); valid keys here: arch,"
+    typo = (
+        f"{path}, line 4: unknown config key 'model.num_clases' (did you mean model.num_classes?); "
+        "valid keys here: arch,"
+    )
     for overrides in ([], ["train.lr=0.2"]):  # an override elsewhere does not hide where the mistake is
         with pytest.raises(ConfigError) as err:
             load_config(path, overrides)

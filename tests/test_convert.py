@@ -198,7 +198,7 @@ def test_torchvision_detections_match(tv, tv_ckpt, images):
     assert 0.5 < out["conf"].std().item() < 10.0
     assert out["conf"].abs().max().item() < 50.0
     got = PostProcessor()(out, model.priors, (300, 300), [(300, 300)] * 2)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         e_boxes, e_scores, e_labels = e["boxes"][:100], e["scores"][:100], e["labels"][:100]
         assert len(e_boxes) == 100
         # not degenerate: spread scores, boxes of real size, more than one class
@@ -452,7 +452,7 @@ def vgg16_bn():
     return model
 
 
-OUR_TRUNK_CONVS = [f"conv{b}.{i}" for b, n in zip(range(1, 6), [2, 2, 3, 3, 3]) for i in range(n)]
+OUR_TRUNK_CONVS = [f"conv{b}.{i}" for b, n in zip(range(1, 6), [2, 2, 3, 3, 3], strict=True) for i in range(n)]
 
 
 def test_vgg16_fc_subsampling(vgg16):
@@ -489,7 +489,7 @@ def test_vgg16_trunk_keys_and_partial_load(vgg16):
     assert all(k.startswith("backbone.") for k in ours)
     conv_idx = [i for i, m in enumerate(vgg16.features) if isinstance(m, nn.Conv2d)]
     assert len(conv_idx) == len(OUR_TRUNK_CONVS) == 13
-    for i, name in zip(conv_idx, OUR_TRUNK_CONVS):
+    for i, name in zip(conv_idx, OUR_TRUNK_CONVS, strict=True):
         assert torch.equal(ours[f"backbone.{name}.conv.weight"], state[f"features.{i}.weight"]), name
         assert torch.equal(ours[f"backbone.{name}.conv.bias"], state[f"features.{i}.bias"]), name
     assert len(ours) == 2 * 15
@@ -520,7 +520,9 @@ def test_vgg16_bn_folded_bias_matches_conv_bn(vgg16_bn):
     conv_idx = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
-        for i, name in zip(conv_idx, OUR_TRUNK_CONVS):  # every block: conv(no bias) -> BN == conv(bias) -> BN
+        for i, name in zip(
+            conv_idx, OUR_TRUNK_CONVS, strict=True
+        ):  # every block: conv(no bias) -> BN == conv(bias) -> BN
             block = model.backbone.get_submodule(name)
             assert block.conv.bias is None
             x = torch.randn(2, feats[i].in_channels, 5, 5, generator=g)

@@ -11,6 +11,7 @@ marked ``cuda`` runs the shared helpers' path on the CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def parameter_names(root: Path) -> list[str]:
 def scale_drops(rows: list[dict]) -> list[int]:
     """Iterations whose logged GradScaler scale is below the one before (65536 at the start)."""
     scales = [65536.0] + [r["grad_scale"] for r in rows]
-    return [r["iter"] for r, before, now in zip(rows, scales, scales[1:]) if now < before]
+    return [r["iter"] for r, (before, now) in zip(rows, itertools.pairwise(scales), strict=True) if now < before]
 
 
 def assert_trained(out: Path, init_state: dict, names: list[str], iterations: int) -> list[dict]:

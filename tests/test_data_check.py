@@ -88,7 +88,7 @@ def test_clean_tree_has_no_problems_and_the_generators_counts(clean):
     cfg = load_config(CONFIG, overrides(root))
     reports = check_dataset(cfg, ["train", "val"], coverage=coverage_function(cfg))
     assert [r.name for r in reports] == ["data.train", "data.val"]
-    for report, split in zip(reports, ("train", "val")):
+    for report, split in zip(reports, ("train", "val"), strict=True):
         stats = summary["splits"][split]
         assert report.ok and not report.problems.counts and not report.problems.fixed
         assert report.num_images == stats["images"]
@@ -129,8 +129,8 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
     text = format_report(train)
     assert "  problems:" in text
     assert (
-        f"1 x box crossing the image border clipped (repaired), e.g. {files['box crossing the image border clipped']}: 1 box"
-        in text
+        "1 x box crossing the image border clipped (repaired), "
+        f"e.g. {files['box crossing the image border clipped']}: 1 box" in text
     )
 
 

@@ -117,7 +117,8 @@ def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
     rows = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss" in r]
     assert [r["iter"] for r in losses] == list(range(1, MAX_ITER + 1))  # one row per iteration: rank 0's
-    # rank 1's NaN loss skipped the step on both ranks (identical weights: test above); the logged terms are the ranks' mean
+    # rank 1's NaN loss skipped the step on both ranks (identical weights: test above);
+    # the logged terms are the ranks' mean
     assert [r["skipped"] for r in losses] == [int(i == NAN_AT) for i in range(1, MAX_ITER + 1)]
     assert [r["loss"] is None for r in losses] == [i == NAN_AT for i in range(1, MAX_ITER + 1)]
     assert all(

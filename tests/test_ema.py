@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import MAX_ITER, SIZE, run_dict
 from torch import nn
 
 import ssd.engine.train as engine
@@ -31,7 +32,6 @@ from ssd.data.shapes import generate_shapes
 from ssd.engine.ema import ModelEma, ema_decay
 from ssd.engine.train import train
 from ssd.inference import Detector
-from test_train import MAX_ITER, SIZE, run_dict
 
 DECAY = 0.9  # reached by the warmup at update 80: within 12 updates the warmup alone decides
 
@@ -60,7 +60,7 @@ def test_update_is_the_hand_computed_average_of_weights_and_bn_statistics():
     ema = ModelEma(net, decay=0.5)
     start = {k: v.clone() for k, v in net.state_dict().items()}
     history = []
-    for step in range(3):  # three steps of "training": new weights, BN statistics moved by a forward
+    for _ in range(3):  # three steps of "training": new weights, BN statistics moved by a forward
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
@@ -75,7 +75,7 @@ def test_update_is_the_hand_computed_average_of_weights_and_bn_statistics():
             assert value.item() == history[-1][key].item() == 3
             continue
         expected = start[key].double()
-        for d, weights in zip(decays, history):
+        for d, weights in zip(decays, history, strict=True):
             expected = d * expected + (1 - d) * weights[key].double()
         torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7, msg=key)
     assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import launch_ranks
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from conftest import launch_ranks
 from voc_reference import reference_voc_eval
 
 from ssd import Detector
@@ -173,7 +173,7 @@ def test_weights_on_voc_and_coco_data_of_the_same_images(ws, weights_runs, capsy
     )
     assert len(voc_dets) == len(coco_dets) == NUM_VAL * 200  # post-processing keeps 200 per image
     ids = (ws / "shapes" / "ImageSets" / "Main" / "val.txt").read_text().split()
-    for v, c in zip(voc_dets, coco_dets):
+    for v, c in zip(voc_dets, coco_dets, strict=True):
         assert (v["image_id"], COCO_IDS[v["category_id"]], v["score"]) == (
             ids[c["image_id"] - 1],
             c["category_id"],
@@ -208,7 +208,7 @@ def test_comp4_files_hold_the_detections_in_the_xml_frame(weights_runs):
         lines = (weights_runs["voc"] / "out" / f"comp4_det_val_{name}.txt").read_text().splitlines()
         mine = [d for d in dets if d["category_id"] == label]
         assert len(lines) == len(mine) > 0
-        for line, d in zip(lines[:20], mine):
+        for line, d in zip(lines[:20], mine[:20], strict=True):
             x, y, w, h = d["bbox"]
             expected = f"{d['image_id']} {d['score']:.3f} {x:.1f} {y:.1f} {x + w:.1f} {y + h:.1f}"
             assert line == expected
@@ -481,7 +481,10 @@ BAD_FILES = [
     ("voc", '{"image_id": "val_000000"}', "expected a JSON list of detections"),
     (
         "voc",
-        '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, {"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5]}]',
+        (
+            '[{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}, '
+            '{"image_id": "val_000000", "category_id": 1, "bbox": [1, 1, 5, 5]}]'
+        ),
         "entry 1: missing key(s) score",
     ),
     (
@@ -563,7 +566,8 @@ def test_bad_detection_files_exit_2_naming_the_file_and_entry(ws, tmp_path, caps
 
 
 def test_a_voc_box_of_zero_inclusive_width_is_accepted(ws, tmp_path):
-    """In the XML's inclusive numbers ``xmax = xmin - 1`` is an empty box (a clamped prediction): valid, never a match."""
+    """In the XML's inclusive numbers ``xmax = xmin - 1`` is an empty box (a clamped prediction):
+    valid, never a match."""
     path = tmp_path / "dets.json"
     path.write_text('[{"image_id": "val_000001", "category_id": 1, "bbox": [64.0, 3.0, -1.0, 10.0], "score": 0.5}]')
     assert ssd_eval(ws / "voc.yaml", "--detections", path, "--json", tmp_path / "m.json") == 0
@@ -650,19 +654,11 @@ def test_two_gloo_processes_give_exactly_the_single_process_metric(ws, tmp_path,
     """Batch size 1 and one thread on both sides (per-image arithmetic then depends on neither the
     batch nor the process), so the predictions, and not only the metric, must be bit-identical;
     7 images split 4 + 3."""
-    args = lambda out: [
-        ws / "voc.yaml",
-        "--weights",
-        ws / "tiny.pt",
-        "--batch-size",
-        1,
-        "--device",
-        "cpu",  # noqa: E731
-        "--json",
-        out / "metrics.json",
-        "--out-dir",
-        out,
-    ]
+
+    def args(out: Path) -> list:
+        options = ["--batch-size", 1, "--device", "cpu", "--json", out / "metrics.json", "--out-dir", out]
+        return [ws / "voc.yaml", "--weights", ws / "tiny.pt", *options]
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives the ranks
     try:

@@ -21,7 +21,6 @@ from ssd.model import build_ssd  # noqa: E402
 from ssd.ops.boxes import decode  # noqa: E402
 from ssd.postprocess import PostProcessor  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -257,9 +257,9 @@ def test_priors_across_levels_and_input_sizes(converted, tmp_path, caplog):
         )
         assert out.model.priors == PriorConfig() and out.model.preprocess == PreprocessConfig(**TV_PREPROCESS)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert (
-            warning
-            == f"model.init {tv} has 6 feature levels, this model 5: its priors are not adopted (its heads do not fit anyway)"
+        assert warning == (
+            f"model.init {tv} has 6 feature levels, this model 5: its priors are not adopted "
+            "(its heads do not fit anyway)"
         )
 
 
@@ -272,7 +272,7 @@ def vgg16_trunk(tmp_path_factory) -> Path:
     torch.manual_seed(3)
     ours = build_ssd(ModelConfig(width=WIDTH, dropout=0.0)).state_dict()
     state = {}
-    for i, name in zip(VGG16_CONV, OUR_TRUNK):
+    for i, name in zip(VGG16_CONV, OUR_TRUNK, strict=True):
         state[f"features.{i}.weight"], state[f"features.{i}.bias"] = ours[f"{name}.weight"], ours[f"{name}.bias"]
     for i, shape in ((0, (4096, 25088)), (3, (4096, 4096)), (6, (1000, 4096))):  # 0.5 GB as real tensors
         state[f"classifier.{i}.weight"] = torch.zeros(1).expand(*shape)
@@ -371,11 +371,11 @@ def test_finetuning_sees_the_converted_models_features(converted, tmp_path, kind
 
     assert len(trained_on) == len(predicted_on) == 7
     if kind != "torchvision":  # bilinear: the loader's resize and normalisation are Detector's, bit for bit
-        assert all(torch.equal(a, b) for a, b in zip(trained_on, predicted_on))
+        assert all(torch.equal(a, b) for a, b in zip(trained_on, predicted_on, strict=True))
     else:  # the loader resizes the uint8 image, torchvision the normalised float one
         (x_train, *train_features), (x_pred, *pred_features) = trained_on, predicted_on
         assert (x_train - x_pred).abs().max().item() <= 1.0  # std 1/255: the input is in grey levels
-        for a, b in zip(train_features, pred_features):
+        for a, b in zip(train_features, pred_features, strict=True):
             assert (a - b).norm() <= 0.03 * b.norm()  # random weights amplify that rounding to ~1%
     assert torch.equal(model.priors, detector.model.priors)  # and the boxes its heads predict offsets to
 

@@ -13,7 +13,6 @@ from ssd.fuse import fuse_batchnorm
 from ssd.inference import Detector
 from ssd.model import build_ssd
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -113,7 +113,7 @@ def test_head_bn_sits_on_every_prediction_conv_which_keeps_its_name_and_loses_it
         f"head.{k}.{i}.bias" for k in ("loc", "conf") for i in range(5)
     }
     for kind in ("loc", "conf"):
-        for conv, bn in zip(getattr(heads.head, kind), getattr(heads.head, f"{kind}_bn")):
+        for conv, bn in zip(getattr(heads.head, kind), getattr(heads.head, f"{kind}_bn"), strict=True):
             assert conv.bias is None and bn.num_features == conv.out_channels
     # no ReLU after the head BN: negative offsets and logits come out in both modes
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))

@@ -27,7 +27,6 @@ from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
 from ssd.visualize import class_color, draw_detections
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -104,7 +103,7 @@ def test_predict_equals_eval_on_the_same_images(tiny_ckpt, shapes):
     )
     fast = Detector.from_checkpoint(tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=3)  # BN folded, NHWC
     assert len(expected) == 6
-    for rec, g, f in zip(dataset.records, exact(paths), fast(paths)):
+    for rec, g, f in zip(dataset.records, exact(paths), fast(paths), strict=True):
         e = {k: torch.from_numpy(v) for k, v in expected[rec.image_id].items()}
         assert len(e["scores"]) == 200  # random weights: the full 200 per image, a demanding comparison
         assert_same_detections(g, e)  # bit for bit: the same preprocessing, model and post-processing
@@ -134,7 +133,7 @@ def test_batch_size_does_not_change_results(tiny_ckpt):
     images = [random_image(64 + 16 * i, 200 - 20 * i, seed=i) for i in range(5)]
     one = Detector.from_checkpoint(tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=1)(images)
     four = Detector.from_checkpoint(tiny_ckpt, device="cpu", score_thresh=0.01, batch_size=4)(images)
-    for a, b in zip(one, four):
+    for a, b in zip(one, four, strict=True):
         assert_same_detections(a, b, atol=1e-5)
 
 
@@ -220,7 +219,7 @@ def test_predict_cli_matches_torchvision_on_non_square_images(tv21, tv21_ckpt, t
     with torch.no_grad():
         expected = tv21([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images])
     assert [(e["width"], e["height"]) for e in entries] == [(320, 240), (375, 500)]
-    for entry, path, exp in zip(entries, paths, expected):
+    for entry, path, exp in zip(entries, paths, expected, strict=True):
         assert entry["image"] == str(path)
         dets = entry["detections"]
         got = {
@@ -242,7 +241,7 @@ def test_detector_matches_torchvision_on_float_tensors(tv21, tv21_ckpt):
     det = Detector.from_checkpoint(tv21_ckpt, device="cpu", score_thresh=0.01)
     with torch.no_grad():
         expected = tv21(images)
-    for exp, got in zip(expected, det(images)):
+    for exp, got in zip(expected, det(images), strict=True):
         assert len(got["scores"]) == len(exp["scores"]) == 200
         assert matched(exp, got).all()
 
@@ -361,7 +360,7 @@ def test_class_colours_are_distinct_and_labels_are_drawn():
     boxes = np.array([[20, 40, 120, 150], [150, 30, 290, 190]], np.float32)
     out = draw_detections(image, boxes, np.array([0.9, 0.8]), np.array([1, 2]), ["cat", "dog"])
     assert (image == 255).all()  # input untouched
-    for (x1, y1, x2, y2), label in zip(boxes.astype(int), (1, 2)):
+    for (x1, y1, _, y2), label in zip(boxes.astype(int), (1, 2), strict=True):
         assert (out[(y1 + y2) // 2, x1] == class_color(label)).all()  # box edge in the class colour
     tab = out[20:40, 20:80].reshape(-1, 3)  # the label tab above box 1: text in black or white on the class colour
     colour = np.array(class_color(1))

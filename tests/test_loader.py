@@ -164,7 +164,7 @@ def epoch_batches(dataset: DetectionDataset, num_workers: int, epoch: int) -> li
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["image_ids"] == y["image_ids"]
         assert torch.equal(x["images"], y["images"])
         assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"])
@@ -192,7 +192,10 @@ def test_workers_give_the_same_augmented_batches_and_epochs_differ(train_dataset
     assert sample_seed(11, 0, 3) != sample_seed(11, 1, 3) != sample_seed(12, 0, 3)
 
     later = epoch_batches(train_dataset, 2, epoch=1)
-    by_id = [{i: img for b in batches for i, img in zip(b["image_ids"], b["images"])} for batches in (serial, later)]
+    by_id = [
+        {i: img for b in batches for i, img in zip(b["image_ids"], b["images"], strict=True)}
+        for batches in (serial, later)
+    ]
     assert by_id[0].keys() == by_id[1].keys()
     assert all(not torch.equal(by_id[0][i], by_id[1][i]) for i in by_id[0])  # new augmentation every epoch
     assert [b["image_ids"] for b in later] != [b["image_ids"] for b in serial]

@@ -358,7 +358,8 @@ def num_pos_neg(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_equals_reference(case: dict, ties: bool = False) -> None:
-    """Loss terms and gradients equal to the reference to 1e-5; with tied losses, gradients up to which tied prior got it."""
+    """Loss terms and gradients equal to the reference to 1e-5; with tied losses, gradients up to
+    which tied prior got it."""
     kw = case["kwargs"]
     out, loc_grad, conf_grad = loss_and_grads(lambda *a: ours(*a, **kw), case)
     ref, ref_loc_grad, ref_conf_grad = loss_and_grads(lambda *a: reference_multibox_loss(*a, **kw), case)
@@ -486,7 +487,7 @@ def test_match_and_loss_compile_to_one_graph():
             )
     finally:
         torch._dynamo.reset()
-    for got, want in zip(compiled, loss_and_grads_of(fn)):
+    for got, want in zip(compiled, loss_and_grads_of(fn), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -16,7 +16,6 @@ from voc_reference import reference_voc_eval
 from ssd.metrics.coco import COCO_STATS, coco_eval, coco_from_dict
 from ssd.metrics.voc import ClassDetections, ClassGroundTruth, class_tp_fp, voc_map
 
-
 # 11 additions of 1/11, as the reference does them: a perfect VOC07 score is 1.0000000000000002
 PERFECT_07 = sum([1 / 11.0] * 11)
 
@@ -100,7 +99,7 @@ def test_inputs_are_not_modified():
     det, gt = hand_case()
     before = copy.deepcopy((det, gt))
     voc_map(det, gt, 2)
-    for a, b in zip(det + gt, before[0] + before[1]):
+    for a, b in zip(det + gt, before[0] + before[1], strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 

@@ -16,7 +16,7 @@ def tv_head(outputs: dict) -> dict:
 
 def assert_same_detections(ours: list[dict], theirs: list[dict], box_atol: float = 1e-3) -> None:
     assert len(ours) == len(theirs)
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         assert len(a["scores"]) == len(b["scores"]), f"image {i}: {len(a['scores'])} vs {len(b['scores'])} detections"
         assert torch.equal(a["labels"], b["labels"]), f"image {i}: labels differ"
         torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-5, atol=1e-6)
@@ -114,7 +114,7 @@ def test_image_sizes_rescale_like_torchvision(tv_ssd300, tv_priors):
     assert_same_detections(ours, expected, box_atol=4e-3)
     # rescaled = input-pixel boxes * original / input, and inside the original image
     plain = pp(outputs, tv_priors, (300, 300))
-    for (h, w), a, b in zip(original, ours, plain):
+    for (h, w), a, b in zip(original, ours, plain, strict=True):
         torch.testing.assert_close(a["boxes"], b["boxes"] * torch.tensor([w / 300, h / 300, w / 300, h / 300]))
         assert a["boxes"].min() >= 0
         assert (a["boxes"][:, [0, 2]] <= w + 1e-3).all() and (a["boxes"][:, [1, 3]] <= h + 1e-3).all()

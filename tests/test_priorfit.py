@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,10 @@ def test_small_objects_need_a_larger_input_and_the_smallest_that_reaches_90_is_w
     # no level got priors smaller than its stride, except the 1x1 map, whose stride (256 px) is above the
     # demo's own last size (scale 0.87 of the input): that one stays
     strides = [256 / h for h, _ in model_feature_sizes(cfg.model)]
-    assert all(m >= s for m, s in zip(chosen.sizes.min_px[:-1], strides)), (chosen.sizes.min_px, strides)
+    assert all(m >= s for m, s in zip(chosen.sizes.min_px[:-1], strides[:-1], strict=True)), (
+        chosen.sizes.min_px,
+        strides,
+    )
     assert chosen.sizes.min_px[-1] == pytest.approx(load_config(CONFIG).model.priors.scales[-2] * 256)
 
 
@@ -218,8 +222,8 @@ def test_fit_is_deterministic_and_never_worse_than_today(tmp_path):
     sizes, covered = fit_priors(boxes, grid, today, 0.5)
     assert covered >= before > 0.8
     assert fit_priors(boxes, grid, today, 0.5) == (sizes, covered)
-    assert all(a <= b for a, b in zip(sizes.min_px, sizes.min_px[1:]))  # levels stay in order
-    assert all(lo <= hi for lo, hi in zip(sizes.min_px, sizes.max_px))
+    assert all(a <= b for a, b in itertools.pairwise(sizes.min_px))  # levels stay in order
+    assert all(lo <= hi for lo, hi in zip(sizes.min_px, sizes.max_px, strict=True))
 
 
 def test_elongated_boxes_get_an_aspect_ratio():

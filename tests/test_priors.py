@@ -26,7 +26,7 @@ TV_GRID = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 def head_priors(model) -> int:
     """Number of priors the head predicts for, from its conv shapes and the real feature sizes."""
     sizes = feature_sizes(model.backbone, model.extras, model.input_size)
-    return sum(conv.out_channels // 4 * h * w for conv, (h, w) in zip(model.head.loc, sizes))
+    return sum(conv.out_channels // 4 * h * w for conv, (h, w) in zip(model.head.loc, sizes, strict=True))
 
 
 @pytest.mark.parametrize("arch, count, levels", [("ssd300", 8732, 6), ("ssd512", 24564, 7)])
@@ -133,7 +133,7 @@ def test_tiny_priors_follow_real_feature_sizes(make_tiny_config):
     assert ratios == [[2.0], [2.0, 3.0], [2.0, 3.0], [2.0], [2.0]]
     anchors = num_priors_per_location(ratios)
     assert anchors == [4, 6, 6, 4, 4]
-    assert sum(h * w * a for (h, w), a in zip(sizes, anchors)) == 1524
+    assert sum(h * w * a for (h, w), a in zip(sizes, anchors, strict=True)) == 1524
     assert model.priors.shape == (1524, 4)
     # non-native size: Caffe rule scales, steps = input / feature size
     scales = caffe_prior_scales(5)

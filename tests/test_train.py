@@ -11,8 +11,8 @@ signals matter.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import re
 import shutil
@@ -100,7 +100,7 @@ def assert_same_run(reference: Path, out: Path) -> None:
     """Same loss trajectory (every iteration logged), same evaluations, same final weights."""
     ref_rows, rows = loss_rows(reference), loss_rows(out)
     assert [r["iter"] for r in rows] == [r["iter"] for r in ref_rows] == list(range(1, MAX_ITER + 1))
-    for ref, row in zip(ref_rows, rows):
+    for ref, row in zip(ref_rows, rows, strict=True):
         for key in ("loss", "loc", "conf", "lr"):
             assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-12), (row["iter"], key)
     ref_evals, evals = [r for r in read_metrics(reference) if "map" in r], [r for r in read_metrics(out) if "map" in r]
@@ -496,7 +496,7 @@ def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, m
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 2
     batches = []
-    for iteration, message in zip((3, 4), warnings):
+    for iteration, message in zip((3, 4), warnings, strict=True):
         assert re.match(
             rf"iteration {iteration}: non-finite loss \(loc nan, conf [0-9.]+\), step skipped; images \[", message
         )

@@ -41,7 +41,7 @@ def test_a_skipped_first_step_leaves_weights_and_optimizer_state_as_if_it_never_
     skipping(x).square().sum().backward()
     opt.found_inf = torch.tensor(1.0)
     opt.step()
-    assert all(torch.equal(b, p) for b, p in zip(before, skipping.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(before, skipping.parameters(), strict=True))
 
     # two real steps after the skipped one equal two steps of the unfused optimizer from the start
     ref_opt = (
@@ -55,7 +55,7 @@ def test_a_skipped_first_step_leaves_weights_and_optimizer_state_as_if_it_never_
             o.zero_grad()
             model(x).square().sum().backward()
             o.step()
-    for p, q in zip(skipping.parameters(), reference.parameters()):
+    for p, q in zip(skipping.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 

@@ -81,7 +81,7 @@ def test_train_outputs_are_valid_over_many_seeds():
         assert ((out_boxes >= 0) & (out_boxes <= 1)).all()
         assert ((out_boxes[:, 2:] - out_boxes[:, :2]) > 0).all(), "zero-area box survived"
         assert not Counter(out_labels.tolist()) - Counter(labels.tolist()), "labels not a sub-multiset of the input"
-        for a, b in zip(copies, (image, boxes, labels)):
+        for a, b in zip(copies, (image, boxes, labels), strict=True):
             assert np.array_equal(a, b), "input modified"
         seen_empty += len(labels) == 0
         kept_any += len(out_labels) > 0
@@ -343,9 +343,9 @@ def test_seeding_reproduces_outputs():
     t.set_seed(3)
     again = run_sequence(t)
     other = run_sequence(build_transforms(AugmentConfig(), PreprocessConfig(), 64, train=True, seed=4))
-    for a, b in zip(first, again):
-        assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
+    for a, b in zip(first, again, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other, strict=True))
 
 
 def test_transforms_draw_independently():
@@ -365,8 +365,8 @@ def test_pickled_pipeline_continues_the_same_stream():
     """DataLoader workers (spawn) get a pickled copy; it must run and keep the seeded stream."""
     t = build_transforms(AugmentConfig(), PreprocessConfig(), 48, train=True, seed=11)
     clone = pickle.loads(pickle.dumps(t))
-    for a, b in zip(run_sequence(t, 4), run_sequence(clone, 4)):
-        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(run_sequence(t, 4), run_sequence(clone, 4), strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -415,7 +415,8 @@ def test_importing_the_data_pipeline_does_not_go_to_the_network():
         "import os, urllib.request as u\n"
         "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
         "calls = []\n"
-        "u.OpenerDirector.open = lambda self, url, *a, **k: calls.append(str(url)) or (_ for _ in ()).throw(OSError('offline'))\n"
+        "u.OpenerDirector.open = lambda self, url, *a, **k: calls.append(str(url)) "
+        "or (_ for _ in ()).throw(OSError('offline'))\n"
         "import ssd.data.geometry\n"
         "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
     )

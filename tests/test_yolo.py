@@ -305,7 +305,7 @@ def shapes_yolo(tmp_path_factory) -> tuple[Path, Path]:
             size = np.array([rec.width, rec.height] * 2)
             rows = [
                 (label - 1, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1])
-                for label, b in zip(rec.labels.tolist(), (rec.boxes / size).tolist())
+                for label, b in zip(rec.labels.tolist(), (rec.boxes / size).tolist(), strict=True)
             ]
             text = "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in rows)
             label = yolo_root / "labels" / split / f"{Path(rec.path).stem}.txt"
@@ -323,7 +323,7 @@ def test_yolo_index_of_a_converted_voc_tree_matches_the_voc_index(shapes_yolo):
         assert classes == SHAPES_CLASSES
         assert [Path(r.path).name for r in from_yolo] == [Path(r.path).name for r in from_voc]
         assert sum(len(r.boxes) for r in from_voc) >= len(from_voc) > 0  # a real comparison, not of empty lists
-        for y, v in zip(from_yolo, from_voc):
+        for y, v in zip(from_yolo, from_voc, strict=True):
             np.testing.assert_allclose(y.boxes, v.boxes, atol=1e-3)  # 6 decimals of 64 px
             np.testing.assert_array_equal(y.labels, v.labels)
 
@@ -345,7 +345,7 @@ def test_val_subset_of_a_yolo_split_keeps_the_first_images_and_their_ids(shapes_
     full = build_dataset(cfg, None, train=False, key="data.val").records
     sub = build_dataset(val_subset(cfg, 3, tmp_path / "subset"), None, train=False, key="data.val").records
     assert [r.image_id for r in sub] == [r.image_id for r in full[:3]] == [f"images/val/val_00000{i}" for i in range(3)]
-    for a, b in zip(sub, full):
+    for a, b in zip(sub, full, strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
 
 
@@ -378,8 +378,8 @@ def test_cli_data_check_on_a_yolo_tree(shapes_yolo, capsys):
     out = capsys.readouterr().out
     assert f"data.val: {NUM_VAL + 1} images" in out
     assert (
-        f"1 x class id out of range, e.g. {label}:2: class id 7 is not in 0..3 (4 classes: circle, square, triangle, star)"
-        in out
+        f"1 x class id out of range, e.g. {label}:2: class id 7 is not in 0..3 "
+        "(4 classes: circle, square, triangle, star)" in out
     )
     assert "1 x polygon (segmentation) line skipped (repaired)" in out
 

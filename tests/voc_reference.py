@@ -46,7 +46,9 @@ def reference_voc_eval(
         class_recs[imagename] = {"bbox": bbox, "difficult": difficult, "det": det}
     image_ids, confidence, BB = [], [], []
     for imagename, d in enumerate(detections):  # the lines of the class's detection file, image by image
-        for box, score, label in zip(np.asarray(d["boxes"], float).reshape(-1, 4), d["scores"], d["labels"]):
+        for box, score, label in zip(
+            np.asarray(d["boxes"], float).reshape(-1, 4), d["scores"], d["labels"], strict=True
+        ):
             if label == classname:
                 image_ids.append(imagename)
                 confidence.append(float(score))

@@ -53,7 +53,7 @@ def analyse_rows(
     if rows and any(s is None for s in scales):
         problems.append("metrics.jsonl rows have no grad_scale (the engine predates issue 14)")
         return numbers, problems
-    drops = [r["iter"] for r, before in zip(rows, [INIT_SCALE] + scales) if r["grad_scale"] < before]
+    drops = [r["iter"] for r, before in zip(rows, [INIT_SCALE] + scales[:-1], strict=True) if r["grad_scale"] < before]
     numbers.update(
         grad_scale_first=scales[0] if scales else None,
         grad_scale_last=scales[-1] if scales else None,
@@ -135,7 +135,7 @@ def compare_evals(a: dict, b: dict, top: int = 10) -> dict:
     largest difference between the ``top`` highest scores of an image (rank by rank)."""
     per_class = [abs((a["per_class"][k] or 0) - (b["per_class"][k] or 0)) for k in a["per_class"]]
     scores = [{}, {}]
-    for side, dets in zip(scores, (a["dets"], b["dets"])):
+    for side, dets in zip(scores, (a["dets"], b["dets"]), strict=True):
         for d in dets:
             side.setdefault(d["image_id"], []).append(d["score"])
     diffs, count_differs = [0.0], []
@@ -144,7 +144,7 @@ def compare_evals(a: dict, b: dict, top: int = 10) -> dict:
         sb = sorted(scores[1].get(image, []), reverse=True)
         if len(sa) != len(sb):
             count_differs.append(image)
-        diffs += [abs(x - y) for x, y in zip(sa[:top], sb[:top])]
+        diffs += [abs(x - y) for x, y in zip(sa[:top], sb[:top], strict=False)]
     return {
         "map": [a["map"], b["map"]],
         "map_diff": abs(a["map"] - b["map"]),

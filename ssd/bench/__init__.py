@@ -1,6 +1,7 @@
 """Side-by-side benchmarks against the peer implementation, in one run.
 
-    ssd bench [--only loss postprocess] [--json OUT] [--repeats N] [--device cpu|cuda]   (or python scripts/bench.py ...)
+    ssd bench [--only loss postprocess] [--json OUT] [--repeats N] [--device cpu|cuda]
+    (or: python scripts/bench.py ...)
 
 Each row times ours and the peer on identical inputs, checks the outputs agree, and reports
 ``speedup = peer_s / ours_s`` next to the ``target`` this project promises (README, "Performance"),

@@ -88,7 +88,10 @@ def bench_augment(repeats: int) -> dict:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
     crops = crop_statistics(voc_like_layouts())  # not timed: what the patch sampler does, side by side
-    note = "patch sampler alone on 2,000 VOC-like layouts: cropped {:.1%} vs torchvision {:.1%}, area kept {:.3f} vs {:.3f}".format(
+    note = (
+        "patch sampler alone on 2,000 VOC-like layouts: cropped {:.1%} vs torchvision {:.1%}, "
+        "area kept {:.3f} vs {:.3f}"
+    ).format(
         crops["ours"]["cropped"],
         crops["torchvision"]["cropped"],
         crops["ours"]["area_kept"],

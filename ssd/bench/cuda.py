@@ -104,7 +104,7 @@ def loop_images_per_s(metrics_path: str | os.PathLike, warmup_rows: int = 1) -> 
     # seconds, so the total rate is sum(n) / sum(n / rate), whatever the batch
     iters = [0] + [r["iter"] for r in train_rows]
     spans = [b - a for a, b in itertools.pairwise(iters)]
-    kept = list(zip(spans, train_rows))[warmup_rows:]
+    kept = list(zip(spans, train_rows, strict=True))[warmup_rows:]
     return sum(n for n, _ in kept) / sum(n / r["images_per_s"] for n, r in kept)
 
 

@@ -42,7 +42,7 @@ def voc_xml(boxes_px: np.ndarray, labels: np.ndarray, width: int = 500, height: 
         f"<object><name>{VOC_CLASSES[int(label) - 1]}</name><difficult>0</difficult><bndbox>"
         f"<xmin>{round(x1) + 1}</xmin><ymin>{round(y1) + 1}</ymin><xmax>{round(x2)}</xmax><ymax>{round(y2)}</ymax>"
         f"</bndbox></object>"
-        for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist())
+        for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist(), strict=True)
     )
     size = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
     return f"<annotation>{size}{objects}</annotation>"

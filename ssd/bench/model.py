@@ -72,7 +72,7 @@ def bench_loss(repeats: int) -> dict:
     outputs = {"loc": head["bbox_regression"], "conf": head["cls_logits"]}
 
     def peer():
-        matched = [tv.proposal_matcher(box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
+        matched = [tv.proposal_matcher(box_iou(t["boxes"], a)) for t, a in zip(targets, anchors, strict=True)]
         return tv.compute_loss(targets, head, anchors, matched)
 
     def ours():
@@ -120,7 +120,7 @@ def bench_postprocess(repeats: int) -> dict:
     def ours():
         return post(outputs, priors, (300, 300))
 
-    for a, b in zip(peer(), ours()):
+    for a, b in zip(peer(), ours(), strict=True):
         assert torch.equal(a["labels"], b["labels"]), "post-processing labels differ from torchvision"
         torch.testing.assert_close(b["scores"], a["scores"])
         torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-3)

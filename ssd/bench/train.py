@@ -118,7 +118,7 @@ class RepeatableStep:
 
     def reset(self) -> None:
         with torch.no_grad():
-            for p, p0 in zip(self.model.parameters(), self.initial):
+            for p, p0 in zip(self.model.parameters(), self.initial, strict=True):
                 p.copy_(p0)
 
 
@@ -144,7 +144,7 @@ def check_step(step: RepeatableStep, name: str, tries: int = 10) -> dict[str, fl
     assert not no_grad, f"{name}: no gradient reached {len(no_grad)} parameters: {', '.join(no_grad[:5])}"
     same = [
         n
-        for (n, p), p0 in zip(params, before)
+        for (n, p), p0 in zip(params, before, strict=True)
         if torch.equal(p.detach(), p0) and (bool(p0.any()) or bool(p.grad.any()))
     ]
     assert not same, (
@@ -291,9 +291,9 @@ def compare_updates(ours: RepeatableStep, tv: RepeatableStep, tolerance: float =
     """Largest difference between our and torchvision's update of a parameter (weights after the step
     minus before), relative to the largest entry of torchvision's update; asserts <= ``tolerance``."""
     key_map = torchvision_key_map(6)
-    mine = {n: (p, p0) for (n, p), p0 in zip(ours.model.named_parameters(), ours.initial)}
+    mine = {n: (p, p0) for (n, p), p0 in zip(ours.model.named_parameters(), ours.initial, strict=True)}
     worst = 0.0
-    for (name, p), p0 in zip(tv.model.named_parameters(), tv.initial):
+    for (name, p), p0 in zip(tv.model.named_parameters(), tv.initial, strict=True):
         q, q0 = mine.pop(key_map[name])
         theirs, own = p.detach() - p0, q.detach() - q0
         diff, scale = float((own - theirs).abs().max()), float(theirs.abs().max())

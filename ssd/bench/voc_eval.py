@@ -9,7 +9,6 @@ import numpy as np
 from ssd.bench.timing import timeit
 from ssd.metrics.voc import voc_map
 
-
 # VOC07 test: non-difficult objects per class (devkit statistics, 12032 in all): realistic class frequencies
 VOC07_TEST_OBJECTS = [
     285,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ssd.convert.caffe_ports import convert_caffe_port
 from ssd.convert.common import load_state_dict_file

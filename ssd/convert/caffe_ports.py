@@ -45,7 +45,7 @@ LAYOUTS = {
 
 
 def caffe_port_key_map(layout: dict[str, str], num_levels: int) -> dict[str, str]:
-    pairs = [(f"{layout['vgg']}{i}", ours) for i, ours in zip(CAFFE_VGG_INDICES, OUR_TRUNK)]
+    pairs = [(f"{layout['vgg']}{i}", ours) for i, ours in zip(CAFFE_VGG_INDICES, OUR_TRUNK, strict=True)]
     for j in range(num_levels - 2):
         pairs += [
             (f"{layout['extras']}{2 * j}", f"extras.{j}.0.conv"),

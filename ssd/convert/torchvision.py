@@ -42,7 +42,7 @@ def torchvision_model_config(num_classes: int = 91) -> ModelConfig:
 
 
 def torchvision_key_map(num_levels: int) -> dict[str, str]:
-    pairs = list(zip(TV_TRUNK, OUR_TRUNK))
+    pairs = list(zip(TV_TRUNK, OUR_TRUNK, strict=True))
     for j in range(1, num_levels - 1):
         pairs += [
             (f"backbone.extra.{j}.0", f"extras.{j - 1}.0.conv"),

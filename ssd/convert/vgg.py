@@ -46,7 +46,7 @@ def convert_vgg(state: dict[str, Tensor], batch_norm: bool, source: str = "vgg16
     """
     convs = VGG16_BN_CONV if batch_norm else VGG16_CONV
     key_map = {}
-    for i, ours in zip(convs, OUR_TRUNK):
+    for i, ours in zip(convs, OUR_TRUNK, strict=True):
         key_map[f"features.{i}.weight"] = f"{ours}.weight"
         key_map[f"features.{i}.bias"] = f"{ours}.bias"
         if batch_norm:
@@ -59,10 +59,11 @@ def convert_vgg(state: dict[str, Tensor], batch_norm: bool, source: str = "vgg16
         raise CheckpointError(f"{source}: missing fully connected weights {missing} needed for fc6/fc7")
     if state["classifier.0.weight"].shape != (4096, 25088):
         raise CheckpointError(
-            f"{source}: classifier.0.weight has shape {tuple(state['classifier.0.weight'].shape)}, expected (4096, 25088)"
+            f"{source}: classifier.0.weight has shape {tuple(state['classifier.0.weight'].shape)}, "
+            "expected (4096, 25088)"
         )
     if batch_norm:
-        for i, ours in zip(convs, OUR_TRUNK):
+        for ours in OUR_TRUNK:
             bn = ours.removesuffix(".conv") + ".bn"
             trunk[f"{bn}.running_mean"] = trunk[f"{bn}.running_mean"] - trunk.pop(f"{ours}.bias")
     trunk.update(subsample_fc(*(state[k] for k in FC_KEYS)))

@@ -35,7 +35,7 @@ def check_split(
     records, classes = index_dataset(cfg, report.problems, name)
     report.num_images = len(records)
     for rec in records:
-        for label, diff in zip(rec.labels, rec.difficult):
+        for label, diff in zip(rec.labels, rec.difficult, strict=True):
             report.objects[classes[label - 1]] += 1
             report.difficult += int(diff)
         report.empty_images += int(len(rec.labels) == 0)

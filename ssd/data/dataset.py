@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -52,7 +52,7 @@ def dataset_roots(cfg: DatasetConfig, key: str) -> list[tuple[str, str]]:
         raise ConfigError(f"{key}.root: a {cfg.format.upper()} dataset needs a root folder (or a list of them)")
     if len(splits) != len(roots):
         raise ConfigError(f"{key}.split: {len(splits)} splits for {len(roots)} roots; give one split or one per root")
-    return list(zip(roots, splits))
+    return list(zip(roots, splits, strict=True))
 
 
 def index_dataset(cfg: DatasetConfig, problems: Problems, key: str = "data") -> tuple[list[ImageRecord], list[str]]:

@@ -2,9 +2,10 @@
 
 Small enough to generate in seconds and train on a CPU in minutes, hard enough to be a real test:
 four shape classes from 8% to 60% of the image side (``min_side`` / ``max_side`` make a small-object
-set), random colours kept in contrast with what lies under them, overlaps that hide at most 30% of an earlier object, and a mildly textured
-background (gradient, low-frequency blotches, a few thin lines, gaussian noise). A heavily
-cluttered background made a small CPU-trained model fail in a prototype, so the clutter stays mild.
+set), random colours kept in contrast with what lies under them, overlaps that hide at most 30% of
+an earlier object, and a mildly textured background (gradient, low-frequency blotches, a few thin
+lines, gaussian noise). A heavily cluttered background made a small CPU-trained model fail in a
+prototype, so the clutter stays mild.
 
 Every box is the object's real visible extent, found from its rasterised coverage after all
 occlusions: integer pixel edges ``x1 < x2``, ``y1 < y2`` in ``[0, size]``, every pixel the object
@@ -160,7 +161,7 @@ class _Canvas:
     def hidden_by(self, region: tuple[slice, slice], alpha: np.ndarray) -> list[float] | None:
         """Area each earlier object would lose under ``alpha``; None if one would drop below MIN_VISIBLE."""
         hidden = [float((vis[region] * alpha).sum()) for vis in self.visible]
-        left = zip(self.visible_area, hidden, self.drawn_area)
+        left = zip(self.visible_area, hidden, self.drawn_area, strict=True)
         return hidden if all(now - lost >= MIN_VISIBLE * area for now, lost, area in left) else None
 
     def draw(
@@ -216,7 +217,7 @@ def render_image(
     labels = rng.integers(0, len(SHAPES_CLASSES), num)
     # log-uniform sides, largest drawn first so small objects sit on top rather than being buried
     sides = np.sort(np.exp(rng.uniform(math.log(min_side), math.log(max_side), num)))[::-1] * size
-    placed = [int(label) for label, side in zip(labels, sides) if _place(rng, canvas, int(label), side)]
+    placed = [int(label) for label, side in zip(labels, sides, strict=True) if _place(rng, canvas, int(label), side)]
     image = canvas.image
     if textured:
         # cv2.randn is 5x faster than numpy's normals here; its generator is thread-local and
@@ -255,7 +256,7 @@ def _voc_xml(image_id: str, size: int, boxes_px: np.ndarray, labels: np.ndarray)
     size_el = ET.SubElement(root, "size")
     for tag, value in (("width", size), ("height", size), ("depth", 3)):
         ET.SubElement(size_el, tag).text = str(value)
-    for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist()):
+    for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist(), strict=True):
         obj = ET.SubElement(root, "object")
         fields = (("name", SHAPES_CLASSES[label]), ("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0"))
         for tag, value in fields:
@@ -287,7 +288,7 @@ def _write_split(
             raise OSError(f"cv2 could not write {jpeg}")
         (out / "Annotations" / f"{image_id}.xml").write_bytes(_voc_xml(image_id, size, r.boxes_px, r.labels))
         coco["images"].append({"id": index + 1, "file_name": f"{image_id}.jpg", "width": size, "height": size})
-        for (x1, y1, x2, y2), label in zip(r.boxes_px.tolist(), r.labels.tolist()):
+        for (x1, y1, x2, y2), label in zip(r.boxes_px.tolist(), r.labels.tolist(), strict=True):
             w, h = x2 - x1, y2 - y1
             coco["annotations"].append(
                 {
@@ -371,7 +372,7 @@ def generate_shapes(
         (out / folder).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits = {}
-    for split, num in zip(SPLITS, (num_train, num_val)):
+    for split, num in zip(SPLITS, (num_train, num_val), strict=True):
         _remove_stale(out, split, num)
         splits[split] = _write_split(out, split, num, size, seed, max_objects, (min_side, max_side))
     params = _parameters(num_train, num_val, size, seed, max_objects, (min_side, max_side))

@@ -203,7 +203,8 @@ def list_images(source: Path) -> list[Path]:
 
 
 def label_path(image: Path) -> Path:
-    """``.../images/.../x.jpg`` -> ``.../labels/.../x.txt`` (the last ``images`` folder); else ``x.txt`` beside the image."""
+    """``.../images/.../x.jpg`` -> ``.../labels/.../x.txt`` (the last ``images`` folder);
+    else ``x.txt`` beside the image."""
     parts = list(image.parts)
     folders = parts[:-1]
     if "images" in folders:
@@ -253,7 +254,8 @@ def parse_label_file(
 def parse_label_line(
     line: str, where: str, classes: list[str], problems: Problems, ignore_other_classes: bool
 ) -> tuple[int, tuple[float, float, float, float]] | None:
-    """``(class id, normalised corners)`` of one ``class cx cy w h`` line, or None (reported or counted at ``where``)."""
+    """``(class id, normalised corners)`` of one ``class cx cy w h`` line,
+    or None (reported or counted at ``where``)."""
     try:
         values = [float(t) for t in line.split()]
     except ValueError:

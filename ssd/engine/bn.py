@@ -5,8 +5,8 @@ The ``ssd bn-report`` diagnostics (running vs batch statistics, train/eval gap) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection, Iterable
 from itertools import islice
-from typing import Callable, Collection, Iterable
 
 import torch
 import torch.distributed as dist
@@ -138,7 +138,7 @@ def precise_bn(
     for batch in islice(batches, num_batches):  # no batch read beyond the last one used
         forward(model, batch)
         used += 1
-    for m, momentum in zip(layers, momenta):
+    for m, momentum in zip(layers, momenta, strict=True):
         m.momentum = momentum
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()

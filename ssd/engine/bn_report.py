@@ -4,8 +4,8 @@ the train-mode vs eval-mode gap of the whole model (docs/batchnorm.md, "Diagnosi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -148,7 +148,9 @@ def bn_report(
     def hook(name: str):
         def record(module, inputs):
             var, mean = torch.var_mean(inputs[0].detach().float(), dim=(0, 2, 3), correction=1)  # [C] each, no copy
-            for kept, value in zip(stats[name], (mean.double(), var.double(), inputs[0].numel() // inputs[0].shape[1])):
+            for kept, value in zip(
+                stats[name], (mean.double(), var.double(), inputs[0].numel() // inputs[0].shape[1]), strict=True
+            ):
                 kept.append(value)
 
         return record
@@ -177,7 +179,7 @@ def bn_report(
                 for h in handles:
                     h.remove()
             for name, m in layers:  # train mode moved the running statistics: put them back
-                for b, saved in zip(m.buffers(), buffers[name]):
+                for b, saved in zip(m.buffers(), buffers[name], strict=True):
                     b.copy_(saved)
             for key, out in (("loss_train", out_train), ("loss_eval", out_eval)):
                 losses = criterion(out, boxes, labels, priors)
@@ -239,14 +241,14 @@ def format_bn_report(report: BNReport, title: str = "") -> str:
     width = max(len("layer"), *(len(layer.name) for layer in report.layers))
     lines = [title] if title else []
     lines.append(
-        f"{'layer':<{width}}  {'ch':>5}  {'vals/ch':>7}  {'run mean':>9}  {'batch mean':>10}  {'run var':>9}  {'batch var':>9}  "
-        f"{'mean gap':>8}  {'var gap':>8}  status"
+        f"{'layer':<{width}}  {'ch':>5}  {'vals/ch':>7}  {'run mean':>9}  {'batch mean':>10}  {'run var':>9}  "
+        f"{'batch var':>9}  {'mean gap':>8}  {'var gap':>8}  status"
     )
     for r in report.layers:
         status = "STALE (never updated)" if r.stale else ("DRIFTED" if r.drifted else "ok")
         lines.append(
-            f"{r.name:<{width}}  {r.channels:>5}  {r.values:>7}  {r.running_mean:>9.4f}  {r.batch_mean:>10.4f}  {r.running_var:>9.4g}  "
-            f"{r.batch_var:>9.4g}  {r.mean_gap:>8.3f}  {r.var_gap:>8.3f}  {status}"
+            f"{r.name:<{width}}  {r.channels:>5}  {r.values:>7}  {r.running_mean:>9.4f}  {r.batch_mean:>10.4f}  "
+            f"{r.running_var:>9.4g}  {r.batch_var:>9.4g}  {r.mean_gap:>8.3f}  {r.var_gap:>8.3f}  {status}"
         )
     lines.append(
         "(channel averages; vals/ch: values per channel in a batch; mean gap: |running - batch mean| in batch standard "
@@ -263,8 +265,9 @@ def format_bn_report(report: BNReport, title: str = "") -> str:
         )
     rise = report.loss_eval / report.loss_train - 1 if report.loss_train > 0 else float("nan")
     lines.append(
-        f"train vs eval mode on the same {report.images} images ({report.batches} batches): loss {report.loss_train:.4f} "
-        f"(batch statistics) vs {report.loss_eval:.4f} (running statistics, {rise:+.1%}); outputs differ by "
+        f"train vs eval mode on the same {report.images} images ({report.batches} batches): "
+        f"loss {report.loss_train:.4f} (batch statistics) vs {report.loss_eval:.4f} "
+        f"(running statistics, {rise:+.1%}); outputs differ by "
         f"{report.conf_gap:.1%} (conf logits) and {report.loc_gap:.1%} (loc), relative L2"
     )
     flagged = report.flagged
@@ -320,7 +323,8 @@ def run_bn_report_command(args) -> int:
     dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
     if len(dataset.classes) != mcfg.num_classes - 1:
         raise ValueError(
-            f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} has {len(dataset.classes)}"
+            f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} "
+            f"has {len(dataset.classes)}"
         )
     loader = build_dataloader(
         dataset,

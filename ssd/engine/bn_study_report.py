@@ -26,7 +26,7 @@ def loss_rebound(curve: dict) -> tuple[float, int | None]:
     """The largest factor by which the logged loss rose above its lowest value so far, and the iteration
     of that peak: a spike while the warmup ramps the lr up means the lr is at the edge of stability."""
     worst, at, low = 1.0, None, math.inf
-    for it, loss in zip(curve["iter"], curve["loss"]):
+    for it, loss in zip(curve["iter"], curve["loss"], strict=True):
         if low < math.inf and loss / low > worst:
             worst, at = loss / low, it
         low = min(low, loss)
@@ -42,7 +42,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
         r["loss_rebound"], r["loss_rebound_iter"] = loss_rebound(r["loss_curve"])
         r["iters_to_90pct"] = None
         if best is not None and best > 0:
-            hits = [it for it, m in zip(r["map_curve"]["iter"], r["map_curve"]["map"]) if m >= 0.9 * best]
+            hits = [it for it, m in zip(r["map_curve"]["iter"], r["map_curve"]["map"], strict=True) if m >= 0.9 * best]
             r["iters_to_90pct"] = hits[0] if hits else None
     return {"settings": settings, "study_best_map": best, "variants": results}
 
@@ -51,11 +51,13 @@ def format_table(summary: dict) -> str:
     s = summary["settings"]
     optimizer = s["optimizer"] + (f" (momentum {s['momentum']:g})" if s["optimizer"] == "sgd" else "")
     lines = [
-        f"BN study of `{s['config']}`: {s['iters']} iterations, batch {s['batch_size']}, {optimizer}, base lr "
-        f"{s['base_lr']:g}, weight decay {s['weight_decay']:g}, warmup {s['warmup_iters']}, seed {s['seed']}; mAP = VOC07 "
-        f"mAP@0.5 on {s['val_images'] or 'all'} validation images; 90% of the study's best mAP ({_fmt(summary['study_best_map'])})",
+        f"BN study of `{s['config']}`: {s['iters']} iterations, batch {s['batch_size']}, {optimizer}, "
+        f"base lr {s['base_lr']:g}, weight decay {s['weight_decay']:g}, warmup {s['warmup_iters']}, "
+        f"seed {s['seed']}; mAP = VOC07 mAP@0.5 on {s['val_images'] or 'all'} validation images; "
+        f"90% of the study's best mAP ({_fmt(summary['study_best_map'])})",
         "",
-        "| variant | BN blocks | optimizer | lr | final mAP | best mAP | iterations to 90% of best | diverged | images/s |",
+        "| variant | BN blocks | optimizer | lr | final mAP | best mAP "
+        "| iterations to 90% of best | diverged | images/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["variants"]:
@@ -67,8 +69,8 @@ def format_table(summary: dict) -> str:
             diverged += f" (loss rebounded {factor}x, iteration {r['loss_rebound_iter']})"
         to90 = str(r["iters_to_90pct"]) if r["iters_to_90pct"] is not None else "never"
         lines.append(
-            f"| {r['name']} | {blocks_label(r['batch_norm'])} | {r['optimizer']} | {r['lr']:g} | {_fmt(r['final_map'])} | "
-            f"{_fmt(r['best_map'])} | {to90} | {diverged} | {_fmt(r['images_per_s'], 1)} |"
+            f"| {r['name']} | {blocks_label(r['batch_norm'])} | {r['optimizer']} | {r['lr']:g} "
+            f"| {_fmt(r['final_map'])} | {_fmt(r['best_map'])} | {to90} | {diverged} | {_fmt(r['images_per_s'], 1)} |"
         )
     return "\n".join(lines)
 
@@ -186,7 +188,7 @@ def _lr_sweep_plot(plt, summary: dict, styles: dict, path: Path) -> None:
         losses = [top if r["error"] or r["end_loss"] is None else r["end_loss"] for r in members]
         for ax, ys in ((ax_map, [sweep_map(r) for r in members]), (ax_loss, losses)):
             ax.plot(lrs, ys, color=color, label=f"BN: {'none' if label == '-' else label}")
-            for r, y in zip(members, ys):
+            for r, y in zip(members, ys, strict=True):
                 ax.plot(
                     r["lr"],
                     y,

@@ -19,6 +19,7 @@ written ``detections.json`` read back with ``--detections`` gives bit-identical 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -102,7 +103,8 @@ class EvalSet:
         self, predictions: dict[str, dict], model_classes: list[str] | None = None
     ) -> list[dict[str, np.ndarray]]:
         """Predictions (continuous original-image pixels, keyed by image id) -> the file's frame.
-        ``model_classes``: the classes the predictions' labels index, when not the data's (see :func:`class_label_map`)."""
+        ``model_classes``: the classes the predictions' labels index, when not the data's
+        (see :func:`class_label_map`)."""
         if model_classes is not None:
             predictions = relabel_predictions(predictions, class_label_map(model_classes, self.classes, "model"))
         shift = np.zeros(2) if self.coco_format else np.ones(2)  # VOC: xmin = x1 + 1, xmax = x2
@@ -207,9 +209,11 @@ class EvalSet:
         xmin, ymax - ymin]`` (the detection files' convention), difficult objects as crowd
         (ignored), image ids 1..N in record order, category ids = labels."""
         images, annotations = [], []
-        for i, (rec, gt) in enumerate(zip(self.dataset.records, self.ground_truth()), 1):
+        for i, (rec, gt) in enumerate(zip(self.dataset.records, self.ground_truth(), strict=True), 1):
             images.append({"id": i, "width": rec.width, "height": rec.height, "file_name": rec.path})
-            for box, label, difficult in zip(gt["boxes"].tolist(), gt["labels"].tolist(), gt["difficult"].tolist()):
+            for box, label, difficult in zip(
+                gt["boxes"].tolist(), gt["labels"].tolist(), gt["difficult"].tolist(), strict=True
+            ):
                 w, h = box[2] - box[0], box[3] - box[1]
                 annotations.append(
                     {
@@ -230,10 +234,10 @@ class EvalSet:
         """COCO results dicts in record order. ``file_ids``: VOC image ids as the split file's strings
         (what ``detections.json`` holds); else 1..N, the ids of the in-memory COCO ground truth."""
         out, dropped = [], 0
-        for i, (image_id, d) in enumerate(zip(self.result_image_ids, detections)):
+        for i, (image_id, d) in enumerate(zip(self.result_image_ids, detections, strict=True)):
             if not self.coco_format and not file_ids:
                 image_id = i + 1
-            for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+            for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist(), strict=True):
                 cat = self.category_of_label.get(label)
                 if cat is None:
                     dropped += 1
@@ -316,7 +320,7 @@ class EvalSet:
             np.asarray(labels, np.int64)[order],
         )
         return [
-            {"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in zip(starts[:-1], starts[1:])
+            {"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in itertools.pairwise(starts)
         ]
 
     def write_results(self, path: str | os.PathLike, detections: list[dict]) -> int:
@@ -336,9 +340,9 @@ class EvalSet:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         lines = {label: [] for label in range(1, len(self.classes) + 1)}
-        for image_id, d in zip(self.result_image_ids, detections):
+        for image_id, d in zip(self.result_image_ids, detections, strict=True):
             for (x1, y1, x2, y2), score, label in zip(
-                _xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist()
+                _xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist(), strict=True
             ):
                 if label in lines:
                     lines[label].append(f"{image_id} {score:.3f} {x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}\n")
@@ -401,7 +405,8 @@ def class_label_map(model_classes: list[str], data_classes: list[str], where: st
         missing = [n for label, n in enumerate(data_classes, 1) if label not in matched]
         log.log(
             logging.WARNING if missing else logging.INFO,
-            "%s: %d model classes matched to data.val's %d by name; not in data.val (their detections are left out): %s; "
+            "%s: %d model classes matched to data.val's %d by name; "
+            "not in data.val (their detections are left out): %s; "
             "in data.val but not detected by the model (AP 0): %s",
             where,
             len(mapping),

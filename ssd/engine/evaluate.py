@@ -33,8 +33,15 @@ from ssd.data.dataset import DetectionDataset, build_dataset, collate
 from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.device import use_channels_last
 from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
-from ssd.engine.evalset import EvalSet, evaluate_predictions, evaluate_voc, resolve_metric, safe_name  # noqa: F401 (re-exported)
-from ssd.engine.evalset import class_label_map, relabel_predictions
+from ssd.engine.evalset import (  # noqa: F401 (re-exported)
+    EvalSet,
+    class_label_map,
+    evaluate_predictions,
+    evaluate_voc,
+    relabel_predictions,
+    resolve_metric,
+    safe_name,
+)
 from ssd.metrics.coco import COCO_STATS
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
@@ -54,7 +61,8 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def build_eval_set(cfg: Config, model_cfg: ModelConfig) -> DetectionDataset:
-    """``data.val`` prepared for ``model_cfg``'s input size and preprocessing (:func:`ssd.preprocess.eval_transform`)."""
+    """``data.val`` prepared for ``model_cfg``'s input size and preprocessing
+    (:func:`ssd.preprocess.eval_transform`)."""
     transform = eval_transform(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size)
     return build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
 
@@ -136,7 +144,7 @@ def predict_loader(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(images)
         dets = postprocessor(out, priors, tuple(images.shape[-2:]), batch["orig_sizes"])
-        for image_id, d in zip(batch["image_ids"], dets):
+        for image_id, d in zip(batch["image_ids"], dets, strict=True):
             results[image_id] = {k: v.cpu().numpy() for k, v in d.items()}
     if unreadable:
         log.warning(
@@ -279,7 +287,8 @@ def predict_checkpoint(
 
 
 def run_eval_command(args) -> int:
-    """``ssd eval CONFIG (--weights CKPT [--weights-kind ema|raw] | --detections FILE) [--metric] [--json] [--plots] [--out-dir]``."""
+    """``ssd eval CONFIG (--weights CKPT [--weights-kind ema|raw] | --detections FILE)
+    [--metric] [--json] [--plots] [--out-dir]``."""
     cfg = load_config(args.config, args.overrides)
     batch_size = cfg.eval.batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:

@@ -202,7 +202,7 @@ def _adopt(cfg: Config, key: str, current: Any, value: Any, source: Source) -> b
 def _same(a: Any, b: Any) -> bool:
     """Equal values, floats to 1e-6 relative (a hand-typed 1/255 or a YAML round trip still matches)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if (
         isinstance(a, (int, float))
         and isinstance(b, (int, float))

@@ -148,7 +148,7 @@ class TrainStep:
             dist.all_reduce(values)
             values /= dist.get_world_size()  # the skip flags agree on every rank: 1 stays 1
         w = self.window
-        for (iteration, _, image_ids), (loc, conf, bad, amp_skipped) in zip(self.pending, values.tolist()):
+        for (iteration, _, image_ids), (loc, conf, bad, amp_skipped) in zip(self.pending, values.tolist(), strict=True):
             w.amp_skipped += int(amp_skipped > 0)
             if bad > 0:
                 w.skipped += 1
@@ -163,9 +163,10 @@ class TrainStep:
                 if self.bad_run >= self.tcfg.max_bad_steps:
                     self.pending = []
                     raise TrainingError(
-                        f"the loss was non-finite for {self.bad_run} consecutive iterations (last: {iteration}); stopping "
-                        "without writing NaN weights (skipped steps leave them as they were; last.pt holds the last saved "
-                        "state). Lower train.lr, raise train.warmup_iters, or set train.clip_grad_norm."
+                        f"the loss was non-finite for {self.bad_run} consecutive iterations (last: {iteration}); "
+                        "stopping without writing NaN weights (skipped steps leave them as they were; "
+                        "last.pt holds the last saved state). Lower train.lr, raise train.warmup_iters, "
+                        "or set train.clip_grad_norm."
                     )
                 continue
             self.bad_run = 0

@@ -40,14 +40,19 @@ from ssd.engine.distributed import (
     resolve_device,
 )
 from ssd.engine.ema import build_ema, combine_evaluations
-from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.evalset import evaluate_predictions
+from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
 from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import best_checkpoint, restore_state, rng_state, training_state, trim_metrics
-from ssd.engine.step import TrainingError  # noqa: F401 (re-exported)
-from ssd.engine.step import TrainStep, fused_optimizer_ok, prime_momentum, sync_debug_mode
+from ssd.engine.step import (
+    TrainingError,  # noqa: F401 (re-exported)
+    TrainStep,
+    fused_optimizer_ok,
+    prime_momentum,
+    sync_debug_mode,
+)
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
@@ -258,7 +263,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         return ema_res and combine_evaluations(ema_res, res)
 
     def evaluate_weights(m: nn.Module, it: int, final: bool) -> dict | None:
-        """``ssd eval``'s :func:`evaluate_model` of ``m``; precise BN first after training (or before each: precise_bn_before_eval)."""
+        """``ssd eval``'s :func:`evaluate_model` of ``m``; precise BN first after training
+        (or before each: precise_bn_before_eval)."""
         which = "" if m is model else " (EMA weights)"
         if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
             bn_loader.sampler.set_epoch(it // len(loader))  # the current epoch's first batches: a function of `it`

@@ -101,7 +101,7 @@ def coco_eval(
         if ann["image_id"] in images and not ann.get("iscrowd", 0) and ann["category_id"] in num_gt:
             num_gt[ann["category_id"]] += 1
     return {
-        "stats": dict(zip(COCO_STATS, (float(s) for s in evaluator.stats))),
+        "stats": dict(zip(COCO_STATS, (float(s) for s in evaluator.stats), strict=True)),
         "per_class": per_class,
         "curves": curves,
         "iou_thresholds": np.asarray(params.iouThrs),

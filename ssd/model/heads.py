@@ -39,7 +39,7 @@ class MultiBoxHead(nn.Module):
         outs = {"loc": [a * 4 for a in num_anchors], "conf": [a * num_classes for a in num_anchors]}
         for kind, channels in outs.items():
             convs = nn.ModuleList(
-                nn.Conv2d(c, o, 3, padding=1, bias=not batch_norm) for c, o in zip(in_channels, channels)
+                nn.Conv2d(c, o, 3, padding=1, bias=not batch_norm) for c, o in zip(in_channels, channels, strict=True)
             )
             setattr(self, kind, convs)
             if batch_norm:
@@ -51,9 +51,9 @@ class MultiBoxHead(nn.Module):
 
     def _predict(self, kind: str, features: list[Tensor], k: int) -> Tensor:
         convs = getattr(self, kind)
-        outs = [conv(f) for conv, f in zip(convs, features)]
+        outs = [conv(f) for conv, f in zip(convs, features, strict=True)]
         if self.batch_norm:
-            outs = [bn(x) for bn, x in zip(getattr(self, f"{kind}_bn"), outs)]
+            outs = [bn(x) for bn, x in zip(getattr(self, f"{kind}_bn"), outs, strict=True)]
         return torch.cat([_flatten(x, k) for x in outs], dim=1)
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
