@@ -232,7 +232,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if len(errors) == 1:
             raise errors[0]  # as it is: it names the innermost key
         raise ConfigError(f"{key}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, key)

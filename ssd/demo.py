@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -25,7 +26,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes_tiny.
 DEMO_DATA = {"num_train": 2000, "num_val": 300, "size": 160, "seed": 0}  # 160 px: cheap to decode for a 128 px model
 
 
-def run_demo(out: str | Path, overrides: list[str] = (), num_images: int = 8, data: dict = DEMO_DATA) -> dict:
+def run_demo(out: str | Path, overrides: Sequence[str] = (), num_images: int = 8, data: dict = DEMO_DATA) -> dict:
     """Returns the ``--json`` metrics of ``ssd eval`` (the training's evaluation of ``best.pt``) plus
     ``iterations`` and ``seconds`` (wall time, all steps); ``{"stopped": "SIGINT" | "SIGTERM",
     "iterations": n}`` when a signal stopped the training (the engine logged where ``last.pt`` is)."""

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,9 @@ from torchvision.ops import batched_nms
 from ssd.config import PostprocessConfig, PreprocessConfig
 from ssd.ops.boxes import decode
 
+if TYPE_CHECKING:
+    from ssd.model.ssd import SSD
+
 log = logging.getLogger(__name__)
 
 MIN_OPSET, MAX_OPSET = 11, 20  # NonMaxSuppression needs 11; the TorchScript exporter stops at 20
@@ -42,9 +47,10 @@ MIN_OPSET, MAX_OPSET = 11, 20  # NonMaxSuppression needs 11; the TorchScript exp
 class DecodedSSD(nn.Module):
     """``images [B, 3, S, S]`` RGB 0..255 -> ``(boxes [B, P, 4] normalised xyxy, scores [B, P, C] softmax)``."""
 
-    def __init__(
-        self, model: nn.Module, preprocess: PreprocessConfig, variances: tuple[float, float] = (0.1, 0.2)
-    ) -> None:
+    mean: Tensor  # buffers (register_buffer)
+    std: Tensor
+
+    def __init__(self, model: SSD, preprocess: PreprocessConfig, variances: Sequence[float] = (0.1, 0.2)) -> None:
         super().__init__()
         self.model = model
         self.bgr = preprocess.channel_order == "bgr"
@@ -53,7 +59,7 @@ class DecodedSSD(nn.Module):
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:  # a subclass returns four
         x = images.flip(1) if self.bgr else images
         x = (x * self.pixel_scale - self.mean) / self.std
         out = self.model(x)
@@ -100,10 +106,10 @@ class DecodedSSDWithNMS(DecodedSSD):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SSD,
         preprocess: PreprocessConfig,
         postprocess: PostprocessConfig,
-        variances: tuple[float, float] = (0.1, 0.2),
+        variances: Sequence[float] = (0.1, 0.2),
     ) -> None:
         super().__init__(model, preprocess, variances)
         self.score_threshold = float(postprocess.score_threshold)
@@ -123,15 +129,15 @@ class DecodedSSDWithNMS(DecodedSSD):
 
 
 def export_onnx(
-    model: nn.Module,
+    model: SSD,
     preprocess: PreprocessConfig,
     path: str | Path,
     opset: int = 17,
     dynamic_batch: bool = False,
     nms: PostprocessConfig | None = None,
-    variances: tuple[float, float] = (0.1, 0.2),
+    variances: Sequence[float] = (0.1, 0.2),
     batch_size: int = 1,
-) -> nn.Module:
+) -> DecodedSSD:
     """Export eval-mode ``model`` to ``path``; ``nms`` (a post-processing config) adds NMS to the graph.
 
     Returns the wrapped PyTorch module that was exported (the reference for comparisons).
@@ -170,7 +176,7 @@ def export_onnx(
     return wrapped
 
 
-def check_onnx(path: str | Path, reference: nn.Module, batch_size: int = 1, seed: int = 0) -> dict[str, float]:
+def check_onnx(path: str | Path, reference: DecodedSSD, batch_size: int = 1, seed: int = 0) -> dict[str, float]:
     """``onnx.checker`` on the file, then onnxruntime vs ``reference`` on random images.
 
     Returns the max abs difference per output (``boxes``, ``scores``). With NMS in the graph the

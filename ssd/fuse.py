@@ -16,6 +16,7 @@ kept apart so the convs keep their checkpoint names).
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,8 @@ def _check_foldable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gets a bias if it had none)."""
     _check_foldable(conv, bn)
-    f64 = dict(dtype=torch.float64)
+    assert bn.running_mean is not None and bn.running_var is not None  # checked by _check_foldable
+    f64: dict[str, Any] = dict(dtype=torch.float64)
     weight, bias = fuse_conv_bn_weights(
         conv.weight.detach().to(**f64),
         None if conv.bias is None else conv.bias.detach().to(**f64),
@@ -49,9 +51,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.Module]]:
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
     """``(parent, BN attribute name, conv, bn)`` for every BN that follows a conv by one of the two rules above."""
-    pairs = []
+    pairs: list[tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]] = []
     for parent in model.modules():
         children = list(parent.named_children())
         for (_, prev), (name, child) in itertools.pairwise(children):

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
@@ -37,6 +37,7 @@ from ssd.config import PostprocessConfig, PreprocessConfig, from_dict
 from ssd.data.dataset import read_image
 from ssd.device import resolve_device
 from ssd.fuse import fuse_batchnorm
+from ssd.model import SSD
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import preprocess_images
 
@@ -78,7 +79,8 @@ def as_image(image: ImageInput, index: int = 0) -> np.ndarray | Tensor:
 
 def image_size(image: np.ndarray | Tensor) -> tuple[int, int]:
     """``(h, w)`` of an image returned by :func:`as_image`."""
-    return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
+    h, w = image.shape[:2] if isinstance(image, np.ndarray) else image.shape[-2:]
+    return h, w
 
 
 # --- Detector -----------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ class Detector:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SSD,
         classes: Sequence[str],
         preprocess: PreprocessConfig,
         postprocessor: PostProcessor,
@@ -171,14 +173,19 @@ class Detector:
         dets = self.postprocessor(out, self.model.priors, (self.input_size, self.input_size), sizes)
         results = []
         for d in dets:
-            d = {k: v.cpu() for k, v in d.items()}
-            d["names"] = self.names(d["labels"])
-            results.append(d)
+            result: dict[str, Any] = {k: v.cpu() for k, v in d.items()}
+            result["names"] = self.names(result["labels"])
+            results.append(result)
         return results
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any] | list[dict[str, Any]]:
-        single = not isinstance(images, (list, tuple)) and not (isinstance(images, Tensor) and images.ndim == 4)
-        items = [images] if single else list(images)
+    def __call__(
+        self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        items: list[ImageInput]
+        if isinstance(images, (list, tuple)) or (isinstance(images, Tensor) and images.ndim == 4):
+            single, items = False, list(images)
+        else:
+            single, items = True, [images]
         results = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
@@ -281,7 +288,7 @@ def open_video_writer(path: Path, fps: float, size_wh: tuple[int, int]) -> tuple
     """An mp4v ``.mp4`` writer, else MJPG ``.avi`` (OpenCV builds differ in their encoders)."""
     for fourcc, suffix in (("mp4v", ".mp4"), ("MJPG", ".avi")):
         out = path.with_suffix(suffix)
-        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*fourcc), fps, size_wh)
+        writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*fourcc), fps, size_wh)
         if writer.isOpened():
             return writer, out
         writer.release()
@@ -311,7 +318,7 @@ class Predictor:
             for _, _, error in batch:
                 if error is not None:
                     self.fail(error)
-            good = [(item, image) for item, image, error in batch if error is None]
+            good = [(item, image) for item, image, _ in batch if image is not None]  # image None <=> error
             for (item, image), det in zip(good, self.detector.predict_batch([image for _, image in good]), strict=True):
                 self.record(str(item.path), image, det)
                 if self.out_dir is not None:
@@ -333,7 +340,7 @@ class Predictor:
         writer, frame_index = None, 0
         try:
             while True:
-                frames = []
+                frames: list[np.ndarray] = []
                 while len(frames) < self.detector.batch_size:
                     ok, bgr = cap.read()
                     if not ok:

@@ -7,6 +7,8 @@ never a ground-truth class). An image with no objects is a row of padding only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,7 +68,7 @@ class MultiBoxLoss(nn.Module):
         self,
         iou_threshold: float = 0.5,
         neg_pos_ratio: float = 3.0,
-        variances: tuple[float, float] = (0.1, 0.2),
+        variances: Sequence[float] = (0.1, 0.2),
         box_weight: float = 1.0,
     ) -> None:
         super().__init__()

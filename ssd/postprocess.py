@@ -13,6 +13,8 @@ enter the output. ``T`` starts at twice the output size and grows only when need
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +31,7 @@ class PostProcessor:
         nms_threshold: float = 0.45,
         topk_candidates: int = 400,
         detections_per_image: int = 200,
-        variances: tuple[float, float] = (0.1, 0.2),
+        variances: Sequence[float] = (0.1, 0.2),
     ) -> None:
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold

@@ -23,9 +23,11 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from ssd.config import Config, ModelConfig
 from ssd.data.records import ImageRecord
@@ -75,7 +77,7 @@ def coverage_from_best_iou(norm: torch.Tensor, best: torch.Tensor, input_size: i
     wh = (norm[:, 2:] - norm[:, :2]) * input_size
     area = wh.prod(dim=1)
     matched = best >= iou_threshold
-    result = {
+    result: dict[str, Any] = {
         "iou_threshold": iou_threshold,
         "input_size": input_size,
         "num_boxes": len(norm),
@@ -131,11 +133,13 @@ def coverage_function(cfg: Config) -> Callable[[list[ImageRecord]], dict]:
     from ssd.model import build_ssd
 
     model = build_ssd(cfg.model)
-    smallest = min(resolve_prior_layout(cfg.model, len(model.head.loc))["min_scales"]) * cfg.model.input_size
+    input_size = cfg.model.input_size
+    assert input_size is not None  # set by ModelConfig.__post_init__
+    smallest = min(resolve_prior_layout(cfg.model, len(model.head.loc))["min_scales"]) * input_size
 
     def coverage(records: list[ImageRecord]) -> dict:
-        cov = prior_coverage(records, model.priors, cfg.model.input_size, cfg.loss.iou_threshold)
-        cov["advice"] = coverage_advice(cov, smallest, cfg.model.input_size)
+        cov = prior_coverage(records, model.priors, input_size, cfg.loss.iou_threshold)
+        cov["advice"] = coverage_advice(cov, smallest, input_size)
         return cov
 
     return coverage
@@ -162,6 +166,7 @@ class PriorGrid:
         derived = dataclasses.replace(cfg.priors, scales=None, min_sizes=None, max_sizes=None, aspect_ratios=None)
         layout = resolve_prior_layout(dataclasses.replace(cfg, priors=derived), len(sizes))
         size = cfg.input_size
+        assert size is not None  # set by ModelConfig.__post_init__
         steps = [
             (1 / h, 1 / w) if layout["steps"] is None else (s / size, s / size)
             for (h, w), s in zip(sizes, layout["steps"] or [None] * len(sizes), strict=True)
@@ -188,7 +193,7 @@ class PriorSizes:
         )
 
 
-def level_shapes(min_px: np.ndarray, max_px: np.ndarray, ratios: list[float], input_size: int) -> np.ndarray:
+def level_shapes(min_px: ArrayLike, max_px: ArrayLike, ratios: list[float], input_size: int) -> np.ndarray:
     """Prior ``(w, h)`` normalised, ``[G, A, 2]`` for ``G`` candidate (min, max) pairs, in make_priors' order."""
     s, s2 = np.asarray(min_px, np.float64) / input_size, np.sqrt(np.asarray(min_px) * np.asarray(max_px)) / input_size
     wh = [(s, s), (s2, s2)]
@@ -300,7 +305,7 @@ def min_size_bounds(sizes: PriorSizes, k: int, floors: list[float]) -> tuple[flo
 
 def floored(sizes: PriorSizes, floors: list[float]) -> PriorSizes:
     """``sizes`` with every min size raised to its floor (and to the level before it), max sizes kept >= min."""
-    mins = []
+    mins: list[float] = []
     for m, f in zip(sizes.min_px, floors, strict=True):
         mins.append(max(m, f, mins[-1] if mins else 0.0))
     return PriorSizes(
@@ -467,6 +472,7 @@ def fit_input_and_priors(
     every fit made, in order; the last one reached ``target`` if any did."""
     from ssd.model.resize import config_at_input_size
 
+    assert cfg.input_size is not None  # set by ModelConfig.__post_init__
     today = PriorSizes.of(cfg, len(PriorGrid.of(cfg).feature_sizes))
     fits = []
     for size in candidate_input_sizes(cfg.input_size, max_input or cfg.input_size):

@@ -40,7 +40,12 @@ BUCKETS = ("all", "small", "medium", "large")
 def choose(fits: list[Fit], target: float = TARGET_COVERAGE) -> Fit:
     """The smallest input that reaches ``target``, else the highest coverage (the smaller input on a tie)."""
     reached = [f for f in fits if f.coverage >= target]
-    return reached[0] if reached else max(fits, key=lambda f: (f.coverage, -f.model.input_size))
+
+    def key(f: Fit) -> tuple[float, int]:
+        assert f.model.input_size is not None  # set by ModelConfig.__post_init__
+        return f.coverage, -f.model.input_size
+
+    return reached[0] if reached else max(fits, key=key)
 
 
 def fitted_config_dict(raw: dict, cfg: Config, fit: Fit) -> dict:
@@ -48,10 +53,12 @@ def fitted_config_dict(raw: dict, cfg: Config, fit: Fit) -> dict:
     model = raw.setdefault("model", {})
     priors = dict(model.get("priors") or {})
     priors.pop("scales", None)
+    fitted = fit.model.priors  # from with_priors: sizes and aspect ratios set
+    assert fitted.min_sizes is not None and fitted.max_sizes is not None and fitted.aspect_ratios is not None
     priors.update(
-        min_sizes=list(fit.model.priors.min_sizes),
-        max_sizes=list(fit.model.priors.max_sizes),
-        aspect_ratios=[list(r) for r in fit.model.priors.aspect_ratios],
+        min_sizes=list(fitted.min_sizes),
+        max_sizes=list(fitted.max_sizes),
+        aspect_ratios=[list(r) for r in fitted.aspect_ratios],
     )
     if fit.model.input_size != cfg.model.input_size:
         priors.pop("steps", None)  # pixels of the old input; the strides now follow the feature maps
@@ -78,6 +85,7 @@ def describe_changes(cfg: Config, fit: Fit) -> list[str]:
     if new.input_size != old.input_size:
         lines.append(f"model.input_size: {old.input_size} -> {new.input_size}")
         if new.extras != old.extras:
+            assert old.extras is not None and new.extras is not None  # set by ModelConfig.__post_init__
             lines.append(
                 f"model.extras: {len(old.extras)} -> {len(new.extras)} blocks "
                 f"(feature levels {2 + len(old.extras)} -> {2 + len(new.extras)})"
@@ -106,6 +114,7 @@ def run_fit_priors(
             "refuses other sizes); fit the priors of a config without model.init (model.init_backbone is fine)"
         )
     size = cfg.model.input_size
+    assert size is not None  # set by ModelConfig.__post_init__
     max_input = size if keep_input else (max_input or 2 * size)
     if max_input < size:
         raise ConfigError(

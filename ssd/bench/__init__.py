@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +28,7 @@ from ssd.bench.train import bench_train_step, bench_train_step_cuda
 from ssd.bench.voc_eval import bench_voc_eval
 
 # a row function takes the repeats and returns one row (a dict) or several
-BENCHES = {
+BENCHES: dict[str, dict[str, Callable[[int], dict | list[dict]]]] = {
     "cpu": {
         "loss": bench_loss,
         "postprocess": bench_postprocess,
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     wrong = [name for name in args.only or [] if name not in benches]
     if wrong:
-        rows = ", ".join(benches)
-        parser.error(f"--only {' '.join(wrong)}: not a {args.device} row ({args.device} rows: {rows})")
+        valid = ", ".join(benches)
+        parser.error(f"--only {' '.join(wrong)}: not a {args.device} row ({args.device} rows: {valid})")
 
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

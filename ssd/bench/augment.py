@@ -35,6 +35,13 @@ def synthetic_jpegs(count: int = 32, seed: int = 0) -> list[tuple[bytes, np.ndar
     return samples
 
 
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """One of :func:`synthetic_jpegs`' JPEGs as an RGB uint8 array."""
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None, "JPEG decoding failed"
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def bench_augment(repeats: int) -> dict:
     """JPEG decode + SSD train augmentation to 300x300 on one thread vs torchvision's transforms.v2 recipe.
 
@@ -78,7 +85,8 @@ def bench_augment(repeats: int) -> dict:
         image, boxes, _ = ours()
         assert image.shape == (300, 300, 3) and image.dtype == np.uint8 and ((boxes >= 0) & (boxes <= 1)).all()
         assert tuple(peer()[0].shape) == (3, 300, 300)
-        ours_s, peer_s = [], []
+        ours_s: list[float] = []
+        peer_s: list[float] = []
         for _ in range(repeats):  # interleaved, so a busy neighbour slows both sides alike
             for fn, times in ((ours, ours_s), (peer, peer_s)):
                 start = time.perf_counter()
@@ -173,7 +181,7 @@ def crop_statistics(layouts: list[tuple[tuple[int, int], np.ndarray]], trials: i
     stats = {"ours": [0, 0.0], "torchvision": [0, 0.0]}
     for i, ((h, w), boxes) in enumerate(layouts):
         image = _ramp(h, w)
-        normalised = boxes / np.float32([w, h, w, h])
+        normalised = boxes / np.array([w, h, w, h], np.float32)
         ours_t.set_seed(i)
         out_image, out_boxes, _ = ours_t(image, boxes, np.ones(len(boxes), np.int64))
         stats["ours"][0] += _changed(normalised, out_boxes)
@@ -182,7 +190,7 @@ def crop_statistics(layouts: list[tuple[tuple[int, int], np.ndarray]], trials: i
         bbox = tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=(h, w))
         peer_image, peer_boxes = peer_t(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), bbox)
         ph, pw = peer_image.shape[-2:]
-        stats["torchvision"][0] += _changed(normalised, peer_boxes.numpy() / np.float32([pw, ph, pw, ph]))
+        stats["torchvision"][0] += _changed(normalised, peer_boxes.numpy() / np.array([pw, ph, pw, ph], np.float32))
         stats["torchvision"][1] += ph * pw / (h * w)
     n = len(layouts)
     return {k: {"cropped": c / n, "area_kept": a / n} for k, (c, a) in stats.items()}

@@ -17,6 +17,7 @@ import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ssd.bench.augment import synthetic_jpegs
 from ssd.bench.timing import best_interleaved
 from ssd.classes import VOC_CLASSES
 from ssd.config import AugmentConfig, DatasetConfig, PreprocessConfig
-from ssd.data.dataset import build_dataset
+from ssd.data.dataset import DetectionDataset, build_dataset
 from ssd.data.loader import build_dataloader
 from ssd.data.transforms import build_transforms, mean_fill_rgb
 
@@ -141,7 +142,7 @@ def check_boxes(boxes: torch.Tensor, where: str) -> None:
     assert (boxes[:, 2:] > boxes[:, :2]).all(), f"{where}: empty boxes"
 
 
-def check_batch(images: torch.Tensor, batch_size: int, where: str) -> None:
+def check_batch(images: torch.Tensor, batch_size: int | None, where: str) -> None:
     shape = (batch_size, 3, SIZE, SIZE)
     assert tuple(images.shape) == shape, f"{where}: images {tuple(images.shape)}, expected {shape}"
     assert images.dtype == torch.uint8, f"{where}: images are {images.dtype}, expected uint8"
@@ -182,7 +183,7 @@ def bench_loader(repeats: int, num_images: int = 256, batch_size: int = 32, num_
         root = write_voc_tree(Path(tmp), num_images)
         ours = our_loader(root, batch_size, num_workers)
         # the peer reads the same files and boxes
-        items = [(r.path, r.boxes, r.labels) for r in ours.dataset.records]
+        items = [(r.path, r.boxes, r.labels) for r in cast(DetectionDataset, ours.dataset).records]
         peer = reference_loader(items, batch_size, num_workers)
         counts = {
             "ours": our_epoch(ours, check=True),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import statistics
 
-import cv2
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from ssd.bench.augment import synthetic_jpegs
+from ssd.bench.augment import decode_rgb, synthetic_jpegs
 from ssd.bench.timing import best_interleaved, elapsed, interleaved, paired_speedup, timeit
 from ssd.config import PostprocessConfig
 from ssd.convert.torchvision import torchvision_model_config
@@ -35,7 +34,7 @@ def ssd300_case(batch: int, num_classes: int = 21, seed: int = 0):
     targets = []
     for _ in range(batch):
         n = int(torch.randint(1, 8, (1,), generator=g))
-        boxes = []
+        boxes: list[torch.Tensor] = []
         # no IoU ties: symmetric boxes make "the best prior" a float-rounding coin toss
         while len(boxes) < n:
             xy = torch.rand(1, 2, generator=g) * 200
@@ -225,10 +224,7 @@ def bench_predict(repeats: int, device: torch.device | str = "cpu") -> dict:
         save_checkpoint(convert_torchvision(tv.state_dict()), path)
         det = Detector.from_checkpoint(path, device=device, score_thresh=0.01, batch_size=8)
     tv = tv.to(device)
-    images = [
-        cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        for b, _, _ in synthetic_jpegs(8, seed=1)
-    ]
+    images = [decode_rgb(b) for b, _, _ in synthetic_jpegs(8, seed=1)]
 
     def as_float(im: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(im).to(device).permute(2, 0, 1).float().div_(255.0)
@@ -324,6 +320,7 @@ def bench_bn_fold(repeats: int) -> dict:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None  # build_ssd's BN tracks them
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ssd.bench.augment import synthetic_jpegs
+from ssd.bench.augment import decode_rgb, synthetic_jpegs
 from ssd.bench.model import ssd300_case, torchvision_ssd
 from ssd.bench.timing import interleaved, paired_speedup
 from ssd.checkpoint import load_state_strict
@@ -44,8 +45,11 @@ from ssd.engine.train import build_optimizer, retain_freed_memory
 from ssd.loss import build_loss, pad_targets
 from ssd.model import build_ssd
 
+if TYPE_CHECKING:
+    from torchvision.models.detection import SSD as TorchvisionSSD
+
 # the paper's SGD (Sec. 3; TrainConfig's defaults)
-SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+SGD: dict[str, Any] = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
 OUR_FREEZE = ["conv1", "conv2"]  # configs/ssd300_vgg16_voc0712.yaml (Caffe SSD's freeze_layers)
 SIZE = 300
 CHANNELS_LAST, NCHW = torch.channels_last, torch.contiguous_format
@@ -63,8 +67,7 @@ def train_batch(batch: int, seed: int = 0, device: str | torch.device = "cpu") -
     """
     pictures = []
     for jpeg, _, _ in synthetic_jpegs(batch, seed):
-        bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb = decode_rgb(jpeg)
         pictures.append(cv2.resize(rgb, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
     images = torch.from_numpy(np.stack(pictures)).to(device)
     images = images.permute(0, 3, 1, 2)  # [B, 3, H, W], NHWC in memory
@@ -105,7 +108,7 @@ class RepeatableStep:
 
     def step(self) -> dict[str, Tensor]:
         losses = self.losses_fn()
-        loss = sum(losses.values())
+        loss = cast(Tensor, sum(losses.values()))  # a non-empty dict of tensors: never sum's start 0
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -136,7 +139,7 @@ def check_step(step: RepeatableStep, name: str, tries: int = 10) -> dict[str, fl
     for _ in range(tries):
         scale = step.scaler.get_scale() if step.scaler is not None else None
         losses = {k: float(v) for k, v in step.step().items()}
-        if scale is None or step.scaler.get_scale() >= scale:
+        if scale is None or step.scaler is None or step.scaler.get_scale() >= scale:
             break
     bad = [k for k, v in losses.items() if not np.isfinite(v)]
     assert not bad, f"{name}: non-finite loss {', '.join(bad)}: {losses}"
@@ -145,7 +148,7 @@ def check_step(step: RepeatableStep, name: str, tries: int = 10) -> dict[str, fl
     same = [
         n
         for (n, p), p0 in zip(params, before, strict=True)
-        if torch.equal(p.detach(), p0) and (bool(p0.any()) or bool(p.grad.any()))
+        if torch.equal(p.detach(), p0) and (bool(p0.any()) or (p.grad is not None and bool(p.grad.any())))
     ]
     assert not same, (
         f"{name}: the step left {len(same)} of {len(params)} trainable parameters unchanged: {', '.join(same[:5])}"
@@ -161,13 +164,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def our_step(
-    model_cfg: ModelConfig, batch: dict, memory_format: torch.memory_format, dtype=None, freeze: list[str] = ()
+    model_cfg: ModelConfig, batch: dict, memory_format: torch.memory_format, dtype=None, freeze: Sequence[str] = ()
 ) -> RepeatableStep:
     """Our model (``model_cfg``), loss and SGD, from the uint8 batch as the training loop runs them
     (the loop puts the network under autocast, the loss outside); ``freeze``: ``train.freeze``."""
     device = batch["images"].device
     torch.manual_seed(0)
-    model = build_ssd(model_cfg).to(device, memory_format=memory_format).train()
+    # Module.to's stubs lack to(device, memory_format=), which it accepts
+    model = build_ssd(model_cfg).to(device, memory_format=memory_format).train()  # type: ignore[call-overload]
     freeze_blocks(model, list(freeze))
     criterion = build_loss(LossConfig(), model_cfg)
     optimizer = build_optimizer(TrainConfig(optimizer="sgd", **SGD), model)
@@ -182,7 +186,7 @@ def our_step(
     return RepeatableStep(model, optimizer, losses, grad_scaler(device, dtype))
 
 
-def random_torchvision_ssd() -> nn.Module:
+def random_torchvision_ssd() -> TorchvisionSSD:
     """torchvision's ``ssd300_vgg16``, 21 classes as ours, random weights (seed 0)."""
     torch.manual_seed(0)
     return torchvision_ssd(21)
@@ -192,7 +196,7 @@ def peer_step(
     batch: dict,
     memory_format: torch.memory_format,
     dtype=None,
-    tv: nn.Module | None = None,
+    tv: TorchvisionSSD | None = None,
     freeze_conv1: bool = False,
 ) -> RepeatableStep:
     """torchvision's ``ssd300_vgg16`` (a copy of ``tv``, default :func:`random_torchvision_ssd`) in
@@ -224,7 +228,7 @@ def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler | None:
 # --- equivalence: our stack on torchvision's weights ---------------------------------------------
 
 
-def check_equivalence(batch: dict, tv: nn.Module | None = None) -> dict[str, float]:
+def check_equivalence(batch: dict, tv: TorchvisionSSD | None = None) -> dict[str, float]:
     """Our model, loss and SGD on torchvision's weights reproduce torchvision's training step.
 
     torchvision's randomly initialised ``ssd300_vgg16`` (21 classes) is converted into ours
@@ -318,7 +322,7 @@ def time_steps(steps: dict[str, RepeatableStep], rounds: int, cuda: bool = False
 
 
 def make_steps(
-    model_cfg: ModelConfig, data: dict, dtype=None, tv: nn.Module | None = None
+    model_cfg: ModelConfig, data: dict, dtype=None, tv: TorchvisionSSD | None = None
 ) -> dict[str, RepeatableStep]:
     """Each side's fine-tuning recipe (module docstring): ours in channels_last (and NCHW: what
     channels_last buys), torchvision (copies of ``tv``) in both formats; and both in channels_last

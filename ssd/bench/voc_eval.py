@@ -88,13 +88,13 @@ def reference_voc07_eval(detections: list[dict], ground_truth: list[dict], class
         R = {"bbox": g["boxes"][mask], "difficult": g["difficult"][mask], "det": [False] * int(mask.sum())}
         npos = npos + sum(~R["difficult"])
         class_recs[imagename] = R
-    image_ids, confidence, BB = [], [], []
-    for imagename, d in enumerate(detections):  # the lines of the class's comp4 file
-        mask = d["labels"] == classname
+    image_ids, scores, boxes = [], [], []
+    for imagename, det in enumerate(detections):  # the lines of the class's comp4 file
+        mask = det["labels"] == classname
         image_ids += [imagename] * int(mask.sum())
-        confidence += d["scores"][mask].tolist()
-        BB += d["boxes"][mask].tolist()
-    confidence, BB = np.array(confidence), np.array(BB).reshape(-1, 4)
+        scores += det["scores"][mask].tolist()
+        boxes += det["boxes"][mask].tolist()
+    confidence, BB = np.array(scores), np.array(boxes).reshape(-1, 4)
     sorted_ind = np.argsort(-confidence)
     BB = BB[sorted_ind, :]
     image_ids = [image_ids[x] for x in sorted_ind]

@@ -18,11 +18,11 @@ from ssd.config import ModelConfig, PreprocessConfig, PriorConfig
 from ssd.convert.common import CAFFE_VGG_INDICES, OUR_TRUNK, count_indexed, head_num_classes, prefix_map, rename
 
 # lufficc configs for COCO (the VOC sizes are the ssd300/ssd512 presets)
-COCO_PRIOR_SIZES = {
+COCO_PRIOR_SIZES: dict[int, tuple[list[float], list[float]]] = {
     300: ([21, 45, 99, 153, 207, 261], [45, 99, 153, 207, 261, 315]),
     512: ([20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8], [51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72]),
 }
-LAYOUTS = {
+LAYOUTS: dict[str, dict[str, Any]] = {
     "amdegroot": dict(
         vgg="vgg.",
         extras="extras.",

@@ -21,7 +21,7 @@ TV_TRUNK = [f"backbone.features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 2
 ]
 
 # torchvision's transform: RGB in [0, 1], normalise with this mean and std 1/255, then bilinear resize
-TV_PREPROCESS = dict(
+TV_PREPROCESS: dict[str, Any] = dict(
     channel_order="rgb",
     pixel_scale=1.0 / 255.0,
     mean=[0.48235, 0.45882, 0.40784],

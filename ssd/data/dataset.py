@@ -114,7 +114,7 @@ class DetectionDataset(Dataset):
         # EpochIndexSampler encodes epoch * n + index: augmentation is a function of (seed, epoch, index)
         epoch, index = divmod(index, len(self.records))
         rec = self.records[index]
-        if self.train and hasattr(self.transform, "set_seed"):
+        if self.train and self.transform is not None and hasattr(self.transform, "set_seed"):
             self.transform.set_seed(sample_seed(self.seed, epoch, index))
         try:
             image = read_image(rec.path)

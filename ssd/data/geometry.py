@@ -114,7 +114,8 @@ def sample_min_iou_crop(
     ok &= inside.any(1) & (iou.max(1) >= min_iou)
     if not ok.any():
         return None
-    return tuple(int(v) for v in crops[int(np.argmax(ok))])
+    x1, y1, x2, y2 = (int(v) for v in crops[int(np.argmax(ok))])
+    return x1, y1, x2, y2
 
 
 def sample_patch(

@@ -27,6 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -224,7 +225,7 @@ def render_image(
         # seeded from ours, so the noise stays a function of (seed, split, index)
         noise = np.empty_like(image)
         cv2.setRNGSeed(int(rng.integers(2**31)))
-        cv2.randn(noise, 0, rng.uniform(2, 8))
+        cv2.randn(noise, 0, rng.uniform(2, 8))  # type: ignore[call-overload]  # cv2's stubs: no scalar mean/stddev
         image += noise
     return Rendered(
         image=cv2.add(image, 0.0, dtype=cv2.CV_8U),  # rounds and saturates to [0, 255]
@@ -259,8 +260,8 @@ def _voc_xml(image_id: str, size: int, boxes_px: np.ndarray, labels: np.ndarray)
     for (x1, y1, x2, y2), label in zip(boxes_px.tolist(), labels.tolist(), strict=True):
         obj = ET.SubElement(root, "object")
         fields = (("name", SHAPES_CLASSES[label]), ("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0"))
-        for tag, value in fields:
-            ET.SubElement(obj, tag).text = value
+        for tag, text in fields:
+            ET.SubElement(obj, tag).text = text
         bndbox = ET.SubElement(obj, "bndbox")
         for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
             ET.SubElement(bndbox, tag).text = str(value)
@@ -272,7 +273,7 @@ def _write_split(
     out: Path, split: str, num: int, size: int, seed: int, max_objects: int, sides: tuple[float, float]
 ) -> dict:
     """Write one split's images, XMLs, id list and COCO JSON; returns its summary."""
-    coco = {
+    coco: dict[str, Any] = {
         "info": {"description": "synthetic shapes", "version": str(GENERATOR_VERSION)},
         "images": [],
         "annotations": [],

@@ -114,11 +114,13 @@ class PhotometricDistort(A.ImageOnlyTransform):
         def draw(low: float, high: float, identity: float) -> float:
             return rand.uniform(low, high) if rand.random() < self.op_p else identity
 
+        contrast_low, contrast_high = self.contrast_range
+        saturation_low, saturation_high = self.saturation_range
         return {
             "brightness": draw(-self.brightness_delta, self.brightness_delta, 0.0),
             "contrast_first": rand.random() < 0.5,
-            "contrast": draw(*self.contrast_range, 1.0),
-            "saturation": draw(*self.saturation_range, 1.0),
+            "contrast": draw(contrast_low, contrast_high, 1.0),
+            "saturation": draw(saturation_low, saturation_high, 1.0),
             "hue_deg": draw(-self.hue_delta, self.hue_delta, 0.0),
         }
 
@@ -134,7 +136,8 @@ def mean_fill_rgb(preprocess: PreprocessConfig) -> tuple[int, int, int]:
     """The dataset mean as an RGB uint8 colour: ``mean / pixel_scale``, un-swapped for ``bgr`` networks."""
     mean = [round(m / preprocess.pixel_scale) for m in preprocess.mean]
     mean = mean[::-1] if preprocess.channel_order == "bgr" else mean  # config mean is in network order
-    return tuple(int(min(max(m, 0), 255)) for m in mean)
+    r, g, b = (int(min(max(m, 0), 255)) for m in mean)
+    return r, g, b
 
 
 class DetectionTransform:

@@ -73,7 +73,7 @@ def parse_voc_xml(path: Path) -> dict:
         for tag in ("xmin", "ymin", "xmax", "ymax"):  # found by name: tag order varies in real exports
             text = bnd.findtext(tag)
             try:
-                coords.append(float(text))
+                coords.append(float(text or ""))  # no tag (None) or an empty one: ValueError
             except (TypeError, ValueError):
                 raise ValueError(f"object {i} ({name!r}) has no numeric <{tag}> (got {text!r})") from None
         objects.append((name, difficult, tuple(coords)))
@@ -143,7 +143,7 @@ def index_voc(
         )
     ids = read_split(root, split)
     ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
-    images = {}
+    images: dict[str, str] = {}
     if img_dir.is_dir():
         with os.scandir(img_dir) as it:
             for entry in it:

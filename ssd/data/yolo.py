@@ -98,6 +98,7 @@ def yolo_class_names(root: str | os.PathLike) -> list[str] | None:
     root = Path(root)
     path, data = read_data_yaml(root)
     if "names" in data:
+        assert path is not None  # data is empty without a data.yaml
         return _names_from_yaml(path, data)
     txt = root / "classes.txt"
     if not txt.is_file():
@@ -168,6 +169,7 @@ def split_sources(root: Path, split: str) -> list[Path]:
     yaml_path, data = read_data_yaml(root)
     if split in data:
         value = data[split]
+        assert yaml_path is not None  # data is empty without a data.yaml
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
             raise DatasetError(f"{yaml_path}: {split}: expected a path or a list of paths, got {value!r:.80}")
@@ -216,10 +218,10 @@ def subset_lists(pairs: list[tuple[str, str]], num_images: int, out: Path) -> tu
     """``(roots, splits)`` for the first ``num_images`` images of YOLO (root, split) pairs: a list file per
     root under ``out``, absolute paths under the resolved root (so the image ids stay the same)."""
     roots, splits, left = [], [], num_images
-    for i, (root, split) in enumerate(pairs):
+    for i, (root_arg, split) in enumerate(pairs):
         if left <= 0:
             break
-        root = Path(root).resolve()
+        root = Path(root_arg).resolve()
         images = [image for source in split_sources(root, split) for image in list_images(source)][:left]
         left -= len(images)
         out.mkdir(parents=True, exist_ok=True)
@@ -317,7 +319,8 @@ def index_yolo(
             f"{root}: YOLO root folder not found (expected images/ and labels/ folders, or data.yaml)"
         )
     images = [image for source in split_sources(root, split) for image in list_images(source)]
-    records, owner, labelled = [], {}, 0
+    records, labelled = [], 0
+    owner: dict[Path, Path] = {}
     for image in images:
         labels_file = label_path(image)
         if labels_file in owner:
@@ -334,7 +337,8 @@ def index_yolo(
         except OSError as e:
             problems.report("unreadable image", str(image), f"cannot read the image header ({e})")
             continue
-        ids, corners = [], []
+        ids: list[int] = []
+        corners: list[tuple[float, float, float, float]] = []
         if labels_file.is_file():
             labelled += 1
             ids, corners = parse_label_file(labels_file, classes, problems, ignore_other_classes)

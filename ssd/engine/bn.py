@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable
 from itertools import islice
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BN_TYPES)]
 
 
@@ -108,7 +109,7 @@ def small_batch_warning(bn_mode: str, world_size: int, per_process_batch: int) -
 def precise_bn(
     model: nn.Module,
     batches: Iterable,
-    forward: Callable[[nn.Module, object], object],
+    forward: Callable[[nn.Module, Any], object],
     num_batches: int,
     frozen: Collection[str] = (),
 ) -> int:
@@ -144,10 +145,11 @@ def precise_bn(
         world = dist.get_world_size()
         for m in layers:
             for buf in (m.running_mean, m.running_var):
+                assert buf is not None  # reset_running_stats above: the layers track statistics
                 dist.all_reduce(buf)
                 buf.div_(world)
-    for m, training in modes:
-        m.training = training
+    for module, training in modes:
+        module.training = training
     return used
 
 
@@ -158,7 +160,7 @@ def stale_bn_layers(model: nn.Module) -> list[str]:
     with a counter of 0."""
     stale = []
     for name, m in bn_layers(model):
-        if m.running_mean is None:
+        if m.running_mean is None or m.running_var is None:  # both or neither
             continue
         if bool((m.running_mean == 0).all() and (m.running_var == 1).all()):
             stale.append(name)

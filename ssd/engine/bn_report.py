@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,9 +142,8 @@ def bn_report(
         raise ValueError("the model has no BatchNorm layers (model.batch_norm: none): nothing to report")
     stale = set(stale_bn_layers(model))
     buffers = {name: [b.clone() for b in m.buffers()] for name, m in layers}
-    stats = {
-        name: ([], [], []) for name, _ in layers
-    }  # per batch: means [C], unbiased variances [C], values per channel
+    # per batch: means [C], unbiased variances [C], values per channel
+    stats: dict[str, tuple[list[Any], list[Any], list[Any]]] = {name: ([], [], []) for name, _ in layers}
 
     def hook(name: str):
         def record(module, inputs):
@@ -156,7 +156,7 @@ def bn_report(
         return record
 
     modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
-    totals = {"loss_train": 0.0, "loss_eval": 0.0, "conf": [0.0, 0.0], "loc": [0.0, 0.0]}
+    totals: dict[str, Any] = {"loss_train": 0.0, "loss_eval": 0.0, "conf": [0.0, 0.0], "loc": [0.0, 0.0]}
     used, images_seen = 0, 0
     try:
         for batch in batches:
@@ -199,6 +199,7 @@ def bn_report(
     for name, m in layers:
         means, variances, values = torch.stack(stats[name][0]), torch.stack(stats[name][1]), stats[name][2]  # [K, C]
         batch_mean, batch_var = means.mean(0), variances.mean(0)
+        assert m.running_mean is not None and m.running_var is not None  # SSD's BN layers track running statistics
         run_mean, run_var = m.running_mean.double(), m.running_var.double()
         mean_gap = (run_mean - batch_mean).abs() / (batch_var + m.eps).sqrt()
         ratio = (run_var + m.eps) / (batch_var + m.eps)
@@ -319,6 +320,7 @@ def run_bn_report_command(args) -> int:
         )
     device = _device(args.device)
     model.to(device)
+    assert mcfg.input_size is not None  # set by ModelConfig.__post_init__
     transform = build_transforms(cfg.data.augment, mcfg.preprocess, mcfg.input_size, train=True)
     dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
     if len(dataset.classes) != mcfg.num_classes - 1:

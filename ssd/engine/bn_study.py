@@ -250,7 +250,7 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
 def run_study(
     config_path: str | os.PathLike,
     out: str | os.PathLike,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     variants: Sequence[str] = tuple(DEFAULT_VARIANTS),
     iters: int = 300,
     eval_period: int = 100,

@@ -4,18 +4,20 @@ and at its end, as histograms."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ssd.config import BN_BLOCKS, Config
 from ssd.engine.train import init_weights_from, seed_everything
-from ssd.model import build_ssd
+from ssd.model import SSD, build_ssd
 
 HIST_BINS = 60
 HIST_SAMPLES = 100_000  # values kept per histogram (a fixed random subset)
 
 
-def activation_taps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+def activation_taps(model: SSD) -> dict[str, tuple[nn.Module, str]]:
     """Layer name -> (module, "input" or "output"): the input of the ReLU after the last conv(+BN) of
     each feature block (conv1_2 ... fc7, extras.0), and ``conf.0``, the class logits of the first
     source as the loss sees them (the output of ``head.conf_bn.0`` with head BN, else of ``head.conf.0``;
@@ -27,16 +29,14 @@ def activation_taps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     }
     taps["fc7"] = (backbone.fc7.relu, "input")
     if len(model.extras):
-        taps["extras.0"] = (model.extras[0][-1].relu, "input")
+        taps["extras.0"] = (model.extras[0][-1].relu, "input")  # type: ignore[index]  # a Sequential, typed Module
     head = model.head
     taps["conf.0"] = (head.conf_bn[0] if head.batch_norm else head.conf[0], "output")
     return taps
 
 
 @torch.no_grad()
-def preactivations(
-    model: nn.Module, images: Tensor, max_values: int = HIST_SAMPLES, seed: int = 0
-) -> dict[str, Tensor]:
+def preactivations(model: SSD, images: Tensor, max_values: int = HIST_SAMPLES, seed: int = 0) -> dict[str, Tensor]:
     """Values at each tap of :func:`activation_taps` (a fixed random subset of at most ``max_values``),
     float32 CPU.
 
@@ -70,7 +70,7 @@ def preactivations(
     return values
 
 
-def start_model(cfg: Config) -> nn.Module:
+def start_model(cfg: Config) -> SSD:
     """The weights ``train(cfg)`` starts from: the same seeding, then the same build and init files."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_ssd(cfg.model)
@@ -92,7 +92,7 @@ def histograms(start: dict[str, Tensor], end: dict[str, Tensor] | None) -> dict[
         if not hi > lo:
             lo, hi = lo - 1.0, hi + 1.0
         edges = torch.linspace(lo, hi, HIST_BINS + 1)
-        cell = {"edges": [round(e, 6) for e in edges.tolist()]}
+        cell: dict[str, Any] = {"edges": [round(e, 6) for e in edges.tolist()]}
         for phase, values in phases.items():
             x = values[torch.isfinite(values)]
             counts = (

@@ -68,10 +68,10 @@ def val_subset(ds: DatasetConfig, num_images: int, out: Path) -> DatasetConfig:
         roots, splits = subset_lists(dataset_roots(ds, "data.val"), num_images, out)
         return dataclasses.replace(ds, root=roots, split=splits)
     roots, splits, left = [], [], num_images
-    for i, (root, split) in enumerate(dataset_roots(ds, "data.val")):
+    for i, (root_arg, split) in enumerate(dataset_roots(ds, "data.val")):
         if left <= 0:
             break
-        root = Path(root).resolve()
+        root = Path(root_arg).resolve()
         ids = read_split(root, split)[:left]
         left -= len(ids)
         view = out / f"view{i}"
@@ -89,6 +89,7 @@ def val_subset(ds: DatasetConfig, num_images: int, out: Path) -> DatasetConfig:
 
 def fixed_batch(cfg: Config, num_images: int) -> Tensor:
     """The first ``num_images`` training images, resized only (no augmentation): uint8 ``[N, 3, S, S]``."""
+    assert cfg.model.input_size is not None  # set by ModelConfig.__post_init__
     transform = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=False)
     dataset = build_dataset(cfg.data.train, transform, train=False, on_error="raise", key="data.train")
     n = min(num_images, len(dataset))

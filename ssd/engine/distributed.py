@@ -37,7 +37,7 @@ class DistContext:
 
 
 HOST_TIMEOUT = datetime.timedelta(hours=2)
-_host_group = None  # the gloo group of host-side collectives (see the module docstring)
+_host_group: dist.ProcessGroup | None = None  # the gloo group of host-side collectives (see the module docstring)
 
 
 def init_distributed(device_type: str) -> DistContext:
@@ -52,7 +52,9 @@ def init_distributed(device_type: str) -> DistContext:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        _host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+        group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+        assert isinstance(group, dist.ProcessGroup)  # every rank is a member (not GroupMember.NON_GROUP_MEMBER)
+        _host_group = group
     return DistContext(rank, world, local_rank)
 
 

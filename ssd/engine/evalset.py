@@ -27,6 +27,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class EvalSet:
         self.classes = list(dataset.classes)
         records = dataset.records
         self.coco_format = bool(records) and records[0].coco_id is not None
-        seen = {}
+        seen: dict[str, str] = {}
         for rec in records:
             if rec.image_id in seen:
                 raise ValueError(
@@ -86,7 +87,7 @@ class EvalSet:
             if annotations is None:
                 raise ValueError("evaluating COCO-format data needs its annotation file (data.val.annotations)")
             self.coco_gt = load_coco(annotations)
-            self.result_image_ids = [rec.coco_id for rec in records]
+            self.result_image_ids: list[Any] = [rec.coco_id for rec in records]  # COCO: ints; VOC: strings
             self.category_of_label = label_to_category_id(self.coco_gt, self.classes)
             if not self.category_of_label:
                 raise ValueError(f"{annotations}: none of the classes {self.classes[:5]} is a category of the file")
@@ -311,16 +312,17 @@ class EvalSet:
             labels.append(label)
             boxes.append(bbox)
             scores.append(score)
-        rows = np.asarray(rows, np.int64)
-        order = np.argsort(rows, kind="stable")  # grouped by image, file order within each
-        starts = np.searchsorted(rows[order], np.arange(len(self.dataset.records) + 1))
-        boxes, scores, labels = (
+        row_array = np.asarray(rows, np.int64)
+        order = np.argsort(row_array, kind="stable")  # grouped by image, file order within each
+        starts = np.searchsorted(row_array[order], np.arange(len(self.dataset.records) + 1))
+        box_array, score_array, label_array = (
             np.asarray(boxes, np.float64).reshape(-1, 4)[order],
             np.asarray(scores, np.float64)[order],
             np.asarray(labels, np.int64)[order],
         )
         return [
-            {"boxes": boxes[a:b], "scores": scores[a:b], "labels": labels[a:b]} for a, b in itertools.pairwise(starts)
+            {"boxes": box_array[a:b], "scores": score_array[a:b], "labels": label_array[a:b]}
+            for a, b in itertools.pairwise(starts)
         ]
 
     def write_results(self, path: str | os.PathLike, detections: list[dict]) -> int:
@@ -339,7 +341,7 @@ class EvalSet:
         per line, the file's frame, py-faster-rcnn's number format (score %.3f, boxes %.1f)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        lines = {label: [] for label in range(1, len(self.classes) + 1)}
+        lines: dict[int, list[str]] = {label: [] for label in range(1, len(self.classes) + 1)}
         for image_id, d in zip(self.result_image_ids, detections, strict=True):
             for (x1, y1, x2, y2), score, label in zip(
                 _xyxy(d["boxes"]).tolist(), d["scores"].tolist(), d["labels"].tolist(), strict=True
@@ -420,6 +422,12 @@ def class_label_map(model_classes: list[str], data_classes: list[str], where: st
     return lookup
 
 
+@overload
+def relabel_predictions(predictions: dict[str, dict], lookup: np.ndarray) -> dict[str, dict]: ...
+@overload
+def relabel_predictions(predictions: None, lookup: np.ndarray) -> None: ...
+@overload
+def relabel_predictions(predictions: dict[str, dict] | None, lookup: np.ndarray) -> dict[str, dict] | None: ...
 def relabel_predictions(predictions: dict[str, dict] | None, lookup: np.ndarray) -> dict[str, dict] | None:
     """Predictions in a model's labels -> in the data's (``lookup`` from :func:`class_label_map`).
 
@@ -428,7 +436,8 @@ def relabel_predictions(predictions: dict[str, dict] | None, lookup: np.ndarray)
     """
     if predictions is None:
         return None
-    out, dropped = {}, Counter()
+    out: dict[str, dict] = {}
+    dropped: Counter[int] = Counter()
     for image_id, d in predictions.items():
         labels = np.asarray(d["labels"], np.int64).reshape(-1)
         inside = (labels > 0) & (labels < len(lookup))

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from ssd.engine.evalset import (  # noqa: F401 (re-exported)
     safe_name,
 )
 from ssd.metrics.coco import COCO_STATS
+from ssd.model import SSD
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
 
@@ -63,6 +65,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 def build_eval_set(cfg: Config, model_cfg: ModelConfig) -> DetectionDataset:
     """``data.val`` prepared for ``model_cfg``'s input size and preprocessing
     (:func:`ssd.preprocess.eval_transform`)."""
+    assert model_cfg.input_size is not None  # set by ModelConfig.__post_init__
     transform = eval_transform(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size)
     return build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
 
@@ -132,7 +135,7 @@ def predict_loader(
     """
     modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
     model.eval()
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net = cast(SSD, model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
     priors, size = net.priors, int(net.input_size)
     results, unreadable = {}, []
     for batch in loader:
@@ -143,7 +146,7 @@ def predict_loader(
         images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(images)
-        dets = postprocessor(out, priors, tuple(images.shape[-2:]), batch["orig_sizes"])
+        dets = postprocessor(out, priors, (images.shape[-2], images.shape[-1]), batch["orig_sizes"])
         for image_id, d in zip(batch["image_ids"], dets, strict=True):
             results[image_id] = {k: v.cpu().numpy() for k, v in d.items()}
     if unreadable:
@@ -273,7 +276,8 @@ def predict_checkpoint(
     num_workers = default_num_workers(cfg.data.num_workers)
     loader = build_eval_loader(dataset, model_cfg, batch_size, num_workers, pin_memory=device.type == "cuda")
     channels_last = use_channels_last(cfg.train.channels_last, device)  # as training's evaluation
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack to(device, memory_format=)
     predictions = evaluate_model(
         model,
         model_cfg,

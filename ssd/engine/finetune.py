@@ -109,6 +109,7 @@ def _adopt_preprocess(cfg: Config, sources: list[Source]) -> dict[str, Any]:
 
 def _adopt_priors(cfg: Config, source: Source) -> dict[str, Any]:
     ours, theirs = cfg.model, source.model
+    assert ours.extras is not None and theirs.extras is not None  # set by ModelConfig.__post_init__
     levels = TRUNK_LEVELS + len(ours.extras)
     if TRUNK_LEVELS + len(theirs.extras) != levels:
         log.warning(
@@ -219,6 +220,7 @@ def _source_sizes(model: ModelConfig, layout: dict) -> dict[str, Any]:
     if p.scales is not None:
         return {"scales": list(p.scales), "min_sizes": None, "max_sizes": None}
     if p.min_sizes is not None:
+        assert p.max_sizes is not None  # PriorConfig.__post_init__: given together
         return {"scales": None, "min_sizes": list(p.min_sizes), "max_sizes": list(p.max_sizes)}
     size = model.input_size
     return {
@@ -245,7 +247,7 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
     obj = load_checkpoint(path)
     state = obj["model"]
     own = model.state_dict()
-    report = {"loaded": [], "reinitialised": [], "ignored": []}
+    report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "ignored": []}
     update = {}
     for key, value in state.items():
         if backbone_only and not key.startswith("backbone."):

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ssd.checkpoint import CheckpointError
 from ssd.engine.state import read_training_state
@@ -84,7 +85,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._old = {}
+        self._old: dict[signal.Signals, Any] = {}
 
     @property
     def name(self) -> str:

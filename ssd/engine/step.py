@@ -131,7 +131,8 @@ class TrainStep:
             self.scaler.update()
             return found.to(bad.device).reshape(())
         if self.fused:
-            self.optimizer.found_inf = bad  # read by the fused kernels: a set flag leaves weights and state as they are
+            # read by the fused kernels: a set flag leaves weights and state as they are
+            self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # not declared on Optimizer
             self.optimizer.step()
         elif not bad.item():  # a device without fused kernels: decide on the host (one synchronisation)
             self.optimizer.step()

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from ssd.checkpoint import save_checkpoint
 from ssd.config import Config, ConfigError, TrainConfig, save_config
 from ssd.data.dataset import build_dataset
-from ssd.data.loader import build_dataloader, default_num_workers
+from ssd.data.loader import EpochIndexSampler, build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.device import use_channels_last
 from ssd.engine import bn as bn_tools
@@ -95,7 +96,8 @@ def retain_freed_memory() -> bool:
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (paper) or AdamW; optionally no weight decay on BN and bias parameters. Fused kernels where
     torch has them (CPU, CUDA): one kernel per step, and the on-device skip of :mod:`ssd.engine.step`."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -177,6 +179,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         log.debug("train.retain_host_memory: this platform's allocator has no mallopt; left as it is")
 
     # data
+    assert cfg.model.input_size is not None  # set by ModelConfig.__post_init__
     train_tf = build_transforms(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size, train=True)
     train_set = build_dataset(cfg.data.train, train_tf, train=True, on_error=cfg.data.on_error, key="data.train")
     val_set = build_eval_set(cfg, cfg.model)  # ssd eval's data and preprocessing (ssd.preprocess)
@@ -189,7 +192,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     num_workers = default_num_workers(cfg.data.num_workers)
     if cfg.data.num_workers is None and ctx.is_main:
         log.info("data.num_workers: %d loader workers per process (unset: follows this machine's CPUs)", num_workers)
-    workers = dict(num_workers=num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice)
+    workers: dict[str, Any] = dict(
+        num_workers=num_workers, seed=tcfg.seed, pin_memory=pin, worker_nice=cfg.data.worker_nice
+    )
     loader = build_dataloader(train_set, tcfg.batch_size // ctx.world_size, True, **workers)
     val_loader = build_eval_loader(val_set, cfg.model, cfg.eval.batch_size, num_workers, pin, cfg.data.worker_nice)
     # precise BN reads batches of its own: re-iterating the persistent training loader would restart its
@@ -214,8 +219,10 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     warn_frozen_untrained(tcfg.freeze, loaded)
     if ctx.enabled:  # the ranks built the same weights from one seed; from here their random streams differ (dropout)
         torch.manual_seed(tcfg.seed + ctx.rank)
+    assert isinstance(tcfg.channels_last, str)  # TrainConfig.__post_init__ reads a bool as "true" / "false"
     channels_last = use_channels_last(tcfg.channels_last, device)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack to(device, memory_format=)
     if tcfg.bn == "sync" and ctx.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bn_tools.set_train_mode(model, tcfg.bn, frozen)
@@ -224,7 +231,10 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     postprocessor = build_postprocess(cfg.postprocess, cfg.model)
     optimizer = build_optimizer(tcfg, model)
     clock = TrainClock()  # seconds of training, those before a resume included (train.schedule_by_time, time_limit)
-    time_fraction = (lambda: clock.elapsed() / tcfg.time_limit) if tcfg.schedule_by_time else (lambda: 0.0)
+    time_limit = tcfg.time_limit  # never None with schedule_by_time (TrainConfig.__post_init__)
+    time_fraction = (
+        (lambda: clock.elapsed() / time_limit) if tcfg.schedule_by_time and time_limit is not None else (lambda: 0.0)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tcfg, time_fraction()))
     dtype = amp_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -238,12 +248,12 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
         del ckpt
         log.info("resumed from %s at iteration %d", path, iteration)
 
-    net = model
+    net: nn.Module = model
     if ctx.enabled:  # the priors are a constant of the config: no broadcast of them in every forward
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["priors"])
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile:
-        net = torch.compile(net)
+        net = cast(nn.Module, torch.compile(net))  # an OptimizedModule; typed as a plain callable
 
     def forward_images(m: nn.Module, batch: dict) -> dict:
         # the loader's batches are NHWC in memory: channels_last costs no copy, NCHW one
@@ -260,20 +270,22 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
             return res
         ema.broadcast()  # DDP: rank 0's average on every rank (their BN statistics differ)
         ema_res = evaluate_weights(ema.module, it, final)
-        return ema_res and combine_evaluations(ema_res, res)
+        return ema_res and res and combine_evaluations(ema_res, res)  # both None off the main rank
 
     def evaluate_weights(m: nn.Module, it: int, final: bool) -> dict | None:
         """``ssd eval``'s :func:`evaluate_model` of ``m``; precise BN first after training
         (or before each: precise_bn_before_eval)."""
         which = "" if m is model else " (EMA weights)"
         if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
-            bn_loader.sampler.set_epoch(it // len(loader))  # the current epoch's first batches: a function of `it`
+            # the current epoch's first batches: a function of `it`
+            cast(EpochIndexSampler, bn_loader.sampler).set_epoch(it // len(loader))
             n = bn_tools.precise_bn(m, bn_loader, forward_images, tcfg.precise_bn_batches, frozen)
             log.info("precise BN at iteration %d%s: population statistics over %d batches", it, which, n)
         bn_tools.warn_stale_bn(m, f"evaluation at iteration {it}{which}")
         preds = evaluate_model(m, cfg.model, val_loader, postprocessor, device, dtype, channels_last)
         if not ctx.is_main:
             return None
+        assert preds is not None  # gathered on the main rank
         # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
         res = evaluate_predictions(
             val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations
@@ -283,7 +295,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
 
     step = TrainStep(net, model, criterion, optimizer, scaler, forward_images, tcfg, ctx.enabled, ema)
     # an unreadable last.pt we fell back from is not kept over the last.prev.pt the run resumed from
-    state = dict(iteration=iteration, best=best, clock=clock, keep_last=not fell_back)
+    state: dict[str, Any] = dict(iteration=iteration, best=best, clock=clock, keep_last=not fell_back)
     if ctx.is_main:  # the run's folder is written from here on: a run rejected above leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -339,7 +351,7 @@ def _train_loop(
     it, clock = state["iteration"], state["clock"]
     per_epoch = len(loader)
     skipped, eta = SkippedImages(), Eta(tcfg.max_iter, tcfg.time_limit)
-    window = {"images": 0, "iters": 0, "t": time.perf_counter()}
+    window: dict[str, Any] = {"images": 0, "iters": 0, "t": time.perf_counter()}
     clock.start()
     progress = progress_bar(tcfg.max_iter, it, ctx)
     sync_debug = tcfg.sync_debug and step.device.type == "cuda"
@@ -350,6 +362,7 @@ def _train_loop(
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
+            assert rng_states is not None  # gathered on the main rank
             ckpt = training_state(
                 step.net,
                 optimizer,

@@ -24,6 +24,12 @@ class MultiBoxHead(nn.Module):
     """``loc.i`` predicts 4 offsets and ``conf.i`` ``num_classes`` logits per prior of source i;
     with ``batch_norm``, ``loc_bn.i`` / ``conf_bn.i`` normalise those outputs."""
 
+    # set with setattr in __init__ (the ``*_bn`` lists only with ``batch_norm``)
+    loc: nn.ModuleList
+    conf: nn.ModuleList
+    loc_bn: nn.ModuleList
+    conf_bn: nn.ModuleList
+
     def __init__(
         self,
         in_channels: list[int],

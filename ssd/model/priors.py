@@ -88,6 +88,7 @@ def num_priors_per_location(aspect_ratios: list[list[float]]) -> list[int]:
 def resolve_prior_layout(cfg: ModelConfig, num_levels: int) -> dict:
     """Config -> plain arguments of :func:`make_priors` (except feature sizes) for ``num_levels``."""
     p, size = cfg.priors, cfg.input_size
+    assert size is not None  # set by ModelConfig.__post_init__
     if p.scales is not None:
         scales = p.scales
         if len(scales) != num_levels + 1:
@@ -96,6 +97,7 @@ def resolve_prior_layout(cfg: ModelConfig, num_levels: int) -> dict:
             )
         min_s, max_s = scales[:-1], scales[1:]
     elif p.min_sizes is not None:
+        assert p.max_sizes is not None  # PriorConfig.__post_init__: given together
         min_s, max_s = [m / size for m in p.min_sizes], [m / size for m in p.max_sizes]
     elif cfg.native_size and len(ARCH_PRIOR_SIZES[cfg.arch][0]) == num_levels:
         mins, maxs = ARCH_PRIOR_SIZES[cfg.arch]

@@ -22,6 +22,7 @@ MAX_ADDED_EXTRAS = 8
 
 def model_feature_sizes(cfg: ModelConfig, input_size: int | None = None) -> list[tuple[int, int]]:
     """Feature map sizes ``[(h, w), ...]`` of the network ``cfg`` describes at ``input_size`` (default its own)."""
+    assert cfg.input_size is not None and cfg.extras is not None  # set by ModelConfig.__post_init__
     backbone = VGG16Trunk(cfg.width, [], dropout=0.0, fc6_dilation=cfg.fc6_dilation)  # BN and dropout keep the sizes
     extras = Extras(backbone.out_channels[-1], cfg.extras, cfg.width)
     return feature_sizes(backbone, extras, input_size or cfg.input_size)
@@ -38,12 +39,14 @@ def config_at_input_size(cfg: ModelConfig, input_size: int) -> ModelConfig:
     - ``priors``: unchanged; explicit ``priors.steps`` (pixels of the old input) are dropped, so the
       strides follow the new feature maps. The caller sets prior sizes for the new level count.
     """
+    assert cfg.input_size is not None and cfg.extras is not None  # set by ModelConfig.__post_init__
     if input_size < cfg.input_size:
         raise ValueError(f"config_at_input_size: {input_size} px is smaller than model.input_size {cfg.input_size}")
     old_sizes = model_feature_sizes(cfg)
     new = dataclasses.replace(cfg, input_size=input_size, extras=[dataclasses.replace(e) for e in cfg.extras])
     sizes = model_feature_sizes(new)
     for _ in range(MAX_ADDED_EXTRAS):
+        assert new.extras is not None  # a copy of cfg.extras, or the trial's list
         stride2 = [i for i, e in enumerate(new.extras) if e.stride == 2]
         if sizes[-1][0] <= old_sizes[-1][0] or not stride2:
             break

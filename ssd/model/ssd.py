@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ class SSD(nn.Module):
     ``priors`` (``Tensor[P, 4]`` cxcywh, normalised) is a non-persistent buffer: it follows the
     device of the model and is rebuilt from the config, never loaded from a checkpoint.
     """
+
+    priors: Tensor  # a buffer (register_buffer)
 
     def __init__(
         self, backbone: VGG16Trunk, extras: Extras, head: MultiBoxHead, priors: Tensor, input_size: int
@@ -76,7 +79,8 @@ def init_weights(model: SSD) -> None:
 
 def build_ssd(cfg: ModelConfig) -> SSD:
     """Build the detector described by ``cfg`` (see :class:`ssd.config.ModelConfig`)."""
-    bn = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
+    assert cfg.input_size is not None and cfg.extras is not None  # set by ModelConfig.__post_init__
+    bn: dict[str, Any] = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
     backbone = VGG16Trunk(
         cfg.width,
         cfg.batch_norm,

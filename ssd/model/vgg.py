@@ -8,6 +8,8 @@ flag broke exactly there).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +86,8 @@ class ConvBlock(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
-def _stage(in_ch: int, channels: list[int], **kw) -> tuple[nn.Sequential, int]:
-    layers = []
+def _stage(in_ch: int, channels: list[int], **kw: Any) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
     for out_ch in channels:
         layers.append(ConvBlock(in_ch, out_ch, **kw))
         in_ch = out_ch
@@ -101,10 +103,17 @@ class VGG16Trunk(nn.Module):
     (8x8 at 128 px) and most of a dilation-6 kernel reads padding: ``fc6_dilation`` sets it.
     """
 
+    # set with setattr from VGG16_BLOCKS in __init__
+    conv1: nn.Sequential
+    conv2: nn.Sequential
+    conv3: nn.Sequential
+    conv4: nn.Sequential
+    conv5: nn.Sequential
+
     def __init__(
         self,
         width: float = 1.0,
-        bn_blocks: tuple[str, ...] | list[str] = (),
+        bn_blocks: Sequence[str] = (),
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
         dropout: float = 0.5,
@@ -114,14 +123,14 @@ class VGG16Trunk(nn.Module):
         super().__init__()
         in_ch = 3
         for name, chans in VGG16_BLOCKS.items():
-            bn = dict(batch_norm=name in bn_blocks, bn_eps=bn_eps, bn_momentum=bn_momentum)
+            bn: dict[str, Any] = dict(batch_norm=name in bn_blocks, bn_eps=bn_eps, bn_momentum=bn_momentum)
             stage, in_ch = _stage(in_ch, [scaled(c, width) for c in chans], **bn)
             setattr(self, name, stage)
         self.l2norm = L2Norm(scaled(512, width), l2norm_scale)
         self.pool = nn.MaxPool2d(2, 2)
         self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.pool5 = nn.MaxPool2d(3, 1, 1)
-        fc = dict(batch_norm="fc" in bn_blocks, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        fc: dict[str, Any] = dict(batch_norm="fc" in bn_blocks, bn_eps=bn_eps, bn_momentum=bn_momentum)
         fc_ch = scaled(FC_CHANNELS, width)
         self.fc6 = ConvBlock(in_ch, fc_ch, 3, padding=fc6_dilation, dilation=fc6_dilation, **fc)
         self.fc7 = ConvBlock(fc_ch, fc_ch, 1, padding=0, **fc)
@@ -155,7 +164,7 @@ class VGG16Trunk(nn.Module):
         modules = itertools.chain(self.conv1.modules(), self.conv2.modules())
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in modules):
             return 0
-        per_image = self.conv1[0].conv.out_channels * x.shape[-2] * x.shape[-1] * 4
+        per_image = cast(ConvBlock, self.conv1[0]).conv.out_channels * x.shape[-2] * x.shape[-1] * 4
         chunk = max(1, self.stem_chunk_bytes // per_image)
         return chunk if chunk < batch else 0
 
@@ -184,7 +193,7 @@ class Extras(nn.ModuleList):
         bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        bn = dict(batch_norm=batch_norm, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        bn: dict[str, Any] = dict(batch_norm=batch_norm, bn_eps=bn_eps, bn_momentum=bn_momentum)
         self.out_channels: list[int] = []
         for spec in layers:
             mid, out = scaled(spec.mid, width), scaled(spec.out, width)

@@ -11,6 +11,7 @@ dimensions (``Tensor[..., 4]``), keeps device and dtype, and never writes into i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter.div_(union.clamp_(min=torch.finfo(union.dtype).tiny))
 
 
-def encode(boxes_xyxy: Tensor, priors_cxcywh: Tensor, variances: tuple[float, float] = (0.1, 0.2)) -> Tensor:
+def encode(boxes_xyxy: Tensor, priors_cxcywh: Tensor, variances: Sequence[float] = (0.1, 0.2)) -> Tensor:
     """Regression targets of ``xyxy`` boxes relative to ``cxcywh`` priors (same frame), ``[..., 4]``.
 
     ``(dx, dy) = (c - c_prior) / (v0 * wh_prior)``, ``(dw, dh) = log(wh / wh_prior) / v1``
@@ -73,7 +74,7 @@ def encode(boxes_xyxy: Tensor, priors_cxcywh: Tensor, variances: tuple[float, fl
     return torch.cat((dxy, dwh), dim=-1)
 
 
-def decode(deltas: Tensor, priors_cxcywh: Tensor, variances: tuple[float, float] = (0.1, 0.2)) -> Tensor:
+def decode(deltas: Tensor, priors_cxcywh: Tensor, variances: Sequence[float] = (0.1, 0.2)) -> Tensor:
     """Inverse of :func:`encode`: deltas ``[..., 4]`` + priors ``cxcywh`` -> boxes ``xyxy`` (priors' frame).
 
     ``dw, dh`` are clamped at log(1000/16) before ``exp`` as in torchvision, so a wild
