@@ -30,13 +30,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from gpucheck.checks import (  # noqa: E402
-    analyse_rows,
-    bench_cell,
-    channels_last_report,
-    compare_evals,
-    parameter_change,
-)
+from gpucheck.checks import analyse_rows, bench_cell, channels_last_report, compare_evals, parameter_change  # noqa: E402
 from gpucheck.record import Failed, Report, Skipped, format_table  # noqa: E402
 from gpucheck.runs import REHEARSAL, REPO, Check, Settings, log_error  # noqa: E402
 from gpucheck.steps import ALWAYS, STEPS, Step  # noqa: E402
@@ -62,50 +56,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     names = [s.name for s in STEPS]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--out",
-        default="runs/gpu_check",
-        help="output folder: gpu_check.json, logs/, runs/ (default runs/gpu_check)",
+        "--out", default="runs/gpu_check", help="output folder: gpu_check.json, logs/, runs/ (default runs/gpu_check)"
     )
     p.add_argument(
-        "--only",
-        nargs="+",
-        choices=names,
-        metavar="STEP",
-        help="run only these steps (and environment, cuda, data)",
+        "--only", nargs="+", choices=names, metavar="STEP", help="run only these steps (and environment, cuda, data)"
+    )
+    p.add_argument("--skip", nargs="+", choices=names, default=[], metavar="STEP", help="leave these steps out")
+    p.add_argument(
+        "--pytest", action="store_true", help="also run pytest -m cuda tests/test_cuda.py at the end (a few minutes)"
     )
     p.add_argument(
-        "--skip",
-        nargs="+",
-        choices=names,
-        default=[],
-        metavar="STEP",
-        help="leave these steps out",
+        "--cpu", action="store_true", help="rehearse the check on the CPU with a tiny model (CUDA-only steps skipped)"
     )
-    p.add_argument(
-        "--pytest",
-        action="store_true",
-        help="also run pytest -m cuda tests/test_cuda.py at the end (a few minutes)",
-    )
-    p.add_argument(
-        "--cpu",
-        action="store_true",
-        help="rehearse the check on the CPU with a tiny model (CUDA-only steps skipped)",
-    )
-    p.add_argument(
-        "--iters",
-        type=int,
-        help="training iterations per run (default 30; 4 with --cpu)",
-    )
-    p.add_argument(
-        "--list",
-        action="store_true",
-        help="list the steps and what each checks, then exit",
-    )
-    p.add_argument(
-        "--show",
-        action="store_true",
-        help="print the table of OUT/gpu_check.json (e.g. of a cut-off run)",
-    )
+    p.add_argument("--iters", type=int, help="training iterations per run (default 30; 4 with --cpu)")
+    p.add_argument("--list", action="store_true", help="list the steps and what each checks, then exit")
+    p.add_argument("--show", action="store_true", help="print the table of OUT/gpu_check.json (e.g. of a cut-off run)")
     return p.parse_args(argv)
 
 
@@ -172,10 +137,7 @@ def run_steps(check: Check, report: Report, args: argparse.Namespace) -> None:
             continue
         reason = plan(step, args, blocked)
         rec = report.skip(step.name, reason) if reason else report.run(step.name, step.fn, check)
-        print(
-            f"gpu_check: {step.name} {rec['status']}: {rec['error'] or rec['summary']}",
-            flush=True,
-        )
+        print(f"gpu_check: {step.name} {rec['status']}: {rec['error'] or rec['summary']}", flush=True)
         if step.name == "cuda" and rec["ok"] is False:
             blocked = "no CUDA device"
             print("gpu_check: no CUDA device; the GPU steps are skipped", flush=True)

@@ -148,9 +148,8 @@ def _why_unreadable(path: Path, error: Exception) -> str:
         head = f.read(4)
     if not head:
         return "the file is empty"
-    if not (
-        head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-    ):  # torch.save writes a zip archive (or, before 1.6, a pickle)
+    # torch.save writes a zip archive (or, before 1.6, a pickle)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return "not a file written by torch.save"
     text = str(error)
     if "Unsupported operand" in text:  # a pickle, not torch.save's layout

@@ -14,13 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from ssd.config_data import (  # noqa: F401  (re-exported: the data section, ``from ssd.config import DatasetConfig``)
-    DATA_FORMATS,
-    ON_ERROR,
-    AugmentConfig,
-    DataConfig,
-    DatasetConfig,
-)
+from ssd.config_data import DATA_FORMATS, ON_ERROR, AugmentConfig, DataConfig, DatasetConfig  # noqa: F401  (re-exported: the data section, ``from ssd.config import DatasetConfig``)
 from ssd.config_io import (  # noqa: F401  (re-exported: ``from ssd.config import from_dict`` etc.)
     SCIENTIFIC_NUMBER,
     ConfigError,
@@ -80,10 +74,7 @@ ARCH_EXTRAS = {"ssd300": SSD300_EXTRAS, "ssd512": SSD512_EXTRAS}
 # Prior sizes in pixels of the input (ssd.pytorch `voc` / lufficc configs).
 ARCH_PRIOR_SIZES: dict[str, tuple[list[float], list[float]]] = {
     "ssd300": ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315]),
-    "ssd512": (
-        [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
-        [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.65],
-    ),
+    "ssd512": ([35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8], [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.65]),
 }
 ARCH_STEPS: dict[str, list[float]] = {"ssd300": [8, 16, 32, 64, 100, 300], "ssd512": [8, 16, 32, 64, 128, 256, 512]}
 ARCH_INPUT_SIZE = {"ssd300": 300, "ssd512": 512}

@@ -157,12 +157,10 @@ def export_onnx(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export": chosen, see above
-        warnings.simplefilter(
-            "ignore", torch.jit.TracerWarning
-        )  # the NMS twin's Python loop; the graph uses the ONNX op
-        warnings.simplefilter(
-            "ignore", FutureWarning
-        )  # "torch.jit.script is deprecated", from the exporter's internals
+        # the NMS twin's Python loop; the graph uses the ONNX op
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # "torch.jit.script is deprecated", from the exporter's internals
+        warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             wrapped,
             (example,),

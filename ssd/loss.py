@@ -96,9 +96,8 @@ class MultiBoxLoss(nn.Module):
         # (it looks up row 0, maybe padding) is finite, and torch.where gives it a zero loss and a zero gradient.
         b, g = gt_labels.shape
         unit = torch.cat((priors_cxcywh.new_zeros(2), priors_cxcywh.new_ones(2)))  # cxcywh; no host-to-device copy
-        gt_unit = encode(
-            gt_boxes.float().masked_fill(gt_labels[..., None] <= 0, 0.0), unit, self.variances
-        )  # [B, G, 4]
+        # [B, G, 4]
+        gt_unit = encode(gt_boxes.float().masked_fill(gt_labels[..., None] <= 0, 0.0), unit, self.variances)
         rows = (idx.clamp(min=0) + g * torch.arange(b, device=idx.device)[:, None]).flatten()  # into [B * G]
         priors_scale = torch.cat((1 / priors_cxcywh[:, 2:], torch.ones_like(priors_cxcywh[:, 2:])), dim=1)  # [P, 4]
         priors_unit = encode(cxcywh_to_xyxy(priors_cxcywh), unit, self.variances)  # [P, 4]
@@ -117,9 +116,8 @@ class MultiBoxLoss(nn.Module):
         num_neg = torch.minimum((self.neg_pos_ratio * num_pos_img).long(), p - num_pos_img)  # [B, 1]
         k = p if self._static_shapes(conf) else int(num_neg.max())
         padding = torch.where(torch.arange(k, device=pos.device) < k - num_neg, float("inf"), -float("inf"))  # [B, k]
-        top = torch.cat((ce.masked_fill(pos, -float("inf")), padding), dim=1).topk(
-            k, dim=1, sorted=False
-        )  # of [B, P + k]
+        # of [B, P + k]
+        top = torch.cat((ce.masked_fill(pos, -float("inf")), padding), dim=1).topk(k, dim=1, sorted=False)
         conf_loss = torch.where(pos, ce, 0.0).sum() + torch.where(top.indices < p, top.values, 0.0).sum()
         return {"loc": self.box_weight * loc_loss / normalizer, "conf": conf_loss / normalizer}
 

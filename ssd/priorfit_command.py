@@ -13,14 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ssd.config import (
-    Config,
-    ConfigError,
-    from_dict,
-    load_config,
-    read_yaml_dict,
-    to_dict,
-)
+from ssd.config import Config, ConfigError, from_dict, load_config, read_yaml_dict, to_dict
 from ssd.data.dataset import index_dataset
 from ssd.data.records import DatasetError, Problems
 from ssd.model import build_ssd

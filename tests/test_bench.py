@@ -101,18 +101,13 @@ def test_step_check_passes_a_real_step_and_reset_restores_the_weights(make_tiny_
     assert again == pytest.approx(first, rel=1e-6)
 
 
-def test_timed_steps_start_from_the_same_weights_and_the_row_takes_the_faster_peer(
-    make_tiny_config,
-):
+def test_timed_steps_start_from_the_same_weights_and_the_row_takes_the_faster_peer(make_tiny_config):
     steps = {name: tiny_step(make_tiny_config, lr=1e-3) for name in ("a", "b")}
     first = {name: s.step() for name, s in steps.items()}
     times = time_steps(steps, 2)
     assert set(times) == {"a", "b"}
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
-    for (
-        name,
-        s,
-    ) in steps.items():  # reset before each timed step: still one step from the start
+    for name, s in steps.items():  # reset before each timed step: still one step from the start
         s.reset()
         torch.testing.assert_close(s.step(), first[name])
     # seconds per step of 8 in three rounds; the machine slows down in round 2 for both sides
@@ -173,18 +168,10 @@ def test_gpu_peak_table_and_model_flops():
 
 def test_train_loop_rate_skips_the_warm_up_window(tmp_path):
     rows = [
-        {
-            "iter": 10,
-            "loss": 9.0,
-            "images_per_s": 100.0,
-        },  # warm-up: workers starting, cuDNN searching
+        {"iter": 10, "loss": 9.0, "images_per_s": 100.0},  # warm-up: workers starting, cuDNN searching
         {"iter": 20, "loss": 8.0, "images_per_s": 800.0},
         {"iter": 30, "eval": "voc07", "map": 0.1},
-        {
-            "iter": 40,
-            "loss": 7.0,
-            "images_per_s": 400.0,
-        },  # 20 iterations since the last training row
+        {"iter": 40, "loss": 7.0, "images_per_s": 400.0},  # 20 iterations since the last training row
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -236,9 +236,8 @@ def test_command_prints_the_table_and_exits_1_only_when_a_layer_is_flagged(setup
     save_checkpoint(
         make_checkpoint(build_ssd(model_cfg).state_dict(), model_cfg, classes, "train"), tmp_path / "fresh.pt"
     )
-    assert (
-        main(["bn-report", "--weights", str(tmp_path / "fresh.pt"), *args, "data.train.split=val"]) == 1
-    )  # overrides work
+    # overrides work
+    assert main(["bn-report", "--weights", str(tmp_path / "fresh.pt"), *args, "data.train.split=val"]) == 1
     assert "STALE (never updated)" in capsys.readouterr().out
 
 
@@ -320,9 +319,8 @@ def test_real_drift_on_the_heads_1x1_level_is_still_flagged(heads_setup):
 
 def test_sampling_gaps_follow_the_spread_between_batches():
     g = torch.Generator().manual_seed(0)
-    means = (
-        torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5
-    )  # one batch's mean: sd 0.5 (of a unit variance)
+    # one batch's mean: sd 0.5 (of a unit variance)
+    means = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5
     variances = torch.ones(4, 1000, dtype=torch.float64)
     mean_gap, var_gap = bn_tools.sampling_gaps(means, variances, momentum=0.1, eps=0.0)
     spread = 1 / 4 + 0.1 / 1.9  # the 4 measured batches + the running average's share of one batch

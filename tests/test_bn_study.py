@@ -111,9 +111,8 @@ def test_variants_are_presets_or_blocks_joined_by_plus_with_a_relative_or_absolu
     assert parse_variant("all@3x") == Variant("all@3x", list(BN_ALL), 3.0)
     assert parse_variant("backbone").blocks == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"]
     assert parse_variant("extras@0.5x") == Variant("extras@0.5x", ["extras"], 0.5)
-    assert parse_variant("conv5+conv4@10x") == Variant(
-        "conv5+conv4@10x", ["conv4", "conv5"], 10.0
-    )  # block order canonical
+    # block order canonical
+    assert parse_variant("conv5+conv4@10x") == Variant("conv5+conv4@10x", ["conv4", "conv5"], 10.0)
     # presets combine with blocks: the heads come on top of every feature block, or of the backbone
     assert parse_variant("all+heads").blocks == list(BN_BLOCKS) == [*BN_ALL, "heads"]
     assert parse_variant("heads+backbone@2x") == Variant(
@@ -460,9 +459,8 @@ def test_script_reports_bad_arguments_in_one_line(shapes, tmp_path, capsys):
     path = write_config(tmp_path / "run.yaml", run_dict(shapes))
     assert script.main([str(path), "--out", str(tmp_path / "out"), "--variants", "none", "bn@3x"]) == 2
     assert capsys.readouterr().err.startswith("bn_study.py: error: variant 'bn@3x': unknown BN block 'bn'")
-    assert (
-        script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2
-    )  # overrides after --variants
+    # overrides after --variants
+    assert script.main([str(path), "--variants", "none", "train.lr=0.1", "model.widht=1"]) == 2
     assert "unknown config key 'model.widht' (did you mean model.width?)" in capsys.readouterr().err
     assert script.build_parser().parse_args([str(path)]).optimizer == "sgd"
     assert script.main([str(path), "--variants", "none", "--lr", "0"]) == 2

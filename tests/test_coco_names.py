@@ -140,9 +140,8 @@ def test_torchvision_labels_are_scored_against_the_category_of_the_same_name(fil
     results = evalset.results(evalset.from_predictions(predictions, coco_91_names()))
     cat_of_box = {(r["image_id"], tuple(r["bbox"])): r["category_id"] for r in results if r["score"] == 0.9}
     by_name = {key.strip().lower(): cid for key, cid in categories.items()}
-    assert cat_of_box == {
-        (i, tuple(map(float, b))): by_name[name] for i, name, b in OBJECTS
-    }  # person -> 1 / 2, dog -> 18 / 5, ...
+    # person -> 1 / 2, dog -> 18 / 5, ...
+    assert cat_of_box == {(i, tuple(map(float, b))): by_name[name] for i, name, b in OBJECTS}
     assert sorted(r["category_id"] for r in results if r["score"] != 0.9) == [by_name["person"]]  # N/A and cat left out
 
 
@@ -160,10 +159,11 @@ def test_ssd_eval_runs_a_torchvision_label_space_checkpoint_on_a_subset_file(fil
                 p.view(-1, 91)[:, [TV_LABEL["N/A"], TV_LABEL["cat"], TV_LABEL["person"], TV_LABEL["dog"]]] = 3.0
     save_checkpoint(make_checkpoint(model.state_dict(), model_cfg, coco_91_names(), "torchvision"), tmp_path / "tv.pt")
     path = files["own_ids"]
+    # every class's detections, whatever the ties
     cfg = {
         "data": {"train": val_config(path), "val": val_config(path), "num_workers": 0},
         "postprocess": {"detections_per_image": 2000},
-    }  # every class's detections, whatever the ties
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
     with caplog.at_level(logging.INFO, logger="ssd"):
@@ -185,14 +185,8 @@ def test_ssd_eval_runs_a_torchvision_label_space_checkpoint_on_a_subset_file(fil
             == 0
         )
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert list(metrics["per_class"]) == [
-        "PERSON",
-        " Dog",
-        "car ",
-        "Train",
-        "toothbrush",
-        "unicorn",
-    ]  # the file's, by id
+    # the file's, by id
+    assert list(metrics["per_class"]) == ["PERSON", " Dog", "car ", "Train", "toothbrush", "unicorn"]
     assert metrics["num_gt"] == {"PERSON": 1, " Dog": 1, "car ": 1, "Train": 1, "toothbrush": 1, "unicorn": 1}
     assert metrics["per_class"]["unicorn"] == 0.0 and metrics["per_class"]["car "] == 0.0
     detections = json.loads((tmp_path / "out" / "detections.json").read_text())

@@ -238,9 +238,8 @@ def test_load_config_records_the_keys_the_file_and_overrides_set(tmp_path):
     section = load_config(None, ["model.priors={scales: [0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0], clip: wh}"])
     assert section.user_keys == {"model", "model.priors", "model.priors.scales", "model.priors.clip"}
     assert load_config(None).user_keys == frozenset() and Config().user_keys == frozenset()
-    assert not hasattr(
-        from_dict(ModelConfig, {"num_classes": 3}, "model"), "user_keys"
-    )  # only the whole config records
+    # only the whole config records
+    assert not hasattr(from_dict(ModelConfig, {"num_classes": 3}, "model"), "user_keys")
 
 
 def test_the_record_survives_copies_and_is_not_a_config_key(tmp_path):

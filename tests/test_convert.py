@@ -520,9 +520,8 @@ def test_vgg16_bn_folded_bias_matches_conv_bn(vgg16_bn):
     conv_idx = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
-        for i, name in zip(
-            conv_idx, OUR_TRUNK_CONVS, strict=True
-        ):  # every block: conv(no bias) -> BN == conv(bias) -> BN
+        # every block: conv(no bias) -> BN == conv(bias) -> BN
+        for i, name in zip(conv_idx, OUR_TRUNK_CONVS, strict=True):
             block = model.backbone.get_submodule(name)
             assert block.conv.bias is None
             x = torch.randn(2, feats[i].in_channels, 5, 5, generator=g)

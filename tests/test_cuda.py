@@ -21,12 +21,7 @@ import yaml
 from conftest import launch_ranks
 
 import ssd.engine.train as engine
-from ssd.checkpoint import (
-    load_checkpoint,
-    make_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from ssd.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from ssd.cli import main
 from ssd.config import Config, from_dict
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
@@ -35,14 +30,8 @@ from ssd.engine.train import train
 from ssd.model import build_ssd
 
 SIZE = 64
-CUDA = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-TWO_GPUS = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs"),
-]
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+TWO_GPUS = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,11 +61,7 @@ def run_dict(root: Path, init: Path | None, device: str = "cuda", **train_option
     }
     return {
         "model": {**model, "init": str(init) if init else None},
-        "data": {
-            "train": {**dataset, "split": "train"},
-            "val": {**dataset, "split": "val"},
-            "num_workers": 0,
-        },
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
         "train": {
             "max_iter": 8,
             "batch_size": 8,
@@ -170,10 +155,7 @@ def test_a_short_run_moves_every_parameter_and_keeps_channels_last(shapes, devic
     """fp16 + channels_last on CUDA (the GradScaler's scale logged at every row); on the CPU the same
     config trains in fp32, channels_last by ``auto``, with no scale to log."""
     init = load_checkpoint(shapes / "init.pt")["model"]
-    train(
-        config(shapes, shapes / "init.pt", device, amp="fp16", max_iter=4),
-        tmp_path / "run",
-    )
+    train(config(shapes, shapes / "init.pt", device, amp="fp16", max_iter=4), tmp_path / "run")
     rows = assert_trained(tmp_path / "run", init, parameter_names(shapes), 4)
     assert all(("grad_scale" in r) == (device == "cuda") for r in rows)
 
@@ -276,12 +258,7 @@ def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path):
     max_iter): 4 iterations, then --resume to 8, give the losses, scales and weights of 8 in one go."""
 
     def cfg(max_iter):
-        options = {
-            "schedule": "multistep",
-            "steps": [1000],
-            "deterministic": True,
-            "max_iter": max_iter,
-        }
+        options = {"schedule": "multistep", "steps": [1000], "deterministic": True, "max_iter": max_iter}
         return config(shapes, shapes / "init.pt", amp="fp16", **options)
 
     try:
@@ -290,10 +267,7 @@ def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path):
         train(cfg(8), tmp_path / "resumed", resume=True)
     finally:  # train.deterministic switches torch's global flags on
         torch.use_deterministic_algorithms(False)
-    straight, resumed = (
-        loss_rows(tmp_path / "straight"),
-        loss_rows(tmp_path / "resumed"),
-    )
+    straight, resumed = (loss_rows(tmp_path / "straight"), loss_rows(tmp_path / "resumed"))
     assert [r["iter"] for r in resumed] == list(range(1, 9))
     for key in ("loss", "loc", "conf", "grad_scale"):
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in straight], rel=1e-3), key
@@ -329,21 +303,8 @@ def test_ssd_eval_on_cuda_gives_the_cpu_map(shapes, fp16_run, tmp_path):
     with tf32_off():
         for device in ("cuda", "cpu"):
             out = tmp_path / device
-            args = [
-                "eval",
-                str(cfg),
-                "--weights",
-                str(fp16_run / "last.pt"),
-                "--device",
-                device,
-            ]
-            args += [
-                "--json",
-                str(out / "m.json"),
-                "--out-dir",
-                str(out),
-                "train.amp=none",
-            ]
+            args = ["eval", str(cfg), "--weights", str(fp16_run / "last.pt"), "--device", device]
+            args += ["--json", str(out / "m.json"), "--out-dir", str(out), "train.amp=none"]
             assert main(args) == 0
             results[device] = json.loads((out / "m.json").read_text())
             top_scores[device] = top_scores_per_image(out / "detections.json")
@@ -376,25 +337,13 @@ def test_train_device_cuda_index_trains_there(shapes, tmp_path):
 def launch_train(tmp_path: Path, shapes: Path, overrides: list[str]) -> list:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(run_dict(shapes, None, max_iter=6, eval_period=3)))
-    command = [
-        "-m",
-        "ssd",
-        "train",
-        str(cfg),
-        "--output-dir",
-        str(tmp_path / "run"),
-        *overrides,
-    ]
+    command = ["-m", "ssd", "train", str(cfg), "--output-dir", str(tmp_path / "run"), *overrides]
     return launch_ranks(2, command, tmp_path)
 
 
 @on_two_gpus
 def test_two_ranks_on_nccl_with_sync_bn_and_precise_bn(shapes, tmp_path):
-    overrides = [
-        "train.bn=sync",
-        "train.precise_bn_batches=2",
-        "train.precise_bn_before_eval=true",
-    ]
+    overrides = ["train.bn=sync", "train.precise_bn_batches=2", "train.precise_bn_before_eval=true"]
     results = launch_train(tmp_path, shapes, [*overrides, "data.num_workers=2"])
     assert [r.returncode for r in results] == [0, 0], results[0].stdout[-3000:]
     assert "precise BN at iteration 3" in results[0].stdout

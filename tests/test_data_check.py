@@ -118,9 +118,8 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
     )
     assert train.problems.fixed == Counter({"box crossing the image border clipped": 1})
     assert train.num_images == NUM_TRAIN - 1  # only the missing image has no record
-    assert (
-        train.coverage is None and val.coverage is None
-    )  # no coverage function: the data package never builds the model
+    # no coverage function: the data package never builds the model
+    assert train.coverage is None and val.coverage is None
     for kind, path in files.items():
         assert train.problems.examples[kind][0].startswith(str(path)), kind
     assert "truncated JPEG" in train.problems.examples["unreadable image"][0]

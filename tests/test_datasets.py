@@ -451,8 +451,8 @@ def test_coco_problems_name_the_file(tmp_path):
     anns = [
         {"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},  # crosses the border: clipped
         {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width: dropped
-        {"image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5]},
-    ]  # unknown category
+        {"image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5]},  # unknown category
+    ]
     path = write_coco(tmp_path / "instances.json", images, anns, cats)
     with pytest.raises(
         DatasetError, match=re.escape(f"{path} image id 2 (two.jpg): annotation 3 has unknown category_id 9")

@@ -127,15 +127,8 @@ def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
     (evaluation,) = [r for r in rows if "map" in r]
     assert evaluation["iter"] == MAX_ITER and 0.0 <= evaluation["map"] <= 1.0
     assert load_checkpoint(ddp_run / "best.pt")["iteration"] == MAX_ITER
-    names = [
-        "best.pt",
-        "config.yaml",
-        "last.pt",
-        "last.prev.pt",
-        "metrics.jsonl",
-        "rank0.pt",
-        "rank1.pt",
-    ]  # .prev: the replaced last.pt
+    # .prev: the replaced last.pt
+    names = ["best.pt", "config.yaml", "last.pt", "last.prev.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]
     if importlib.util.find_spec("tensorboard"):
         names.append("tensorboard")
         assert len(list((ddp_run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's only

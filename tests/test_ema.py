@@ -19,13 +19,7 @@ from test_train import MAX_ITER, SIZE, run_dict
 from torch import nn
 
 import ssd.engine.train as engine
-from ssd.checkpoint import (
-    CheckpointError,
-    checkpoint_weights,
-    load_checkpoint,
-    make_checkpoint,
-    model_from_checkpoint,
-)
+from ssd.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint, make_checkpoint, model_from_checkpoint
 from ssd.cli import main
 from ssd.config import Config, ConfigError, from_dict
 from ssd.data.shapes import generate_shapes

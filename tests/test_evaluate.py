@@ -212,10 +212,11 @@ def test_comp4_files_hold_the_detections_in_the_xml_frame(weights_runs):
             x, y, w, h = d["bbox"]
             expected = f"{d['image_id']} {d['score']:.3f} {x:.1f} {y:.1f} {x + w:.1f} {y + h:.1f}"
             assert line == expected
+    # COCO: the file stem
     assert (
         sorted(p.name for p in (weights_runs["remapped"] / "out").glob("comp4_*"))[0]
         == "comp4_det_remapped_val_circle.txt"
-    )  # COCO: the file stem
+    )
 
 
 def test_detections_json_round_trips_to_identical_metrics(ws, weights_runs, tmp_path):

@@ -110,9 +110,8 @@ def test_export_dynamic_batch_matches_pytorch(bn_ckpt, tmp_path, caplog):
         assert (boxes - ref_boxes).abs().max() <= 1e-4
         assert (scores - ref_scores).abs().max() <= 1e-4
         torch.testing.assert_close(scores.sum(-1), torch.ones(batch, 1524))
-        assert (
-            ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5
-        )  # informative
+        # informative
+        assert ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5
 
 
 def test_static_export_without_folding_keeps_batchnorm_and_a_fixed_batch(bn_ckpt, tmp_path):

@@ -108,12 +108,13 @@ def test_unset_keys_are_adopted_one_line_each(converted, tmp_path, caplog):
     cfg = finetune_config(tmp_path, overrides=(f"model.init={path}",))
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         out = adopt_source_config(cfg)
+    # resize (bilinear) and the priors (SSD300 VOC preset, corners) already match: no line
     assert adopted_lines(caplog) == [
         f"model.preprocess.channel_order: 'rgb' -> 'bgr' (adopted from model.init {path})",
         f"model.preprocess.pixel_scale: 0.00392156862745098 -> 1.0 (adopted from model.init {path})",
         f"model.preprocess.mean: [0.485, 0.456, 0.406] -> [104.0, 117.0, 123.0] (adopted from model.init {path})",
         f"model.preprocess.std: [0.229, 0.224, 0.225] -> [1.0, 1.0, 1.0] (adopted from model.init {path})",
-    ]  # resize (bilinear) and the priors (SSD300 VOC preset, corners) already match: no line
+    ]
     assert out.model.preprocess == PreprocessConfig(**CAFFE_BGR)
     assert out.model.priors == cfg.model.priors and out.model.num_classes == 3 and out.model.width == WIDTH
     assert cfg.model.preprocess == IMAGENET  # the input config is not modified

@@ -118,9 +118,8 @@ def test_head_batchnorm_folds_into_the_prediction_convs(make_tiny_config, images
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     for kind in ("loc", "conf"):
         assert all(isinstance(m, nn.Identity) for m in getattr(fused.head, f"{kind}_bn"))
-        assert all(
-            conv.bias is not None for conv in getattr(fused.head, kind)
-        )  # built without bias, BN's beta folded in
+        # built without bias, BN's beta folded in
+        assert all(conv.bias is not None for conv in getattr(fused.head, kind))
         assert all(conv.bias is None for conv in getattr(model.head, kind))
     assert not any(k.startswith(("head.loc_bn", "head.conf_bn")) for k in fused.state_dict())
     with torch.no_grad():

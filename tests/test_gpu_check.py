@@ -60,29 +60,15 @@ def test_each_step_is_on_disk_when_it_starts_and_when_it_ends(gpu_check, tmp_pat
     def cannot_run():
         raise gpu_check.Skipped("1 GPU here")
 
-    for name, fn in [
-        ("a", fine),
-        ("b", check_fails),
-        ("c", crashes),
-        ("d", cannot_run),
-    ]:
+    for name, fn in [("a", fine), ("b", check_fails), ("c", crashes), ("d", cannot_run)]:
         report.run(name, fn)
     report.skip("e", "no CUDA device")
 
     assert [(r["name"], r["status"]) for r in seen_while_running[0]] == [("a", "running")]
     steps = strict_json(path)["steps"]
-    assert [r["status"] for r in steps] == [
-        "ok",
-        "failed",
-        "failed",
-        "skipped",
-        "skipped",
-    ]
+    assert [r["status"] for r in steps] == ["ok", "failed", "failed", "skipped", "skipped"]
     assert [r["ok"] for r in steps] == [True, False, False, None, None]
-    assert steps[0]["summary"] == "all good" and steps[0]["numbers"] == {
-        "loss": 1.5,
-        "bad": "nan",
-    }
+    assert steps[0]["summary"] == "all good" and steps[0]["numbers"] == {"loss": 1.5, "bad": "nan"}
     assert steps[1]["numbers"] == {"grad_scale_last": 2.0} and steps[1]["error"] == "scale fell at 12"
     assert steps[2]["error"] == "ZeroDivisionError: division by zero" and "1 / 0" in steps[2]["traceback"]
     assert [r["error"] for r in steps[3:]] == ["1 GPU here", "no CUDA device"]
@@ -128,11 +114,7 @@ def test_the_grad_scale_may_fall_in_the_first_steps_only(gpu_check):
     settled = [32768.0, 16384.0] + [16384.0] * 10
     numbers, problems = analyse(fp16_rows(settled, {1: 1, 2: 1}), list(range(1, 13)), scaler=True)
     assert problems == [] and numbers["scale_drops_at"] == [1, 2] and numbers["skipped"] == 2
-    assert (
-        numbers["grad_scale_first"],
-        numbers["grad_scale_last"],
-        numbers["loss_last"],
-    ) == (32768.0, 16384.0, 18.8)
+    assert (numbers["grad_scale_first"], numbers["grad_scale_last"], numbers["loss_last"]) == (32768.0, 16384.0, 18.8)
 
     late = [65536.0] * 11 + [32768.0]
     _, problems = analyse(fp16_rows(late, {12: 1}), list(range(1, 13)), scaler=True)
@@ -148,10 +130,7 @@ def test_missing_rows_non_finite_losses_and_old_engines_are_named(gpu_check):
     rows[2]["loss"] = math.nan
     del rows[4]
     _, problems = analyse(rows, list(range(1, 7)), scaler=True)
-    assert problems == [
-        "logged iterations 1..4, 6, expected 1..6",
-        "non-finite loss at iteration(s) 3",
-    ]
+    assert problems == ["logged iterations 1..4, 6, expected 1..6", "non-finite loss at iteration(s) 3"]
 
     skipped_window = fp16_rows([65536.0] * 3, {2: 1})
     # every step of the window skipped: no loss logged
@@ -170,12 +149,13 @@ def test_layout_and_parameter_change_of_real_state_dicts(gpu_check):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    # a 1x1 kernel is both layouts at once
     assert gpu_check.channels_last_report(before) == {
         "tensors_4d": 2,
         "channels_last": 1,
         "only_channels_last": 0,
         "not_channels_last": ["0.weight"],
-    }  # a 1x1 kernel is both layouts at once
+    }
     net.to(memory_format=torch.channels_last)
     with torch.no_grad():
         net[0].weight.add_(0.01)
@@ -214,19 +194,12 @@ def test_a_failed_command_is_reported_by_its_error_line_and_frame(gpu_check, tmp
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_the_check_says_so_and_fails(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 1, out.stderr
     assert "gpu_check: no CUDA device; the GPU steps are skipped" in out.stdout
     steps = strict_json(tmp_path / "gpu_check.json")["steps"]
-    assert [(r["name"], r["status"]) for r in steps[:2]] == [
-        ("environment", "ok"),
-        ("cuda", "failed"),
-    ]
+    assert [(r["name"], r["status"]) for r in steps[:2]] == [("environment", "ok"), ("cuda", "failed")]
     assert steps[1]["error"].startswith("no CUDA device: torch ")
     assert {r["status"] for r in steps[2:]} == {"skipped"} and {r["error"] for r in steps[2:]} == {"no CUDA device"}
     assert [r["name"] for r in steps] == [
@@ -249,17 +222,7 @@ def test_without_a_gpu_the_check_says_so_and_fails(tmp_path):
 def test_the_cpu_rehearsal_trains_through_the_real_commands(gpu_check, tmp_path, monkeypatch, capsys):
     """``--cpu``: the fp16 step's own commands and checks on a tiny model, in a few seconds."""
     monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
-    code = gpu_check.main(
-        [
-            "--cpu",
-            "--iters",
-            "2",
-            "--only",
-            "fp16_channels_last",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    code = gpu_check.main(["--cpu", "--iters", "2", "--only", "fp16_channels_last", "--out", str(tmp_path)])
     steps = {r["name"]: r for r in strict_json(tmp_path / "gpu_check.json")["steps"]}
     assert code == 0, capsys.readouterr().out
     assert [steps[n]["status"] for n in ("environment", "cuda", "data", "fp16_channels_last")] == [
@@ -276,18 +239,7 @@ def test_the_cpu_rehearsal_trains_through_the_real_commands(gpu_check, tmp_path,
 
 
 def test_bench_rows_are_summarised_with_or_without_a_peer(gpu_check):
-    row = {
-        "name": "train_step_fp16",
-        "ours_s": 0.0123,
-        "peer_s": 0.0172,
-        "speedup": 1.4,
-    }
+    row = {"name": "train_step_fp16", "ours_s": 0.0123, "peer_s": 0.0172, "speedup": 1.4}
     assert gpu_check.bench_cell(row) == "train_step_fp16 12.3 ms (1.40x)"
-    row = {
-        "name": "train_loop",
-        "ours_s": 0.0005,
-        "peer_s": None,
-        "speedup": None,
-        "mfu": 0.31,
-    }
+    row = {"name": "train_loop", "ours_s": 0.0005, "peer_s": None, "speedup": None, "mfu": 0.31}
     assert gpu_check.bench_cell(row) == "train_loop 0.5 ms (MFU 31.0%)"

@@ -445,10 +445,8 @@ def test_overflowing_box_predictions_off_the_positives_are_ignored():
 
 def test_every_prior_positive_leaves_no_negatives(both_paths):
     case = random_case(9)  # one image without objects, two with
-    case["kwargs"] = {
-        "iou_threshold": 0.0,
-        "neg_pos_ratio": 3.0,
-    }  # IoU >= 0 matches every prior of an image with objects
+    # IoU >= 0 matches every prior of an image with objects
+    case["kwargs"] = {"iou_threshold": 0.0, "neg_pos_ratio": 3.0}
     num_pos, num_neg = num_pos_neg(case)
     has_objects = (case["gt_labels"] > 0).any(dim=1)
     assert torch.equal(num_pos, has_objects * case["priors"].shape[0]) and torch.equal(

@@ -24,11 +24,7 @@ from ssd.data.dataset import index_dataset
 from ssd.data.records import ImageRecord, Problems
 from ssd.data.shapes import generate_shapes
 from ssd.model import build_ssd
-from ssd.model.resize import (
-    config_at_input_size,
-    conv_macs_per_image,
-    model_feature_sizes,
-)
+from ssd.model.resize import config_at_input_size, conv_macs_per_image, model_feature_sizes
 from ssd.priorfit import (
     PriorGrid,
     PriorSizes,
@@ -259,9 +255,8 @@ def test_config_at_input_size_adds_levels_and_scales_fc6_dilation():
     assert model_feature_sizes(big) == [(40, 40), (20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
     assert big.extras == demo.extras + [ExtraLayer(128, 256)] * 2 and big.fc6_dilation == 2  # 20 / 8 x 1, rounded down
     ssd300 = from_dict(Config, {"model": {"width": 0.125}}).model
-    at384 = config_at_input_size(
-        ssd300, 384
-    )  # 24 -> 12 -> 6 -> 4 -> 2: one stride-2 block appended after the 3x3 valid ones
+    # 24 -> 12 -> 6 -> 4 -> 2: one stride-2 block appended after the 3x3 valid ones
+    at384 = config_at_input_size(ssd300, 384)
     assert model_feature_sizes(at384)[-1] == (1, 1) and at384.fc6_dilation == 7 and at384.priors.steps is None
     with pytest.raises(ValueError, match="smaller than model.input_size 128"):
         config_at_input_size(demo, 96)

@@ -168,15 +168,13 @@ def test_small_object_option_bounds_the_box_sides_and_keeps_default_manifests(tm
     boxes = np.array([box for objects in all_voc_objects(tmp_path / "small", "train") for _, box in objects])  # [N, 4]
     sides = boxes[:, 2:] - boxes[:, :2]
     assert len(sides) > 40
-    assert (
-        sides.max() <= 0.08 * 160 * np.sqrt(shapes.MAX_ASPECT) + 1
-    )  # a side never exceeds max_side (aspect, pixel edges)
+    # a side never exceeds max_side (aspect, pixel edges)
+    assert sides.max() <= 0.08 * 160 * np.sqrt(shapes.MAX_ASPECT) + 1
     assert 2 <= sides.min() and np.median(sides) < 0.08 * 160
     manifest = json.loads((tmp_path / "small" / "shapes.json").read_text())
     assert (manifest["min_side"], manifest["max_side"]) == (0.04, 0.08)
     generate_shapes(tmp_path / "default", 2, 0, size=64, seed=0)
-    assert "min_side" not in json.loads(
-        (tmp_path / "default" / "shapes.json").read_text()
-    )  # manifests written before stay valid
+    # manifests written before stay valid
+    assert "min_side" not in json.loads((tmp_path / "default" / "shapes.json").read_text())
     with pytest.raises(ValueError, match="min_side=0.01, max_side=0.08 at size 160"):
         generate_shapes(tmp_path / "bad", 1, 0, size=160, min_side=0.01, max_side=0.08)  # 1.6 px objects

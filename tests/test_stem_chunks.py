@@ -119,9 +119,8 @@ def test_no_chunks_where_the_stem_needs_the_whole_batch(make_tiny_config):
     assert seen_bn == [4, 1, 1, 1, 1]
 
 
-@pytest.mark.filterwarnings(
-    "ignore:`torch.jit.trace:FutureWarning"
-)  # the ONNX exporter (dynamo=False) traces the same way
+# the ONNX exporter (dynamo=False) traces the same way
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 def test_a_trace_is_one_batch_and_runs_at_other_batch_sizes(make_tiny_config):
     """ONNX export traces the model: the graph must not unroll the example's chunks."""
     model = chunked_model(make_tiny_config, 1).eval()

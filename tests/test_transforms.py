@@ -120,9 +120,8 @@ def test_min_iou_crop_is_met_by_some_kept_box(min_iou, side):
 
 def test_crop_keeps_boxes_with_centre_inside_and_clips_them():
     crop_t = MinIoURandomCrop([0.5])
-    bboxes = np.array(
-        [[10, 10, 50, 50, 1], [40, 40, 90, 90, 2], [70, 70, 95, 95, 3]], dtype=np.float32
-    )  # centres (30,30) in, (65,65) out of (20,20,60,60), (82.5,82.5) out
+    # centres (30,30) in, (65,65) out of (20,20,60,60), (82.5,82.5) out
+    bboxes = np.array([[10, 10, 50, 50, 1], [40, 40, 90, 90, 2], [70, 70, 95, 95, 3]], dtype=np.float32)
     bboxes[:, :4] /= 100
     out = crop_t.apply_to_bboxes(bboxes, crop=(20, 20, 60, 60), shape=(100, 100, 3))
     assert out[:, 4].tolist() == [1]

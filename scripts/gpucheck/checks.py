@@ -60,10 +60,7 @@ def analyse_rows(
         scale_drops_at=drops,
         skipped_at=skipped_at,
     )
-    late_drops, late_skips = (
-        [i for i in drops if i > settle],
-        [i for i in skipped_at if i > settle],
-    )
+    late_drops, late_skips = ([i for i in drops if i > settle], [i for i in skipped_at if i > settle])
     if late_drops:
         problems.append(f"the GradScaler scale fell at iteration(s) {compact(late_drops)}, after the first {settle}")
     if late_skips:

@@ -58,8 +58,7 @@ def step_environment(check: Check) -> dict:
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         numbers.update(
-            torch_cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None
         )
     numbers["summary"] = (
         f"Python {numbers['python']}, torch {versions['torch']} (CUDA {numbers.get('torch_cuda')}), "
@@ -74,12 +73,7 @@ def step_environment(check: Check) -> dict:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            check=False,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
+            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -110,11 +104,7 @@ def step_cuda(check: Check) -> dict:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         gpus.append(
-            {
-                "name": p.name,
-                "capability": f"{p.major}.{p.minor}",
-                "memory_gib": round(p.total_memory / 2**30, 1),
-            }
+            {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)}
         )
     check.gpu_name, check.gpus = gpus[0]["name"], len(gpus)
     a, b = (

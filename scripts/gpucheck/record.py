@@ -85,13 +85,7 @@ class Report:
     def skip(self, name: str, reason: str) -> dict:
         return self._add(name, "skipped", error=reason, seconds=0.0)
 
-    def _add(
-        self,
-        name: str,
-        status: str,
-        error: str | None = None,
-        seconds: float | None = None,
-    ) -> dict:
+    def _add(self, name: str, status: str, error: str | None = None, seconds: float | None = None) -> dict:
         rec = {"name": name, "ok": None, "status": status, "seconds": seconds}
         rec.update(summary="", numbers={}, error=error)
         self.doc["steps"].append(rec)

@@ -56,12 +56,7 @@ class Check:
         return self.out / "runs" / name
 
     def env(self, **extra: str) -> dict:
-        return {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "SSD_CACHE_DIR": str(self.out / "cache"),
-            **extra,
-        }
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "SSD_CACHE_DIR": str(self.out / "cache"), **extra}
 
     def call(self, name: str, command: list[str], timeout: float, **env: str) -> Path:
         """Run ``command`` in the repository root, output to OUT/logs/NAME.log; Failed unless it exits 0."""
@@ -88,12 +83,7 @@ class Check:
         return self.call(name, [sys.executable, "-m", "ssd", *args], timeout, **env)
 
     def train(
-        self,
-        name: str,
-        overrides: list[str],
-        timeout: float = 300,
-        resume: bool = False,
-        **env: str,
+        self, name: str, overrides: list[str], timeout: float = 300, resume: bool = False, **env: str
     ) -> tuple[Path, list[dict]]:
         """``ssd train`` of the check's config into OUT/runs/NAME; returns the run folder and its loss rows."""
         run = self.run_dir(name)
@@ -101,14 +91,7 @@ class Check:
             shutil.rmtree(run, ignore_errors=True)
         self.ssd(
             name,
-            [
-                "train",
-                str(self.config),
-                "--output-dir",
-                str(run),
-                *overrides,
-                *(["--resume"] if resume else []),
-            ],
+            ["train", str(self.config), "--output-dir", str(run), *overrides, *(["--resume"] if resume else [])],
             timeout,
             **env,
         )
@@ -180,11 +163,7 @@ def check_config(check: Check) -> dict:
     cfg["model"].update(num_classes=len(SHAPES_CLASSES) + 1, **(TINY_MODEL if check.cpu else {}))
     cfg["data"] = {"num_workers": check.s.workers}
     for split in ("train", "val"):  # a list each: no YAML anchors in the written config
-        data = {
-            "format": "voc",
-            "root": str(check.shapes),
-            "classes": list(SHAPES_CLASSES),
-        }
+        data = {"format": "voc", "root": str(check.shapes), "classes": list(SHAPES_CLASSES)}
         cfg["data"][split] = {**data, "split": split}
     cfg["train"].update(
         max_iter=check.s.iters,

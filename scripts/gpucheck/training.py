@@ -10,15 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checks import (
-    SETTLE,
-    analyse_rows,
-    channels_last_report,
-    compact,
-    number,
-    parameter_change,
-    steady_images_per_s,
-)
+from .checks import SETTLE, analyse_rows, channels_last_report, compact, number, parameter_change, steady_images_per_s
 from .record import Failed, Skipped
 from .runs import Check, check_config, eval_rows, load_state, loss_rows
 
@@ -34,21 +26,12 @@ def step_data(check: Check) -> dict:
     from ssd.data.shapes import SHAPES_CLASSES, ensure_shapes
     from ssd.model import build_ssd
 
-    ensure_shapes(
-        check.shapes,
-        check.s.train_images,
-        check.s.val_images,
-        size=check.s.size,
-        seed=0,
-    )
+    ensure_shapes(check.shapes, check.s.train_images, check.s.val_images, size=check.s.size, seed=0)
     cfg = check_config(check)
     model_cfg = from_dict(ModelConfig, cfg["model"], "model")
     torch.manual_seed(0)
     model = build_ssd(model_cfg)
-    save_checkpoint(
-        make_checkpoint(model.state_dict(), model_cfg, SHAPES_CLASSES, "train"),
-        check.init,
-    )
+    save_checkpoint(make_checkpoint(model.state_dict(), model_cfg, SHAPES_CLASSES, "train"), check.init)
     check.param_names = [name for name, _ in model.named_parameters()]
     cfg["model"]["init"] = str(check.init)
     check.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -98,11 +81,7 @@ def verify_run(
     evals = eval_rows(run)
     ips = steady_images_per_s(rows)
     check.images_per_s[name] = ips or 0.0
-    numbers.update(
-        images_per_s=ips,
-        eval_map=evals[-1]["map"] if evals else None,
-        mfu=check.mfu(ips),
-    )
+    numbers.update(images_per_s=ips, eval_map=evals[-1]["map"] if evals else None, mfu=check.mfu(ips))
     scale = ""
     if numbers.get("grad_scale_last") is not None:
         scale = f", scale {numbers['grad_scale_first']:g}->{numbers['grad_scale_last']:g}"
@@ -144,9 +123,7 @@ def step_resume(check: Check) -> dict:
     shutil.copytree(src, run)
     end = check.s.iters + check.s.resume_iters
     run, rows = check.train(
-        "resume",
-        ["train.amp=fp16", "train.channels_last=true", f"train.max_iter={end}"],
-        resume=True,
+        "resume", ["train.amp=fp16", "train.channels_last=true", f"train.max_iter={end}"], resume=True
     )
     new = [r for r in rows if r["iter"] > check.s.iters]
     problems = []
@@ -171,9 +148,7 @@ def step_resume(check: Check) -> dict:
     except Failed as e:
         numbers, problems = e.numbers, problems + [str(e)]
     numbers.update(
-        resumed_at=saved.get("iteration"),
-        saved_scale=saved_scale,
-        loss_before=saved_loss(rows, check.s.iters),
+        resumed_at=saved.get("iteration"), saved_scale=saved_scale, loss_before=saved_loss(rows, check.s.iters)
     )
     if problems:
         raise Failed("; ".join(problems), numbers)
@@ -220,13 +195,7 @@ def step_nccl_2gpu(check: Check) -> dict:
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run = check.run_dir("nccl_2gpu")
     shutil.rmtree(run, ignore_errors=True)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = shlex.split(
         f"-m ssd train {config} --output-dir {run} train.bn=sync train.precise_bn_batches=2 "
         "train.precise_bn_before_eval=true data.num_workers=2 train.max_iter=20 "
@@ -236,11 +205,7 @@ def step_nccl_2gpu(check: Check) -> dict:
     numbers, problems = analyse_rows(loss_rows(run), [5, 10, 15, 20], scaler=True, settle=10)
     evals = eval_rows(run)
     running = [v for k, v in load_state(run / "last.pt")["model"].items() if k.endswith("running_var")]
-    numbers.update(
-        evals_at=[r["iter"] for r in evals],
-        maps=[r["map"] for r in evals],
-        bn_layers=len(running),
-    )
+    numbers.update(evals_at=[r["iter"] for r in evals], maps=[r["map"] for r in evals], bn_layers=len(running))
     if [r["iter"] for r in evals] != [10, 20] or not all(math.isfinite(m) for m in numbers["maps"]):
         problems.append(
             f"evaluations at {numbers['evals_at']} with mAP {numbers['maps']}, expected finite ones at 10 and 20"

@@ -27,10 +27,7 @@ def step_cpu_load(check: Check) -> dict:
     """The fp16 run's last.pt in a process that sees no GPU: it loads, builds and predicts finite outputs."""
     path = fp16_weights(check)
     log = check.call(
-        "cpu_load",
-        [sys.executable, str(SCRIPT), "--load-on-cpu", str(path)],
-        300,
-        CUDA_VISIBLE_DEVICES="",
+        "cpu_load", [sys.executable, str(SCRIPT), "--load-on-cpu", str(path)], 300, CUDA_VISIBLE_DEVICES=""
     )
     result = json.loads(log.read_text().strip().splitlines()[-1])
     problems = [
@@ -115,13 +112,7 @@ def run_eval(check: Check, label: str, weights: Path, device: str, **env: str) -
     out = check.out / "eval" / label
     shutil.rmtree(out, ignore_errors=True)
     args = ["eval", str(check.config), "--weights", str(weights), "--device", device]
-    args += [
-        "--json",
-        str(out / "metrics.json"),
-        "--out-dir",
-        str(out),
-        "train.amp=none",
-    ]
+    args += ["--json", str(out / "metrics.json"), "--out-dir", str(out), "train.amp=none"]
     check.call(f"eval_{label}", [sys.executable, str(SCRIPT), "--ssd-no-tf32", *args], 300, **env)
     result = json.loads((out / "metrics.json").read_text())
     result["dets"] = json.loads((out / "detections.json").read_text())

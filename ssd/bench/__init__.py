@@ -65,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=names, help="run only these rows")
     parser.add_argument("--json", help="write the rows as a JSON list to this file")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per side")
-    parser.add_argument(
-        "--device",
-        choices=list(BENCHES),
-        default="cpu",
-        help="cpu rows (default) or the GPU rows",
-    )
+    parser.add_argument("--device", choices=list(BENCHES), default="cpu", help="cpu rows (default) or the GPU rows")
     args = parser.parse_args(argv)
     benches = BENCHES[args.device]
     if args.device == "cuda" and not torch.cuda.is_available():

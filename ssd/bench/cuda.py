@@ -23,12 +23,7 @@ TRAIN_STEP_FORWARDS = 3
 
 # dense bf16 tensor-core peaks (NVIDIA datasheets, TFLOP/s, without sparsity); H100: the SXM part
 # ("H100 80GB HBM3"; the PCIe card's 756 is not listed: unknown names report the measured rate only)
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "A100": 312.0,
-}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "A100": 312.0}
 
 
 def peak_bf16_tflops(gpu_name: str) -> float | None:

@@ -111,9 +111,7 @@ class ReferenceDetection(Dataset):
         return self.transform(image, target)
 
 
-def collate_uint8(
-    samples: list[tuple[torch.Tensor, dict]],
-) -> tuple[torch.Tensor, list[dict]]:
+def collate_uint8(samples: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """uint8 images ``[B, 3, 300, 300]`` and the targets as a list (boxes in pixels)."""
     images = torch.stack([image for image, _ in samples])
     return images, [target for _, target in samples]
@@ -185,18 +183,12 @@ def bench_loader(repeats: int, num_images: int = 256, batch_size: int = 32, num_
         # the peer reads the same files and boxes
         items = [(r.path, r.boxes, r.labels) for r in cast(DetectionDataset, ours.dataset).records]
         peer = reference_loader(items, batch_size, num_workers)
-        counts = {
-            "ours": our_epoch(ours, check=True),
-            "peer": reference_epoch(peer, check=True),
-        }
+        counts = {"ours": our_epoch(ours, check=True), "peer": reference_epoch(peer, check=True)}
         expected = num_images // batch_size * batch_size
         assert counts == {"ours": expected, "peer": expected}, f"images per epoch {counts}, expected {expected}"
         pair = ours.collate_fn([ours.dataset[0], ours.dataset[1]])
         nhwc = pair["images"].is_contiguous(memory_format=torch.channels_last)
-        epochs = {
-            "ours": functools.partial(our_epoch, ours),
-            "peer": functools.partial(reference_epoch, peer),
-        }
+        epochs = {"ours": functools.partial(our_epoch, ours), "peer": functools.partial(reference_epoch, peer)}
         t = best_interleaved(epochs, max(2, repeats))
         # the last references: their persistent workers stop before the folder goes
         del ours, peer, epochs

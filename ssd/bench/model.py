@@ -24,11 +24,7 @@ SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 def ssd300_case(batch: int, num_classes: int = 21, seed: int = 0):
     """torchvision SSD300 anchors (= our priors for its config), random head outputs and targets."""
     g = torch.Generator().manual_seed(seed)
-    priors = make_priors(
-        SSD300_FEATURES,
-        (300, 300),
-        **resolve_prior_layout(torchvision_model_config(num_classes), 6),
-    )
+    priors = make_priors(SSD300_FEATURES, (300, 300), **resolve_prior_layout(torchvision_model_config(num_classes), 6))
     anchors_px = cxcywh_to_xyxy(priors) * 300
     num_priors = priors.shape[0]
     targets = []
@@ -42,12 +38,7 @@ def ssd300_case(batch: int, num_classes: int = 21, seed: int = 0):
             top2 = box_iou(box, anchors_px)[0].topk(2).values
             if top2[0] - top2[1] > 1e-3:
                 boxes.append(box)
-        targets.append(
-            {
-                "boxes": torch.cat(boxes),
-                "labels": torch.randint(1, num_classes, (n,), generator=g),
-            }
-        )
+        targets.append({"boxes": torch.cat(boxes), "labels": torch.randint(1, num_classes, (n,), generator=g)})
     head = {
         "bbox_regression": torch.randn(batch, num_priors, 4, generator=g),
         "cls_logits": torch.randn(batch, num_priors, num_classes, generator=g),
@@ -103,12 +94,7 @@ def bench_postprocess(repeats: int) -> dict:
     tv = torchvision_ssd()
     priors, anchors_px, _, head = ssd300_case(32)
     cfg = PostprocessConfig()
-    post = PostProcessor(
-        cfg.score_threshold,
-        cfg.nms_threshold,
-        cfg.topk_candidates,
-        cfg.detections_per_image,
-    )
+    post = PostProcessor(cfg.score_threshold, cfg.nms_threshold, cfg.topk_candidates, cfg.detections_per_image)
     anchors = [anchors_px] * head["cls_logits"].shape[0]
     sizes = [(300, 300)] * len(anchors)
     outputs = {"loc": head["bbox_regression"], "conf": head["cls_logits"]}
@@ -325,10 +311,7 @@ def bench_bn_fold(repeats: int) -> dict:
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bn.pt"
-        save_checkpoint(
-            make_checkpoint(model.state_dict(), cfg, [f"c{i}" for i in range(1, 21)], "train"),
-            path,
-        )
+        save_checkpoint(make_checkpoint(model.state_dict(), cfg, [f"c{i}" for i in range(1, 21)], "train"), path)
         fused = Detector.from_checkpoint(path, device="cpu").model
         kept = Detector.from_checkpoint(path, device="cpu", fuse=False).model
     x = torch.randn(4, 3, 300, 300, generator=g).contiguous(memory_format=torch.channels_last)

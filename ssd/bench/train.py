@@ -34,11 +34,7 @@ from ssd.bench.model import ssd300_case, torchvision_ssd
 from ssd.bench.timing import interleaved, paired_speedup
 from ssd.checkpoint import load_state_strict
 from ssd.config import Config, LossConfig, ModelConfig, TrainConfig
-from ssd.convert.torchvision import (
-    convert_torchvision,
-    torchvision_key_map,
-    torchvision_model_config,
-)
+from ssd.convert.torchvision import convert_torchvision, torchvision_key_map, torchvision_model_config
 from ssd.data.transforms import normalize_batch
 from ssd.engine.finetune import freeze_blocks
 from ssd.engine.train import build_optimizer, retain_freed_memory
@@ -74,12 +70,7 @@ def train_batch(batch: int, seed: int = 0, device: str | torch.device = "cpu") -
     _, _, targets, _ = ssd300_case(batch, seed=seed)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     gt_boxes, gt_labels = pad_targets([t["boxes"] / SIZE for t in targets], [t["labels"] for t in targets])
-    return {
-        "images": images,
-        "targets": targets,
-        "gt_boxes": gt_boxes,
-        "gt_labels": gt_labels,
-    }
+    return {"images": images, "targets": targets, "gt_boxes": gt_boxes, "gt_labels": gt_labels}
 
 
 class RepeatableStep:
@@ -271,17 +262,10 @@ def check_equivalence(batch: dict, tv: TorchvisionSSD | None = None) -> dict[str
         build_optimizer(TrainConfig(optimizer="sgd", **SGD), ours),
         lambda: criterion(ours(x_tv), batch["gt_boxes"], batch["gt_labels"], ours.priors),
     )
-    theirs = RepeatableStep(
-        tv,
-        torch.optim.SGD(tv.parameters(), **SGD),
-        lambda: tv(images, batch["targets"]),
-    )
+    theirs = RepeatableStep(tv, torch.optim.SGD(tv.parameters(), **SGD), lambda: tv(images, batch["targets"]))
     lo, lt = mine.step(), theirs.step()
     loss_diff = 0.0
-    for a, b in (
-        (lo["loc"], lt["bbox_regression"]),
-        (lo["conf"], lt["classification"]),
-    ):
+    for a, b in ((lo["loc"], lt["bbox_regression"]), (lo["conf"], lt["classification"])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         loss_diff = max(loss_diff, float((a - b).abs()))
     return {

@@ -54,9 +54,8 @@ class Problems:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     fixed: Counter = field(default_factory=Counter)
-    _last_fix: dict[str, tuple[str, int]] = field(
-        default_factory=dict, repr=False
-    )  # kind -> (file, boxes) of the last line
+    # kind -> (file, boxes) of the last line
+    _last_fix: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
 
     def report(self, kind: str, where: str, message: str) -> None:
         text = f"{where}: {message}"

@@ -140,10 +140,11 @@ def _shaded(rng: np.random.Generator, colour: np.ndarray, shape: tuple[int, int]
     """``colour`` with a mild linear shading (up to +-12% across the patch), float32 [h, w, 3]."""
     h, w = shape
     amount, angle = rng.uniform(0, 0.25), rng.uniform(0, 2 * np.pi)
+    # [h, w]
     ramp = (
         np.cos(angle) * np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
         + np.sin(angle) * np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]
-    )  # [h, w]
+    )
     return np.clip((1 + amount * ramp)[..., None] * colour, 0, 255).astype(np.float32)
 
 
@@ -330,10 +331,8 @@ def _parameters(
         "seed": seed,
         "max_objects": max_objects,
     }
-    if sides != (
-        MIN_SIDE,
-        MAX_SIDE,
-    ):  # only then: the manifests of default datasets written before the option stay valid
+    # only then: the manifests of default datasets written before the option stay valid
+    if sides != (MIN_SIDE, MAX_SIDE):
         params["min_side"], params["max_side"] = sides
     return params
 

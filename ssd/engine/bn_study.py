@@ -213,9 +213,8 @@ def run_variant(cfg: Config, variant: Variant, out: Path, images: Tensor) -> dic
         end, end_iter = preactivations(model, x), int(ckpt.get("iteration", 0))
 
     losses = [r["loss"] for r in train_rows]
-    skipped = sum(
-        r.get("skipped", 0) for r in rows
-    )  # in the logged windows: the engine stops before logging its last ones
+    # in the logged windows: the engine stops before logging its last ones
+    skipped = sum(r.get("skipped", 0) for r in rows)
     reason = divergence(error, skipped, losses)
     maps = [r["map"] for r in eval_rows]
     return {

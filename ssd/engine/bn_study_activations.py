@@ -95,9 +95,8 @@ def histograms(start: dict[str, Tensor], end: dict[str, Tensor] | None) -> dict[
         cell: dict[str, Any] = {"edges": [round(e, 6) for e in edges.tolist()]}
         for phase, values in phases.items():
             x = values[torch.isfinite(values)]
-            counts = (
-                torch.histc(x, HIST_BINS, lo, hi) if x.numel() else torch.zeros(HIST_BINS)
-            )  # outside the range: dropped
+            # outside the range: dropped
+            counts = torch.histc(x, HIST_BINS, lo, hi) if x.numel() else torch.zeros(HIST_BINS)
             density = counts / max(1, x.numel()) / float(edges[1] - edges[0])  # the area shown = the share in range
             cell[phase] = {
                 "density": [round(d, 6) for d in density.tolist()],

@@ -63,9 +63,8 @@ def format_table(summary: dict) -> str:
     for r in summary["variants"]:
         diverged = f"**yes** ({r['diverged_reason']})" if r["diverged"] else "no"
         if r["loss_rebound"] >= REBOUND_NOTE:
-            factor = (
-                f"{r['loss_rebound']:.1f}" if r["loss_rebound"] < 1000 else f"{r['loss_rebound']:.0e}"
-            )  # a blow-up: 2e+29x
+            # a blow-up: 2e+29x
+            factor = f"{r['loss_rebound']:.1f}" if r["loss_rebound"] < 1000 else f"{r['loss_rebound']:.0e}"
             diverged += f" (loss rebounded {factor}x, iteration {r['loss_rebound_iter']})"
         to90 = str(r["iters_to_90pct"]) if r["iters_to_90pct"] is not None else "never"
         lines.append(

@@ -93,9 +93,8 @@ class TensorBoard:
     def train_row(self, row: dict) -> None:
         if self.writer:
             for key in ("loss", "loc", "conf", "lr", "images_per_s", "skipped", "grad_scale"):
-                if (
-                    row.get(key) is not None
-                ):  # no loss terms when every step of the window was skipped; grad_scale: fp16
+                # no loss terms when every step of the window was skipped; grad_scale: fp16
+                if row.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", row[key], row["iter"])
 
     def eval_row(self, it: int, res: dict) -> None:

@@ -104,9 +104,8 @@ class TrainStep:
         losses = self.criterion(outputs, gt_boxes, gt_labels, self.model.priors)
         loss = losses["loc"] + losses["conf"]
         bad = (~torch.isfinite(loss)).float()
-        if (
-            self.distributed and not self.scaler.is_enabled()
-        ):  # every rank skips together (fp16: DDP's NaN gradients agree)
+        # every rank skips together (fp16: DDP's NaN gradients agree)
+        if self.distributed and not self.scaler.is_enabled():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():

@@ -490,9 +490,8 @@ def _train_loop(
     if progress is not None:
         progress.close()
     if stop_reason == "signal":
-        if (
-            state.get("saved_at") != it
-        ):  # not again right after train.checkpoint_period's save: last.prev.pt stays older
+        # not again right after train.checkpoint_period's save: last.prev.pt stays older
+        if state.get("saved_at") != it:
             save_last()
         if ctx.is_main:
             best = state["best"]
