@@ -200,7 +200,7 @@ def test_val_subset_is_the_first_images_without_touching_the_data(shapes, tmp_pa
     sub_cfg = val_subset(cfg.data.val, 3, tmp_path / "voc")
     sub = build_dataset(sub_cfg, None, train=False, key="data.val")
     assert [r.image_id for r in sub.records] == [r.image_id for r in full.records[:3]]
-    for a, b in zip(sub.records, full.records, strict=True):
+    for a, b in zip(sub.records, full.records[:3], strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
     assert (shapes / "ImageSets" / "Main" / "val.txt").read_text().count("\n") == 8  # the data folder is unchanged
     assert val_subset(cfg.data.val, 0, tmp_path / "all") is cfg.data.val

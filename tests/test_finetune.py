@@ -35,7 +35,7 @@ from ssd.config import (
 )
 from ssd.convert import convert_file, convert_vgg
 from ssd.convert.caffe_ports import LAYOUTS, caffe_port_key_map
-from ssd.convert.common import OUR_TRUNK
+from ssd.convert.common import OUR_VGG_CONVS
 from ssd.convert.torchvision import TV_PREPROCESS, TV_SCALES, torchvision_key_map
 from ssd.convert.vgg import VGG16_CONV
 from ssd.data.dataset import collate
@@ -273,7 +273,7 @@ def vgg16_trunk(tmp_path_factory) -> Path:
     torch.manual_seed(3)
     ours = build_ssd(ModelConfig(width=WIDTH, dropout=0.0)).state_dict()
     state = {}
-    for i, name in zip(VGG16_CONV, OUR_TRUNK, strict=True):
+    for i, name in zip(VGG16_CONV, OUR_VGG_CONVS, strict=True):
         state[f"features.{i}.weight"], state[f"features.{i}.bias"] = ours[f"{name}.weight"], ours[f"{name}.bias"]
     for i, shape in ((0, (4096, 25088)), (3, (4096, 4096)), (6, (1000, 4096))):  # 0.5 GB as real tensors
         state[f"classifier.{i}.weight"] = torch.zeros(1).expand(*shape)

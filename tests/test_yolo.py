@@ -345,7 +345,7 @@ def test_val_subset_of_a_yolo_split_keeps_the_first_images_and_their_ids(shapes_
     full = build_dataset(cfg, None, train=False, key="data.val").records
     sub = build_dataset(val_subset(cfg, 3, tmp_path / "subset"), None, train=False, key="data.val").records
     assert [r.image_id for r in sub] == [r.image_id for r in full[:3]] == [f"images/val/val_00000{i}" for i in range(3)]
-    for a, b in zip(sub, full, strict=True):
+    for a, b in zip(sub, full[:3], strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
 
 

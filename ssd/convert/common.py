@@ -12,6 +12,7 @@ from ssd.model.vgg import TRUNK_LAYERS
 
 # Our names of the 15 trunk convolutions, in VGG order (conv1_1 .. conv5_3, fc6, fc7)
 OUR_TRUNK = [f"backbone.{name}.conv" for name in TRUNK_LAYERS]
+OUR_VGG_CONVS = OUR_TRUNK[:13]  # conv1_1 .. conv5_3: ImageNet VGG16's features (its fc6/fc7 are subsampled)
 # ssd.pytorch `vgg` ModuleList / lufficc `backbone.vgg`: indices of those 15 convolutions
 CAFFE_VGG_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33]
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from ssd.checkpoint import CheckpointError, make_checkpoint
 from ssd.classes import VOC_CLASSES
 from ssd.config import ModelConfig
-from ssd.convert.common import OUR_TRUNK, rename
+from ssd.convert.common import OUR_VGG_CONVS, rename
 
 # conv layers of torchvision's VGG16 `features`; with BN each conv is followed by its BatchNorm at i + 1
 VGG16_CONV = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
@@ -46,7 +46,7 @@ def convert_vgg(state: dict[str, Tensor], batch_norm: bool, source: str = "vgg16
     """
     convs = VGG16_BN_CONV if batch_norm else VGG16_CONV
     key_map = {}
-    for i, ours in zip(convs, OUR_TRUNK, strict=True):
+    for i, ours in zip(convs, OUR_VGG_CONVS, strict=True):
         key_map[f"features.{i}.weight"] = f"{ours}.weight"
         key_map[f"features.{i}.bias"] = f"{ours}.bias"
         if batch_norm:
@@ -63,7 +63,7 @@ def convert_vgg(state: dict[str, Tensor], batch_norm: bool, source: str = "vgg16
             "expected (4096, 25088)"
         )
     if batch_norm:
-        for ours in OUR_TRUNK:
+        for ours in OUR_VGG_CONVS:
             bn = ours.removesuffix(".conv") + ".bn"
             trunk[f"{bn}.running_mean"] = trunk[f"{bn}.running_mean"] - trunk.pop(f"{ours}.bias")
     trunk.update(subsample_fc(*(state[k] for k in FC_KEYS)))
