@@ -12,6 +12,7 @@ from ssd import __version__
 from ssd.checkpoint import WEIGHTS_KINDS, CheckpointError, save_checkpoint
 from ssd.config import ConfigError, load_config
 from ssd.data.records import DatasetError
+from ssd.engine.bn_report import DEFAULT_BATCHES
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError)
 WEIGHTS_KIND_HELP = (
@@ -236,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="checkpoint of a model with BatchNorm")
     p.add_argument("--config", required=True, help="YAML config whose data.train provides the batches")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--batches", type=int, default=4, help="training batches to measure (default 4)")
+    p.add_argument(
+        "--batches", type=int, default=DEFAULT_BATCHES, help=f"training batches to measure (default {DEFAULT_BATCHES})"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bn_report)
 

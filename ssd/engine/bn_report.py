@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ DRIFT_VAR_GAP = 0.5
 # A layer's thresholds rise to NOISE_FACTOR times the gap that noise gives (:func:`sampling_gaps`, measured
 # from the spread between the batches) where this exceeds the fixed ones.
 NOISE_FACTOR = 3.0
+# `ssd bn-report --batches`: with 8 batches the spread between them is measured well enough that healthy
+# models are flagged in <= 1% of sampling seeds (4 batches: up to 1.7%, conv1's noise underestimated);
+# scripts/bn_report_rates.py measures it, docs/batchnorm.md gives the rates
+DEFAULT_BATCHES = 8
 
 
 def sampling_gaps(
@@ -116,7 +121,136 @@ class BNReport:
         return [layer for layer in self.layers if layer.flagged]
 
 
+@dataclass
+class BatchStatistics:
+    """What :func:`measure_batches` recorded. Per BN layer: ``means`` / ``variances`` ``[K, C]`` (float64,
+    unbiased) of its input in each of the ``K`` batches and ``values`` per channel in one batch; for the
+    model, the train-mode vs eval-mode losses and output gaps of :class:`BNReport`."""
+
+    means: dict[str, torch.Tensor]
+    variances: dict[str, torch.Tensor]
+    values: dict[str, int]
+    batches: int
+    images: int
+    loss_train: float
+    loss_eval: float
+    conf_gap: float
+    loc_gap: float
+
+
 @torch.no_grad()
+def measure_batches(
+    model: nn.Module,
+    batches: Iterable,
+    prepare: Callable[[object], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    criterion: Callable,
+    num_batches: int,
+) -> BatchStatistics:
+    """Run ``num_batches`` batches through ``model`` in eval mode and in train mode (dropout off), recording
+    each BN input's per-channel statistics in train mode; weights, running statistics and every module's
+    train/eval state are left as they were. ``prepare``: as :func:`bn_report`."""
+    layers = bn_layers(model)
+    buffers = {name: [b.clone() for b in m.buffers()] for name, m in layers}
+    # per batch: means [C], unbiased variances [C], values per channel
+    stats: dict[str, tuple[list[Any], list[Any], list[Any]]] = {name: ([], [], []) for name, _ in layers}
+
+    def hook(name: str):
+        def record(module, inputs):
+            var, mean = torch.var_mean(inputs[0].detach().float(), dim=(0, 2, 3), correction=1)  # [C] each, no copy
+            values = inputs[0].numel() // inputs[0].shape[1]
+            for kept, value in zip(stats[name], (mean.double(), var.double(), values), strict=True):
+                kept.append(value)
+
+        return record
+
+    modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
+    totals: dict[str, Any] = {"loss_train": 0.0, "loss_eval": 0.0, "conf": [0.0, 0.0], "loc": [0.0, 0.0]}
+    used, images_seen = 0, 0
+    try:
+        for batch in batches:
+            if used >= num_batches:
+                break
+            images, boxes, labels = prepare(batch)
+            if len(images) < 2:
+                continue  # batch statistics need more than one image
+            model.eval()
+            out_eval = model(images)
+            model.train()
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
+            handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+            try:
+                out_train = model(images)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, m in layers:  # train mode moved the running statistics: put them back
+                for b, saved in zip(m.buffers(), buffers[name], strict=True):
+                    b.copy_(saved)
+            for key, out in (("loss_train", out_train), ("loss_eval", out_eval)):
+                losses = criterion(out, boxes, labels, model.priors)
+                totals[key] += float(losses["loc"] + losses["conf"])
+            for key in ("conf", "loc"):
+                totals[key][0] += float((out_train[key].double() - out_eval[key].double()).pow(2).sum())
+                totals[key][1] += float(out_train[key].double().pow(2).sum())
+            used += 1
+            images_seen += len(images)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if used == 0:
+        raise ValueError("no batch of at least 2 images to measure BatchNorm statistics on")
+    return BatchStatistics(
+        means={name: torch.stack(s[0]) for name, s in stats.items()},
+        variances={name: torch.stack(s[1]) for name, s in stats.items()},
+        values={name: round(sum(s[2]) / len(s[2])) for name, s in stats.items()},
+        batches=used,
+        images=images_seen,
+        loss_train=totals["loss_train"] / used,
+        loss_eval=totals["loss_eval"] / used,
+        conf_gap=(totals["conf"][0] / max(totals["conf"][1], 1e-30)) ** 0.5,
+        loc_gap=(totals["loc"][0] / max(totals["loc"][1], 1e-30)) ** 0.5,
+    )
+
+
+def judge_layer(
+    name: str,
+    m: nn.modules.batchnorm._BatchNorm,
+    stats: BatchStatistics,
+    stale: bool = False,
+    mean_threshold: float = DRIFT_MEAN_GAP,
+    var_threshold: float = DRIFT_VAR_GAP,
+    noise_factor: float = NOISE_FACTOR,
+) -> BNLayerReport:
+    """Layer ``name`` (module ``m``, its running statistics as they are now) against the measured ``stats``."""
+    means, variances = stats.means[name], stats.variances[name]  # [K, C]
+    batch_mean, batch_var = means.mean(0), variances.mean(0)
+    assert m.running_mean is not None and m.running_var is not None  # SSD's BN layers track running statistics
+    run_mean, run_var = m.running_mean.double(), m.running_var.double()
+    mean_gap = ((run_mean - batch_mean).abs() / (batch_var + m.eps).sqrt()).mean()
+    ratio = (run_var + m.eps) / (batch_var + m.eps)
+    var_gap = (torch.maximum(ratio, 1 / ratio) - 1).mean()
+    tracked = 0 if m.num_batches_tracked is None else int(m.num_batches_tracked)
+    noise = sampling_gaps(means, variances, m.momentum, tracked, m.eps)
+    thresholds = max(mean_threshold, noise_factor * noise[0]), max(var_threshold, noise_factor * noise[1])
+    return BNLayerReport(
+        name=name,
+        channels=m.num_features,
+        values=stats.values[name],
+        running_mean=float(run_mean.mean()),
+        batch_mean=float(batch_mean.mean()),
+        running_var=float(run_var.mean()),
+        batch_var=float(batch_var.mean()),
+        mean_gap=float(mean_gap),
+        var_gap=float(var_gap),
+        stale=stale,
+        drifted=bool(mean_gap > thresholds[0] or var_gap > thresholds[1]),
+        mean_threshold=thresholds[0],
+        var_threshold=thresholds[1],
+    )
+
+
 def bn_report(
     model: nn.Module,
     batches: Iterable,
@@ -141,97 +275,16 @@ def bn_report(
     if not layers:
         raise ValueError("the model has no BatchNorm layers (model.batch_norm: none): nothing to report")
     stale = set(stale_bn_layers(model))
-    buffers = {name: [b.clone() for b in m.buffers()] for name, m in layers}
-    # per batch: means [C], unbiased variances [C], values per channel
-    stats: dict[str, tuple[list[Any], list[Any], list[Any]]] = {name: ([], [], []) for name, _ in layers}
-
-    def hook(name: str):
-        def record(module, inputs):
-            var, mean = torch.var_mean(inputs[0].detach().float(), dim=(0, 2, 3), correction=1)  # [C] each, no copy
-            for kept, value in zip(
-                stats[name], (mean.double(), var.double(), inputs[0].numel() // inputs[0].shape[1]), strict=True
-            ):
-                kept.append(value)
-
-        return record
-
-    modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
-    totals: dict[str, Any] = {"loss_train": 0.0, "loss_eval": 0.0, "conf": [0.0, 0.0], "loc": [0.0, 0.0]}
-    used, images_seen = 0, 0
-    try:
-        for batch in batches:
-            if used >= num_batches:
-                break
-            images, boxes, labels = prepare(batch)
-            if len(images) < 2:
-                continue  # batch statistics need more than one image
-            priors = model.priors
-            model.eval()
-            out_eval = model(images)
-            model.train()
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.eval()
-            handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
-            try:
-                out_train = model(images)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, m in layers:  # train mode moved the running statistics: put them back
-                for b, saved in zip(m.buffers(), buffers[name], strict=True):
-                    b.copy_(saved)
-            for key, out in (("loss_train", out_train), ("loss_eval", out_eval)):
-                losses = criterion(out, boxes, labels, priors)
-                totals[key] += float(losses["loc"] + losses["conf"])
-            for key in ("conf", "loc"):
-                totals[key][0] += float((out_train[key].double() - out_eval[key].double()).pow(2).sum())
-                totals[key][1] += float(out_train[key].double().pow(2).sum())
-            used += 1
-            images_seen += len(images)
-    finally:
-        for m, training in modes:
-            m.training = training
-    if used == 0:
-        raise ValueError("no batch of at least 2 images to measure BatchNorm statistics on")
-
-    reports = []
-    for name, m in layers:
-        means, variances, values = torch.stack(stats[name][0]), torch.stack(stats[name][1]), stats[name][2]  # [K, C]
-        batch_mean, batch_var = means.mean(0), variances.mean(0)
-        assert m.running_mean is not None and m.running_var is not None  # SSD's BN layers track running statistics
-        run_mean, run_var = m.running_mean.double(), m.running_var.double()
-        mean_gap = (run_mean - batch_mean).abs() / (batch_var + m.eps).sqrt()
-        ratio = (run_var + m.eps) / (batch_var + m.eps)
-        var_gap = torch.maximum(ratio, 1 / ratio) - 1
-        tracked = 0 if m.num_batches_tracked is None else int(m.num_batches_tracked)
-        noise = sampling_gaps(means, variances, m.momentum, tracked, m.eps)
-        thresholds = max(mean_threshold, noise_factor * noise[0]), max(var_threshold, noise_factor * noise[1])
-        reports.append(
-            BNLayerReport(
-                name=name,
-                channels=m.num_features,
-                values=round(sum(values) / len(values)),
-                running_mean=float(run_mean.mean()),
-                batch_mean=float(batch_mean.mean()),
-                running_var=float(run_var.mean()),
-                batch_var=float(batch_var.mean()),
-                mean_gap=float(mean_gap.mean()),
-                var_gap=float(var_gap.mean()),
-                stale=name in stale,
-                drifted=bool(mean_gap.mean() > thresholds[0] or var_gap.mean() > thresholds[1]),
-                mean_threshold=thresholds[0],
-                var_threshold=thresholds[1],
-            )
-        )
+    stats = measure_batches(model, batches, prepare, criterion, num_batches)
+    limits = (mean_threshold, var_threshold, noise_factor)
     return BNReport(
-        layers=reports,
-        batches=used,
-        images=images_seen,
-        loss_train=totals["loss_train"] / used,
-        loss_eval=totals["loss_eval"] / used,
-        conf_gap=(totals["conf"][0] / max(totals["conf"][1], 1e-30)) ** 0.5,
-        loc_gap=(totals["loc"][0] / max(totals["loc"][1], 1e-30)) ** 0.5,
+        layers=[judge_layer(name, m, stats, name in stale, *limits) for name, m in layers],
+        batches=stats.batches,
+        images=stats.images,
+        loss_train=stats.loss_train,
+        loss_eval=stats.loss_eval,
+        conf_gap=stats.conf_gap,
+        loc_gap=stats.loc_gap,
         mean_threshold=mean_threshold,
         var_threshold=var_threshold,
     )
@@ -295,6 +348,39 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def report_setup(
+    cfg, model: nn.Module, ckpt: dict, weights: str | Path, config: str | Path, num_batches: int
+) -> tuple[Callable, Callable, Callable]:
+    """``(batches, prepare, criterion)`` for :func:`bn_report` of ``model`` (loaded from ``weights``; ``cfg``
+    read from ``config``): ``batches(seed)`` is a loader of ``data.train`` through the training transforms
+    (batch ``train.batch_size``) at the checkpoint's input size and preprocessing, on ``model``'s device."""
+    from ssd.checkpoint import checkpoint_model_config
+    from ssd.data.dataset import build_dataset
+    from ssd.data.loader import build_dataloader, default_num_workers
+    from ssd.data.transforms import build_transforms, normalize_batch
+    from ssd.loss import build_loss
+
+    mcfg = checkpoint_model_config(ckpt, weights)  # the input size and preprocessing the weights expect
+    assert mcfg.input_size is not None  # set by ModelConfig.__post_init__
+    transform = build_transforms(cfg.data.augment, mcfg.preprocess, mcfg.input_size, train=True)
+    dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
+    if len(dataset.classes) != mcfg.num_classes - 1:
+        raise ValueError(
+            f"{weights} has {mcfg.num_classes - 1} classes but data.train of {config} has {len(dataset.classes)}"
+        )
+    device = next(model.parameters()).device
+    workers = min(default_num_workers(cfg.data.num_workers), num_batches)
+
+    def batches(seed: int):
+        return build_dataloader(dataset, cfg.train.batch_size, train=True, num_workers=workers, seed=seed)
+
+    def prepare(batch):
+        images = normalize_batch(batch["images"].to(device), mcfg.preprocess)
+        return images, batch["boxes"].to(device), batch["labels"].to(device)
+
+    return batches, prepare, build_loss(cfg.loss, mcfg)
+
+
 def run_bn_report_command(args) -> int:
     """``ssd bn-report --weights CKPT --config CFG [key=value ...] [--batches N] [--device D]``.
 
@@ -302,48 +388,20 @@ def run_bn_report_command(args) -> int:
     ``train.batch_size``) at the checkpoint's input size and preprocessing. Prints the table; exit
     code 0 when every layer is ok, 1 when any is stale or drifted (like ``ssd data check``).
     """
-    from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
+    from ssd.checkpoint import model_from_checkpoint
     from ssd.config import load_config
-    from ssd.data.dataset import build_dataset
-    from ssd.data.loader import build_dataloader, default_num_workers
-    from ssd.data.transforms import build_transforms, normalize_batch
-    from ssd.loss import build_loss
 
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     cfg = load_config(args.config, args.overrides)
     model, ckpt = model_from_checkpoint(args.weights)
-    mcfg = checkpoint_model_config(ckpt, args.weights)  # the input size and preprocessing the weights expect
     if not bn_layers(model):
         raise ValueError(
             f"{args.weights}: the model has no BatchNorm layers (model.batch_norm: none); nothing to report"
         )
-    device = _device(args.device)
-    model.to(device)
-    assert mcfg.input_size is not None  # set by ModelConfig.__post_init__
-    transform = build_transforms(cfg.data.augment, mcfg.preprocess, mcfg.input_size, train=True)
-    dataset = build_dataset(cfg.data.train, transform, train=True, on_error=cfg.data.on_error, key="data.train")
-    if len(dataset.classes) != mcfg.num_classes - 1:
-        raise ValueError(
-            f"{args.weights} has {mcfg.num_classes - 1} classes but data.train of {args.config} "
-            f"has {len(dataset.classes)}"
-        )
-    loader = build_dataloader(
-        dataset,
-        cfg.train.batch_size,
-        train=True,
-        num_workers=min(default_num_workers(cfg.data.num_workers), args.batches),
-        seed=cfg.train.seed,
-    )
-
-    def prepare(batch):
-        images = normalize_batch(batch["images"].to(device), mcfg.preprocess)
-        return images, batch["boxes"].to(device), batch["labels"].to(device)
-
-    report = bn_report(model, loader, prepare, build_loss(cfg.loss, mcfg), args.batches)
-    print(
-        format_bn_report(
-            report, f"BatchNorm report for {args.weights}: {len(report.layers)} layers, data.train of {args.config}"
-        )
-    )
+    model.to(_device(args.device))
+    batches, prepare, criterion = report_setup(cfg, model, ckpt, args.weights, args.config, args.batches)
+    report = bn_report(model, batches(cfg.train.seed), prepare, criterion, args.batches)
+    title = f"BatchNorm report for {args.weights}: {len(report.layers)} layers, data.train of {args.config}"
+    print(format_bn_report(report, title))
     return 1 if report.flagged else 0
