@@ -66,6 +66,7 @@ def test_train_batch_is_nhwc_uint8_with_both_kinds_of_targets():
         assert torch.equal(batch["gt_labels"][i, :n], t["labels"]) and (batch["gt_labels"][i, n:] == 0).all()
 
 
+@pytest.mark.numerics
 def test_our_training_step_equals_torchvisions_on_its_weights(tv_ssd300):
     diffs = check_equivalence(train_batch(1, seed=1), tv_ssd300)
     assert diffs["preprocess_max_abs_diff"] <= 1e-4

@@ -63,7 +63,7 @@ def run_dict(root: Path, **model_options) -> dict:
     }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,8 @@ from ssd.convert.caffe_ports import LAYOUTS, caffe_port_key_map
 from ssd.model import build_ssd
 from ssd.postprocess import PostProcessor
 
+pytestmark = pytest.mark.numerics
+
 SSD300_GRID = [38, 19, 10, 5, 3, 1]
 SSD300_ANCHORS = [4, 6, 6, 6, 4, 4]
 SSD300_SOURCE_CHANNELS = [512, 1024, 512, 256, 256, 256]

@@ -21,7 +21,7 @@ from ssd.model import build_ssd  # noqa: E402
 from ssd.ops.boxes import decode  # noqa: E402
 from ssd.postprocess import PostProcessor  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

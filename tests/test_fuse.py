@@ -13,7 +13,7 @@ from ssd.fuse import fuse_batchnorm
 from ssd.inference import Detector
 from ssd.model import build_ssd
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> None:

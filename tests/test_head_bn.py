@@ -75,7 +75,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,7 @@ def tv21_ckpt(tv21, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.numerics
 def test_predict_cli_matches_torchvision_on_non_square_images(tv21, tv21_ckpt, tmp_path):
     """``ssd predict`` JSON == torchvision's model on the same PNGs (320x240 and 375x500 need resizing)."""
     images = [random_image(240, 320, seed=10), random_image(500, 375, seed=11)]

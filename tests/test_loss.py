@@ -14,6 +14,8 @@ from loss_reference import reference_multibox_loss
 from ssd.loss import MultiBoxLoss, match, pad_targets
 from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
 
+pytestmark = pytest.mark.numerics
+
 
 def random_targets_px(num_boxes: list[int], anchors_px: torch.Tensor, generator: torch.Generator) -> list[dict]:
     """Random 300 px targets whose matching has no near-ties (so pixel vs normalised IoU cannot flip it)."""

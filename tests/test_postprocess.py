@@ -9,6 +9,8 @@ from torchvision.ops import batched_nms
 from ssd.ops.boxes import cxcywh_to_xyxy, decode, encode
 from ssd.postprocess import PostProcessor
 
+pytestmark = pytest.mark.numerics
+
 
 def tv_head(outputs: dict) -> dict:
     return {"bbox_regression": outputs["loc"], "cls_logits": outputs["conf"]}

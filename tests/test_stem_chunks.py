@@ -15,6 +15,8 @@ from ssd.engine.finetune import freeze_blocks
 from ssd.loss import build_loss, pad_targets
 from ssd.model import build_ssd
 
+pytestmark = pytest.mark.numerics
+
 
 def conv1_batches(model) -> list[int]:
     """Batch sizes conv1 sees, in order (a forward hook, removed by the caller through ``.remove()``)."""

@@ -19,6 +19,8 @@ from ssd.device import resolve_device, use_channels_last
 from ssd.engine import train as engine
 from ssd.engine.train import build_optimizer
 
+pytestmark = pytest.mark.numerics
+
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
