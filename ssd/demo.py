@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from ssd.config import Config, load_config
 from ssd.data.dataset import read_image
 from ssd.data.shapes import ensure_shapes
 from ssd.engine.evaluate import build_eval_loader, build_eval_set, predict_loader
+from ssd.engine.machine_load import free_cpus
 from ssd.engine.train import train
 from ssd.postprocess import build_postprocess
 from ssd.visualize import draw_detections
@@ -36,7 +38,12 @@ def run_demo(out: str | Path, overrides: Sequence[str] = (), num_images: int = 8
         raise FileNotFoundError(f"{DEMO_CONFIG}: the demo config ships with the repository (configs/shapes_tiny.yaml)")
     data_dir = ensure_shapes(out / "data", **data)
     cfg = load_config(DEMO_CONFIG, [f"data.train.root={data_dir}", f"data.val.root={data_dir}", *overrides])
-    summary = train(cfg, out / "run")
+    threads = torch.get_num_threads()
+    try:
+        fit_threads_to_free_cpus()
+        summary = train(cfg, out / "run")
+    finally:
+        torch.set_num_threads(threads)
     if summary["stopped"] == "signal":  # nothing evaluated: no mAP, no drawn detections
         return {"stopped": summary["signal"] or "SIGTERM", "iterations": summary["iteration"]}
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +67,25 @@ def run_demo(out: str | Path, overrides: Sequence[str] = (), num_images: int = 8
         out / "detections",
     )
     return metrics
+
+
+def fit_threads_to_free_cpus() -> None:
+    """Train with as many threads as CPUs other processes leave free, unless OMP_NUM_THREADS chooses: a
+    thread that shares its core with another process holds up the others at every parallel region, so
+    fewer threads finish sooner on a busy machine; the iterations, and so the result, stay the same."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    free, busy = free_cpus()
+    threads = torch.get_num_threads()
+    if busy is not None and free < threads:
+        log.warning(
+            "other processes keep %.1f CPUs busy: the demo trains with %d thread(s) instead of %d "
+            "(OMP_NUM_THREADS chooses); the result is the same, only later",
+            busy,
+            free,
+            threads,
+        )
+        torch.set_num_threads(free)
 
 
 def draw_validation_images(cfg: Config, weights: Path, out: Path, count: int) -> None:

@@ -337,11 +337,17 @@ def test_an_unreadable_image_is_warned_about_once_by_name(shapes, tmp_path, capl
 
 
 def test_eta_follows_the_recent_iteration_rate_and_the_time_limit():
-    eta = Eta(max_iter=100, time_limit=None, keep=2)
+    eta = Eta(max_iter=100, time_limit=None, recent_s=30.0)
     assert eta.update(10, 10, 50.0, elapsed=50.0) == pytest.approx(90 * 5.0)  # only the first window: its rate
     assert eta.update(20, 10, 10.0, elapsed=60.0) == pytest.approx(80 * 1.0)  # the first (start-up) window dropped
-    assert eta.update(30, 10, 20.0, elapsed=80.0) == pytest.approx(70 * 1.5)  # windows 2 and 3
-    assert eta.update(40, 10, 40.0, elapsed=120.0) == pytest.approx(60 * 3.0)  # windows 3 and 4 (keep=2)
+    assert eta.update(30, 10, 20.0, elapsed=80.0) == pytest.approx(70 * 1.5)  # windows 2 and 3: 30 s
+    assert eta.update(40, 10, 40.0, elapsed=120.0) == pytest.approx(60 * 4.0)  # window 4 alone is 30+ s
+    # the machine became 10x faster (its neighbour finished): the estimate follows within 30 s of training
+    slow = Eta(max_iter=1000, time_limit=None)
+    for i in range(1, 6):
+        slow.update(10 * i, 10, 40.0, elapsed=40.0 * i)
+    per_iteration = [slow.update(50 + 10 * i, 10, 4.0, elapsed=200.0 + 4 * i) / (950 - 10 * i) for i in range(1, 9)]
+    assert per_iteration[0] == pytest.approx((40 + 4) / 20) and per_iteration[-1] == pytest.approx(0.4)
     limited = Eta(max_iter=100, time_limit=100.0)
     assert limited.update(10, 10, 10.0, elapsed=12.0) == pytest.approx(88.0)  # the time limit ends it first
     assert limited.update(20, 10, 10.0, elapsed=130.0) == 0.0

@@ -18,15 +18,16 @@ log = logging.getLogger("ssd.train")
 
 
 class Eta:
-    """Seconds left, as detectron2 estimates them: the recent time per iteration (training time of the
-    last ``keep`` log windows, evaluations and saves not counted) times the iterations left; or the time
-    left when ``train.time_limit`` ends the run sooner. This process's first window (the loader's
-    start, compilation) counts only until a second one exists."""
+    """Seconds left: the recent time per iteration (training time of the latest log windows that add up
+    to ``recent_s`` seconds, evaluations and saves not counted) times the iterations left; or the time
+    left when ``train.time_limit`` ends the run sooner. Recent, not the average since the start: when
+    the machine's load changes, the estimate follows within ``recent_s``. This process's first window
+    (the loader's start, compilation) counts only until a second one exists."""
 
-    def __init__(self, max_iter: int, time_limit: float | None, keep: int = 20) -> None:
-        self.max_iter, self.time_limit = max_iter, time_limit
+    def __init__(self, max_iter: int, time_limit: float | None, recent_s: float = 30.0) -> None:
+        self.max_iter, self.time_limit, self.recent_s = max_iter, time_limit, recent_s
         self.first: tuple[int, float] | None = None
-        self.recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=keep)
+        self.recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=1000)
 
     def update(self, iteration: int, iterations: int, seconds: float, elapsed: float) -> float:
         """A log window of ``iterations`` steps in ``seconds`` ended at ``iteration``, ``elapsed``
@@ -35,8 +36,12 @@ class Eta:
             self.first = (iterations, seconds)
         else:
             self.recent.append((iterations, seconds))
-        windows = self.recent or [self.first]
-        per_iteration = sum(s for _, s in windows) / max(1, sum(n for n, _ in windows))
+        iterations_sum, seconds_sum = 0, 0.0
+        for n, s in reversed(self.recent or [self.first]):
+            iterations_sum, seconds_sum = iterations_sum + n, seconds_sum + s
+            if seconds_sum >= self.recent_s:
+                break
+        per_iteration = seconds_sum / max(1, iterations_sum)
         left = (self.max_iter - iteration) * per_iteration
         if self.time_limit is not None:
             left = min(left, max(0.0, self.time_limit - elapsed))

@@ -45,6 +45,7 @@ from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
 from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
+from ssd.engine.machine_load import BusyMachine
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import best_checkpoint, restore_state, rng_state, training_state, trim_metrics
 from ssd.engine.step import (
@@ -351,6 +352,7 @@ def _train_loop(
     it, clock = state["iteration"], state["clock"]
     per_epoch = len(loader)
     skipped, eta = SkippedImages(), Eta(tcfg.max_iter, tcfg.time_limit)
+    busy = BusyMachine() if ctx.world_size == 1 and step.device.type == "cpu" else None  # ranks: not "others"
     window: dict[str, Any] = {"images": 0, "iters": 0, "t": time.perf_counter()}
     clock.start()
     progress = progress_bar(tcfg.max_iter, it, ctx)
@@ -399,6 +401,8 @@ def _train_loop(
             "time": elapsed,
         }
         left = format_eta(eta.update(it, window["iters"], dt, elapsed))
+        if busy is not None:
+            busy.check(window["iters"], torch.get_num_threads())
         if scaler.is_enabled():  # fp16: the scale, and the steps the GradScaler skipped for overflowing gradients
             row["grad_scale"], row["amp_skipped"] = scaler.get_scale(), steps.amp_skipped
         write_metrics(row)
