@@ -43,7 +43,7 @@ def test_a_busy_child_is_our_own_load_and_a_busy_stranger_is_not():
 
 def test_the_warning_names_the_busy_cpus_once_and_not_when_the_threads_fit(caplog):
     busy = machine_load.BusyMachine()
-    spin_orphan(2.5)
+    spin_orphan(3.5)
     time.sleep(0.2)
     busy.load.sample()
     with caplog.at_level(logging.WARNING, logger="ssd.train"):
