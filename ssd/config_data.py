@@ -50,6 +50,11 @@ class DatasetConfig:
         _check_choice("data.format", self.format, DATA_FORMATS)
 
 
+# zoom-out canvas side over the image side: the paper's 16x area is 4; at 16 (256x the area) an object
+# of a third of the image is 2% of the canvas side, below any prior of a 300 px model
+MAX_EXPAND_RATIO = 16.0
+
+
 @dataclass
 class AugmentConfig:
     """The SSD training augmentation (paper Sec. 2.2 "Data augmentation"; ssd.pytorch's recipe).
@@ -83,11 +88,19 @@ class AugmentConfig:
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] <= 0:
                 raise ConfigError(f"data.augment.{name} must be [low, high] with 0 < low <= high, got {lo_hi}")
+        if self.crop_scale[1] > 1.0:  # a patch is part of the image: a larger window reads past its edges
+            raise ConfigError(f"data.augment.crop_scale must lie within (0, 1] of the image, got {self.crop_scale}")
         for name in ("photometric_p", "channel_swap_p", "expand_p", "flip_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.augment.{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        if self.expand_max_ratio < 1.0:
-            raise ConfigError(f"data.augment.expand_max_ratio must be >= 1, got {self.expand_max_ratio}")
+        for name, high, unit in (("brightness_delta", 255.0, "pixel levels"), ("hue_delta", 180.0, "degrees")):
+            if not 0.0 <= getattr(self, name) <= high:
+                raise ConfigError(f"data.augment.{name} must be in [0, {high:g}] {unit}, got {getattr(self, name)}")
+        if not 1.0 <= self.expand_max_ratio <= MAX_EXPAND_RATIO:
+            raise ConfigError(
+                f"data.augment.expand_max_ratio must be in [1, {MAX_EXPAND_RATIO:g}] (the canvas side over the "
+                f"image's), got {self.expand_max_ratio}"
+            )
         if not self.crop_min_ious:
             raise ConfigError("data.augment.crop_min_ious needs at least one option (null keeps the whole image)")
         if any(m is not None and not 0.0 <= m <= 1.0 for m in self.crop_min_ious):

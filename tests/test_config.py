@@ -44,6 +44,40 @@ def write_yaml(path: Path, data: dict) -> Path:
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("data.augment.crop_scale=[0.3, 1.6]", r"crop_scale must lie within \(0, 1\] of the image, got \[0.3, 1.6\]"),
+        ("data.augment.crop_scale=[0, 1]", r"crop_scale must be \[low, high\] with 0 < low <= high"),
+        ("data.augment.crop_aspect=[2, 0.5]", r"crop_aspect must be \[low, high\] with 0 < low <= high"),
+        ("data.augment.contrast_range=[-0.5, 1.5]", r"contrast_range must be \[low, high\] with 0 < low"),
+        ("data.augment.saturation_range=[1.5, 0.5]", r"saturation_range must be \[low, high\]"),
+        ("data.augment.brightness_delta=300", r"brightness_delta must be in \[0, 255\] pixel levels, got 300.0"),
+        ("data.augment.brightness_delta=-1", r"brightness_delta must be in \[0, 255\] pixel levels, got -1.0"),
+        ("data.augment.hue_delta=200", r"hue_delta must be in \[0, 180\] degrees, got 200.0"),
+        ("data.augment.expand_max_ratio=20", r"expand_max_ratio must be in \[1, 16\] \(the canvas side over"),
+        ("data.augment.expand_max_ratio=0.5", r"expand_max_ratio must be in \[1, 16\]"),
+    ],
+)
+def test_augmentation_fields_outside_their_range_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=r"^data\.augment\." + message):
+        load_config(None, [override])
+
+
+def test_augmentation_bounds_are_inclusive_and_the_cli_refuses_in_one_line(tmp_path, capsys):
+    edges = ["crop_scale=[1, 1]", "brightness_delta=255", "hue_delta=180", "expand_max_ratio=16", "hue_delta=0"]
+    cfg = load_config(None, [f"data.augment.{edge}" for edge in edges])
+    assert (cfg.data.augment.crop_scale, cfg.data.augment.expand_max_ratio) == ([1.0, 1.0], 16.0)
+    (tmp_path / "run.yaml").write_text("data:\n  augment:\n    crop_scale: [0.3, 1.6]\n")
+    assert main(["train", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    where = f"{tmp_path / 'run.yaml'}, line 2"
+    assert err == [
+        f"ssd train: error: {where}: data.augment.crop_scale must lie within (0, 1] of the image, got [0.3, 1.6]"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
         ("train.lrr=0.1", r"unknown config key 'train.lrr' \(did you mean train.lr\?\)"),
         ("trian.lr=0.1", r"unknown config key 'trian' \(did you mean train\?\)"),
         ("train.max_bad_step=3", r"'train.max_bad_step' \(did you mean train.max_bad_steps\?\)"),
