@@ -178,7 +178,8 @@ def test_never_updated_statistics_are_flagged_stale_and_break_eval_mode(setup):
     assert first.mean_gap > 0.1
     assert report.conf_gap > 0.5  # eval mode is a different network
     text = bn_tools.format_bn_report(report)
-    assert f"FLAGGED {NUM_BN} of {NUM_BN} layers: {NUM_BN} stale, 0 drifted (e.g. backbone.conv1.0.bn)" in text
+    flagged = f"FLAGGED {NUM_BN} of {NUM_BN} layers: 0 non-finite, {NUM_BN} stale, 0 drifted"
+    assert f"{flagged} (e.g. backbone.conv1.0.bn)" in text
     assert text.count("STALE (never updated)") == NUM_BN
 
 
@@ -197,6 +198,22 @@ def test_drifted_layers_are_flagged_with_the_gap_in_batch_standard_deviations(se
     assert [r.name for r in report.flagged] == ["backbone.conv3.1.bn", "extras.0.1.bn"]
     assert all(r.drifted and not r.stale for r in report.flagged)
     assert report.loss_eval > report.loss_train
+
+
+def test_non_finite_running_statistics_are_reported_and_exit_1(setup, tmp_path, capsys):
+    model = with_precise_bn(setup)
+    with torch.no_grad():
+        dict(bn_tools.bn_layers(model))["backbone.conv2.1.bn"].running_var[3] = float("inf")
+    classes = load_checkpoint(setup["last"])["classes"]
+    model_cfg = load_config(setup["config"]).model
+    save_checkpoint(make_checkpoint(model.state_dict(), model_cfg, classes, "train"), tmp_path / "broken.pt")
+    args = ["--config", str(setup["config"]), "--batches", str(BATCHES), "--device", "cpu"]
+    assert main(["bn-report", "--weights", str(tmp_path / "broken.pt"), *args]) == 1
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.endswith("NON-FINITE")]
+    assert len(rows) == 1 and rows[0].startswith("backbone.conv2.1.bn ")
+    assert f"FLAGGED 1 of {NUM_BN} layers: 1 non-finite, 0 stale, 0 drifted (e.g. backbone.conv2.1.bn)" in out
+    assert bn_tools.non_finite_bn_layers(model) == ["backbone.conv2.1.bn"]
 
 
 def test_command_prints_the_table_and_exits_1_only_when_a_layer_is_flagged(setup, tmp_path, capsys):

@@ -475,6 +475,30 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
 
 
+def test_non_finite_bn_statistics_stop_the_run_before_a_save_and_keep_the_last_one(shapes, tmp_path, monkeypatch):
+    """BN running statistics gone non-finite with a finite loss (what a skipped step cannot catch): the next
+    save refuses, names the layer, and last.pt keeps the state saved before."""
+
+    from ssd.engine.step import TrainStep
+
+    real_update, updates = TrainStep._update, []
+
+    def nan_statistics_after_step_3(self, bad):
+        skipped = real_update(self, bad)
+        updates.append(None)
+        if len(updates) == 3:  # after the backward, which reads the running statistics
+            with torch.no_grad():
+                dict(self.model.named_modules())["backbone.conv2.0.bn"].running_mean[0] = float("nan")
+        return skipped
+
+    monkeypatch.setattr(TrainStep, "_update", nan_statistics_after_step_3)
+    cfg = run_dict(shapes, checkpoint_period=2)
+    with pytest.raises(TrainingError, match=r"non-finite in backbone\.conv2\.0\.bn: not saved, .*last\.pt holds"):
+        train(from_dict(Config, cfg), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["iteration"] == 2 and torch.isfinite(last["model"]["backbone.conv2.0.bn.running_mean"]).all()
+
+
 def test_a_non_finite_loss_skips_the_step_and_logs_the_batch(shapes, tmp_path, monkeypatch, caplog):
     # the skip is decided on the device (the fused optimizer's found_inf): the step still counts as an
     # iteration, and the host logs it at the next log step with its iteration and images

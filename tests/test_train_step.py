@@ -182,3 +182,53 @@ def test_frozen_blocks_do_not_train_and_get_no_backward(tmp_path, monkeypatch, c
     assert len(warnings) == 2 and warnings[0].startswith("train.freeze: conv1 was not loaded")
     with pytest.raises(ConfigError, match="train.freeze: invalid value 'fc'"):
         from_dict(TrainConfig, {"freeze": ["fc"]})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_step_leaves_bn_statistics_and_the_weights_average_bit_identical(make_tiny_config, fused):
+    """An infinity in one image makes the loss non-finite: the step is skipped, and the BN running
+    statistics its train-mode forward moved are put back on the device, the EMA left as it was (its
+    counter advances). fused: the on-device skip (the CUDA path's code); unfused: the host decision."""
+    from ssd.config import LossConfig
+    from ssd.engine.ema import ModelEma
+    from ssd.engine.step import TrainStep
+    from ssd.loss import build_loss
+    from ssd.model import build_ssd
+
+    torch.manual_seed(0)
+    model_cfg = make_tiny_config(batch_norm=["all", "heads"], input_size=64, extras=[{"mid": 256, "out": 512}])
+    model = build_ssd(model_cfg).train()
+    optimizer = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3), model)
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+    ema = ModelEma(model, decay=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step = TrainStep(
+        model, model, build_loss(LossConfig(), model_cfg), optimizer, scaler, None, TrainConfig(), False, ema
+    )
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    batch = {
+        "boxes": torch.tensor([[[0.1, 0.1, 0.6, 0.6]]] * 4),
+        "labels": torch.ones(4, 1, dtype=torch.int64),
+        "image_ids": ["a", "b", "c", "d"],
+    }
+    poisoned = images.clone()
+    poisoned[1, :, 5, 5] = float("inf")
+
+    def state():
+        return [t.clone() for t in (*model.state_dict().values(), *ema.state_dict().values())]
+
+    step.forward_images = lambda net, _: net(images)
+    step(batch, 1)  # a normal step: weights, BN statistics and the average all move
+    before = state()
+    step.forward_images = lambda net, _: net(poisoned)
+    step(batch, 2)
+    after = state()
+    assert len(step.bn_buffers) == 3 * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert ema.updates == 2
+    step.forward_images = lambda net, _: net(images)
+    step(batch, 3)
+    assert not all(torch.equal(a, b) for a, b in zip(after, state(), strict=True))  # training goes on
+    assert [float(record[2]) for _, record, _ in step.pending] == [0.0, 1.0, 0.0]  # the middle one skipped

@@ -153,6 +153,17 @@ def precise_bn(
     return used
 
 
+def non_finite_bn_layers(model: nn.Module) -> list[str]:
+    """BN layers whose running mean or variance holds a NaN or an infinity (one host read per layer)."""
+    return [
+        name
+        for name, m in bn_layers(model)
+        if m.running_mean is not None
+        and m.running_var is not None
+        and not bool(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())
+    ]
+
+
 def stale_bn_layers(model: nn.Module) -> list[str]:
     """BN layers whose running statistics were never updated (still mean 0, var 1): in eval mode they
     normalise with the wrong statistics, the classic "good in training, bad at test" failure.

@@ -89,10 +89,11 @@ class BNLayerReport:
     drifted: bool
     mean_threshold: float = DRIFT_MEAN_GAP
     var_threshold: float = DRIFT_VAR_GAP
+    non_finite: bool = False  # a NaN or an infinity in the running mean or variance
 
     @property
     def flagged(self) -> bool:
-        return self.stale or self.drifted
+        return self.stale or self.drifted or self.non_finite
 
     @property
     def noisy(self) -> bool:
@@ -248,6 +249,7 @@ def judge_layer(
         drifted=bool(mean_gap > thresholds[0] or var_gap > thresholds[1]),
         mean_threshold=thresholds[0],
         var_threshold=thresholds[1],
+        non_finite=not bool(torch.isfinite(run_mean).all() and torch.isfinite(run_var).all()),
     )
 
 
@@ -299,7 +301,9 @@ def format_bn_report(report: BNReport, title: str = "") -> str:
         f"{'batch var':>9}  {'mean gap':>8}  {'var gap':>8}  status"
     )
     for r in report.layers:
-        status = "STALE (never updated)" if r.stale else ("DRIFTED" if r.drifted else "ok")
+        status = (
+            "NON-FINITE" if r.non_finite else "STALE (never updated)" if r.stale else "DRIFTED" if r.drifted else "ok"
+        )
         lines.append(
             f"{r.name:<{width}}  {r.channels:>5}  {r.values:>7}  {r.running_mean:>9.4f}  {r.batch_mean:>10.4f}  "
             f"{r.running_var:>9.4g}  {r.batch_var:>9.4g}  {r.mean_gap:>8.3f}  {r.var_gap:>8.3f}  {status}"
@@ -326,9 +330,10 @@ def format_bn_report(report: BNReport, title: str = "") -> str:
     )
     flagged = report.flagged
     if flagged:
-        stale = sum(r.stale for r in flagged)
+        stale, broken = sum(r.stale for r in flagged), sum(r.non_finite for r in flagged)
         lines.append(
-            f"FLAGGED {len(flagged)} of {len(report.layers)} layers: {stale} stale, {len(flagged) - stale} drifted "
+            f"FLAGGED {len(flagged)} of {len(report.layers)} layers: {broken} non-finite, {stale} stale, "
+            f"{len(flagged) - stale - broken} drifted "
             f"(e.g. {flagged[0].name}). Recompute the statistics with precise BN (train.precise_bn_batches), "
             "or train longer with train.bn=train; see docs/batchnorm.md"
         )

@@ -82,12 +82,18 @@ class ModelEma:
         return self._pairs[1:]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One step of the average towards ``model`` (the unwrapped module: not DDP, not compiled)."""
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """One step of the average towards ``model`` (the unwrapped module: not DDP, not compiled). A
+        ``skip`` flag on the device (1.0: the training step was skipped) leaves every tensor as it was."""
         weight = 1.0 - ema_decay(self.decay, self.updates)
         self.updates += 1
         ema_floats, model_floats, ema_others, model_others = self._tensors(model)
-        torch._foreach_lerp_(ema_floats, model_floats, weight)  # ema += weight * (model - ema), a host scalar
+        if skip is None:
+            torch._foreach_lerp_(ema_floats, model_floats, weight)  # ema += weight * (model - ema), a host scalar
+        else:
+            on_device = (1.0 - skip) * weight  # 0 after a skipped step: ema + 0 * (model - ema) is ema, exactly
+            for average, current in zip(ema_floats, model_floats, strict=True):
+                average.lerp_(current, on_device)
         if ema_others:
             torch._foreach_copy_(ema_others, model_others)
 

@@ -73,7 +73,9 @@ class Window:
 
 class TrainStep:
     """``step(batch, iteration)`` runs forward, loss, backward and the optimizer update without reading a
-    device value; :meth:`check` reads the record of the steps since the last call."""
+    device value; :meth:`check` reads the record of the steps since the last call. A step whose loss is
+    non-finite is skipped on the device: the weights, the optimizer state, the BN running statistics and
+    the weights' average (``ema``) stay bit-identical; only the EMA's update counter advances."""
 
     def __init__(
         self,
@@ -93,6 +95,16 @@ class TrainStep:
         self.device = next(model.parameters()).device
         self.fused = all(group.get("fused") for group in optimizer.param_groups)
         self.pending: list[tuple[int, Tensor, list]] = []  # (iteration, [loc, conf, skipped, amp skipped], image ids)
+        # the forward in train mode moves BN's running statistics before the loss is known: a skipped step
+        # puts them back (on the device, no host read), so a non-finite batch never reaches them
+        self.bn_buffers = [
+            b
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self.bn_saved = [torch.empty_like(b) for b in self.bn_buffers]
         self.window = Window()
         self.bad_run = 0  # consecutive skipped steps, across windows
 
@@ -100,6 +112,8 @@ class TrainStep:
         device, pin = self.device, self.device.type == "cuda"
         gt_boxes = batch["boxes"].to(device, non_blocking=pin)  # queued before the forward, overlapping it
         gt_labels = batch["labels"].to(device, non_blocking=pin)
+        if self.bn_buffers:
+            torch._foreach_copy_(self.bn_saved, self.bn_buffers)
         outputs = self.forward_images(self.net, batch)
         losses = self.criterion(outputs, gt_boxes, gt_labels, self.model.priors)
         loss = losses["loc"] + losses["conf"]
@@ -113,12 +127,14 @@ class TrainStep:
             self.scaler.scale(loss * torch.where(bad > 0, torch.nan, 1.0)).backward()
         else:
             loss.backward()
+        for buffer, saved in zip(self.bn_buffers, self.bn_saved, strict=True):  # after the backward, which reads them
+            buffer.copy_(torch.where(bad > 0, saved, buffer))
         if self.tcfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
         amp_skipped = self._update(bad)
-        if self.ema is not None:  # a skipped step left the weights as they were: the average moves towards them
-            self.ema.update(self.model)
+        if self.ema is not None:  # a skipped step leaves the average as it was too
+            self.ema.update(self.model, skip=bad)
         record = torch.stack([losses["loc"].detach(), losses["conf"].detach(), bad, amp_skipped])
         self.pending.append((iteration, record, batch["image_ids"]))
 
@@ -164,7 +180,8 @@ class TrainStep:
                     self.pending = []
                     raise TrainingError(
                         f"the loss was non-finite for {self.bad_run} consecutive iterations (last: {iteration}); "
-                        "stopping without writing NaN weights (skipped steps leave them as they were; "
+                        "stopping without writing NaN weights (a skipped step leaves the weights, the optimizer "
+                        "state, BN's running statistics and the weights' average as they were; "
                         "last.pt holds the last saved state). Lower train.lr, raise train.warmup_iters, "
                         "or set train.clip_grad_norm."
                     )

@@ -48,13 +48,7 @@ from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_
 from ssd.engine.machine_load import BusyMachine
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import best_checkpoint, restore_state, rng_state, training_state, trim_metrics
-from ssd.engine.step import (
-    TrainingError,  # noqa: F401 (re-exported)
-    TrainStep,
-    fused_optimizer_ok,
-    prime_momentum,
-    sync_debug_mode,
-)
+from ssd.engine.step import TrainingError, TrainStep, fused_optimizer_ok, prime_momentum, sync_debug_mode
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
@@ -333,6 +327,18 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     }
 
 
+def refuse_non_finite_bn(model: nn.Module, last: Path) -> None:
+    """Stop, on every rank, before a checkpoint with NaN or infinite BN running statistics is written."""
+    broken = bn_tools.non_finite_bn_layers(model)
+    if all_true(not broken):
+        return
+    raise TrainingError(
+        f"BatchNorm running statistics are non-finite in {', '.join(broken) or 'another rank'}: not saved, {last} "
+        "holds the last saved state. Skipped steps never change them: a finite loss came with non-finite "
+        "activations. Lower train.lr, raise train.warmup_iters, or set train.clip_grad_norm."
+    )
+
+
 def _train_loop(
     cfg,
     ctx,
@@ -362,6 +368,7 @@ def _train_loop(
         # last.pt and best.pt hold the weights the evaluation scored (BN statistics included): with
         # train.ema the average as the default ("model", "eval_weights": "ema") and the raw ones beside it
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
+        refuse_non_finite_bn(step.model, out / LAST)
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
             assert rng_states is not None  # gathered on the main rank
