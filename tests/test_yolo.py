@@ -236,11 +236,11 @@ def test_non_finite_coordinates_are_a_problem(tmp_path):
     assert problems.counts == Counter({"non-finite box": 1}) and len(rec.boxes) == 1
 
 
-def test_repairs_clip_within_the_tolerance_and_skip_polygons_without_raising(tmp_path):
+def test_repairs_clip_within_the_tolerance_and_turn_polygons_into_boxes_without_raising(tmp_path):
     lines = [
         GOOD,
         "1 0.995 0.5 0.02 0.2",  # x2 = 1.005: within the 1% tolerance, clipped to the border
-        "0 0.1 0.1 0.3 0.1 0.3 0.3 0.1 0.3",  # a polygon: skipped
+        "0 0.1 0.1 0.3 0.15 0.25 0.3 0.12 0.28",  # a polygon: the bounding box of its 4 points
         "0 0.5 0.5 0 0.2",  # zero width: degenerate, dropped
         "0 0.009 0.5 0.02 0.2",  # x1 = -0.001: clipped
     ]
@@ -248,16 +248,18 @@ def test_repairs_clip_within_the_tolerance_and_skip_polygons_without_raising(tmp
     problems = Problems("raise")
     (rec,) = index_yolo(root, "train", ["cat", "dog"], problems)
     where = root / "labels" / "train" / "a.txt"
-    np.testing.assert_allclose(rec.boxes, [[40, 20, 60, 30], [98.5, 20, 100, 30], [0, 20, 1.9, 30]], atol=1e-4)
-    assert rec.labels.tolist() == [1, 2, 1]
+    np.testing.assert_allclose(
+        rec.boxes, [[40, 20, 60, 30], [98.5, 20, 100, 30], [10, 5, 30, 15], [0, 20, 1.9, 30]], atol=1e-4
+    )
+    assert rec.labels.tolist() == [1, 2, 1, 1]
     assert problems.fixed == Counter(
         {
             "box crossing the image border clipped": 2,
-            "polygon (segmentation) line skipped": 1,
+            "polygon converted to box": 1,
             "degenerate box dropped (x2 <= x1 or y2 <= y1)": 1,
         }
     )
-    assert problems.examples["polygon (segmentation) line skipped"][0].startswith(f"{where}:3")  # file and line
+    assert problems.examples["polygon converted to box"][0].startswith(f"{where}:3")  # file and line
     assert not problems
 
 
@@ -381,7 +383,7 @@ def test_cli_data_check_on_a_yolo_tree(shapes_yolo, capsys):
         f"1 x class id out of range, e.g. {label}:2: class id 7 is not in 0..3 "
         "(4 classes: circle, square, triangle, star)" in out
     )
-    assert "1 x polygon (segmentation) line skipped (repaired)" in out
+    assert "1 x polygon converted to box (repaired)" in out
 
 
 def test_two_iterations_train_and_evaluate_on_yolo_data(shapes_yolo, tmp_path):

@@ -28,8 +28,9 @@ Bad input, under the ``raise`` / ``skip`` policy of :class:`~ssd.data.records.Pr
 is not five numbers or whose class is not an integer ("malformed label line"), a class id outside
 the class list ("class id out of range"; with ``ignore_other_classes`` ids beyond the list are
 dropped and counted), a box corner more than ``BORDER_TOLERANCE`` outside [0, 1] ("box outside the
-image"). Always repaired and counted: corners within the tolerance are clipped, polygon
-(segmentation) lines skipped. EXIF orientation is ignored, as everywhere in ssd (stored pixel frame).
+image"). Always repaired and counted: corners within the tolerance are clipped; a polygon
+(segmentation) line ``class x1 y1 x2 y2 x3 y3 ...`` becomes the bounding box of its points ("polygon
+converted to box"), line by line. EXIF orientation is ignored, as everywhere in ssd (stored pixel frame).
 """
 
 from __future__ import annotations
@@ -263,10 +264,8 @@ def parse_label_line(
     except ValueError:
         problems.report("malformed label line", where, f"{line!r:.80} is not numbers; expected 'class cx cy w h'")
         return None
-    if len(values) >= 7 and len(values) % 2 == 1:  # class x1 y1 x2 y2 x3 y3 ...: a polygon, not a box
-        problems.fix("polygon (segmentation) line skipped", where)
-        return None
-    if len(values) != 5:
+    polygon = len(values) >= 7 and len(values) % 2 == 1  # class x1 y1 x2 y2 x3 y3 ...: a segmentation outline
+    if len(values) != 5 and not polygon:
         problems.report(
             "malformed label line",
             where,
@@ -288,13 +287,20 @@ def parse_label_line(
                 f"class id {class_id} is not in 0..{len(classes) - 1} ({len(classes)} classes: {shown})",
             )
         return None
-    cx, cy, w, h = values[1:]
-    box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    if polygon:  # its points' bounding box, line by line (a file may mix boxes and outlines)
+        xs, ys = values[1::2], values[2::2]
+        box = (min(xs), min(ys), max(xs), max(ys))
+        problems.fix("polygon converted to box", where)
+        given = f"polygon of {len(xs)} points"
+    else:
+        cx, cy, w, h = values[1:]
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        given = f"box (cx, cy, w, h) = {tuple(values[1:])}"
     if all(map(math.isfinite, box)) and (min(box) < -BORDER_TOLERANCE or max(box) > 1 + BORDER_TOLERANCE):
         problems.report(
             "box outside the image",
             where,
-            f"box (cx, cy, w, h) = {tuple(values[1:])} reaches "
+            f"{given} reaches "
             f"({box[0]:.4g}, {box[1]:.4g}, {box[2]:.4g}, {box[3]:.4g}) (x1, y1, x2, y2), more than "
             f"{BORDER_TOLERANCE} outside [0, 1]",
         )
