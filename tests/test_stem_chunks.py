@@ -132,3 +132,20 @@ def test_a_trace_is_one_batch_and_runs_at_other_batch_sizes(make_tiny_config):
         assert seen == [4]
         model.backbone.stem_chunk_bytes = 0
         torch.testing.assert_close(traced(images(3))["conf"], model(images(3))["conf"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_bn_studys_activation_taps_see_every_chunk(make_tiny_config):
+    """The study's hooks on conv1_2 / conv2_2 are called once per chunk: they keep all of them."""
+    from ssd.engine.bn_study_activations import preactivations
+
+    model = chunked_model(make_tiny_config, 8, batch_norm="none")
+    images = torch.randn(12, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert model.backbone.stem_chunk(images) == 8  # 8 + 4 images
+    chunked = preactivations(model, images, max_values=10**9)
+    model.backbone.stem_chunk_bytes = 0  # the whole batch at once
+    whole = preactivations(model, images, max_values=10**9)
+    assert chunked.keys() == whole.keys()
+    assert chunked["conv1_2"].numel() == 12 * 8 * 128 * 128 and chunked["conv2_2"].numel() == 12 * 16 * 64 * 64
+    for name in chunked:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -41,20 +41,18 @@ def preactivations(model: SSD, images: Tensor, max_values: int = HIST_SAMPLES, s
     float32 CPU.
 
     BN runs in train mode (batch statistics, as in training) and dropout is off; the model's
-    running statistics move, so pass a throwaway model. The ReLUs are in-place: the hooks copy.
+    running statistics move, so pass a throwaway model. The ReLUs are in-place: the hooks copy. A tap
+    called several times in one forward (the VGG stem runs in image chunks where it has no BN) keeps
+    every call's values: the subset is drawn from all the images.
     """
     model.train()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    values: dict[str, Tensor] = {}
-    generator = torch.Generator().manual_seed(seed)
+    calls: dict[str, list[Tensor]] = {}
 
     def keep(name: str, x: Tensor) -> None:
-        x = x.detach().flatten().float().cpu()
-        if x.numel() > max_values:
-            x = x[torch.randint(x.numel(), (max_values,), generator=generator)]
-        values[name] = x.clone()
+        calls.setdefault(name, []).append(x.detach().flatten().float().cpu().clone())
 
     handles = []
     for name, (module, where) in activation_taps(model).items():
@@ -67,6 +65,11 @@ def preactivations(model: SSD, images: Tensor, max_values: int = HIST_SAMPLES, s
     finally:
         for h in handles:
             h.remove()
+    values: dict[str, Tensor] = {}
+    generator = torch.Generator().manual_seed(seed)
+    for name, parts in calls.items():  # in forward order, so the subsets follow from the seed alone
+        x = torch.cat(parts)
+        values[name] = x[torch.randint(x.numel(), (max_values,), generator=generator)] if x.numel() > max_values else x
     return values
 
 
