@@ -301,3 +301,15 @@ def test_cli_missing_config_exits_2_with_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err == f"ssd data: error: {missing}: config file not found\n"
     assert captured.out == ""
+
+
+def test_a_split_without_boxes_says_so_instead_of_an_empty_coverage_line():
+    from ssd.config import load_config
+    from ssd.data.check import CheckReport
+    from ssd.priorfit import coverage_function
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.yaml")
+    cov = coverage_function(cfg)([])  # no object of the listed classes anywhere
+    text = format_report(CheckReport("data.train", num_images=3, empty_images=3, coverage=cov))
+    assert "  prior coverage: no boxes to measure it on" in text.splitlines()
+    assert "prior coverage (best prior IoU" not in text

@@ -30,7 +30,7 @@ from ssd.cli import main
 from ssd.config import Config, from_dict
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.engine import lifecycle
-from ssd.engine.monitor import Eta, format_eta
+from ssd.engine.monitor import Eta, SkippedImages, format_eta
 from ssd.engine.train import train
 
 SIZE = 64
@@ -309,6 +309,22 @@ def test_an_interrupted_demo_prints_no_map(tmp_path, monkeypatch, capsys):
 
 
 # --- unreadable images --------------------------------------------------------------------------------------
+
+
+def test_the_unreadable_image_summary_appears_only_when_the_set_of_files_grows(caplog):
+    """Two bad files, one of them now and then in the dropped last batch: counts 1, 2, 1, 2, 2, 1 over six
+    epochs give two summary lines (the set grew at epochs 0 and 1), not one per change of count."""
+    skipped = SkippedImages()
+    files = {1: ["a.jpg: truncated"], 2: ["a.jpg: truncated", "b.jpg: truncated"]}
+    with caplog.at_level(logging.WARNING, logger="ssd.train"):
+        for epoch, count in enumerate([1, 2, 1, 2, 2, 1]):
+            skipped.add(files[count])
+            skipped.end_epoch(epoch)
+    assert [m for m in caplog.messages if "unreadable image(s)" in m] == [
+        "epoch 0: skipped 1 unreadable image(s), 1 file(s) in all so far",
+        "epoch 1: skipped 2 unreadable image(s), 2 file(s) in all so far",
+    ]
+    assert len([m for m in caplog.messages if m.startswith("skipped unreadable image")]) == 2  # once per file
 
 
 def test_an_unreadable_image_is_warned_about_once_by_name(shapes, tmp_path, caplog):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ssd.cli import build_parser, parse_args
 from ssd.config import Config, from_dict, load_config
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.engine.train import train
@@ -46,6 +47,21 @@ def test_the_cpu_template_s_commented_layouts_are_valid_configs():
     # the EDIT markers: every line a user must change says so
     edits = [line for line in text.splitlines() if "# EDIT" in line]
     assert len(edits) == 7, edits  # num_classes, and root, split, classes of train and val
+
+
+def test_every_command_a_config_header_suggests_parses(capsys):
+    """The ``#   ssd ...`` lines a user copies from a config's header are valid command lines."""
+    commands = [
+        (path.name, line.split("#", 2)[1].strip())
+        for path in sorted(CONFIGS.glob("*.yaml"))
+        for line in path.read_text().splitlines()
+        if line.startswith("#   ssd ")
+    ]
+    assert len(commands) >= 10 and any(c.startswith("ssd predict") for _, c in commands)
+    for name, command in commands:
+        args = parse_args(build_parser(), command.split()[1:])  # argparse exits on an unknown option
+        assert args.command == command.split()[1], (name, command)
+    assert capsys.readouterr().err == ""
 
 
 def test_the_gpu_template_says_what_it_needs_and_loads():

@@ -94,7 +94,10 @@ def format_report(report: CheckReport, every: bool = False) -> str:
             for k in ("all", "small", "medium", "large")
             if cov[k]["recall"] is not None
         ]
-        lines.append(f"  prior coverage (best prior IoU >= {cov['iou_threshold']}): " + ", ".join(parts))
+        if parts:  # no boxes of the listed classes: nothing to cover
+            lines.append(f"  prior coverage (best prior IoU >= {cov['iou_threshold']}): " + ", ".join(parts))
+        else:
+            lines.append("  prior coverage: no boxes to measure it on")
         if cov.get("advice"):
             lines.append(f"  WARNING: {cov['advice']}")
     if report.problems or report.problems.fixed:

@@ -55,13 +55,13 @@ def format_eta(seconds: float) -> str:
 class SkippedImages:
     """Images the loader skipped as unreadable (``data.on_error``): each file is warned about once, by
     the message that names it, whichever worker read it and in whichever epoch; an epoch's count is
-    logged when it differs from the last count logged (one unreadable file in a small dataset would
-    otherwise fill the log with one line per epoch)."""
+    logged only when the set of unreadable files has grown since the last summary (a file dropped with
+    an incomplete last batch in one epoch and read in the next would otherwise log a line per epoch)."""
 
     def __init__(self) -> None:
         self.warned: set[str] = set()
         self.count = 0  # in this epoch
-        self.last_logged = 0
+        self.files_logged = 0
 
     def add(self, errors: list[str]) -> None:
         """A batch's ``errors`` (:func:`ssd.data.dataset.collate`): messages that start with the file name."""
@@ -73,11 +73,11 @@ class SkippedImages:
 
     def end_epoch(self, epoch: int) -> None:
         count, self.count = self.count, 0
-        if count and count != self.last_logged:
+        if count and len(self.warned) > self.files_logged:
             log.warning(
                 "epoch %d: skipped %d unreadable image(s), %d file(s) in all so far", epoch, count, len(self.warned)
             )
-            self.last_logged = count
+            self.files_logged = len(self.warned)
 
 
 class TensorBoard:
