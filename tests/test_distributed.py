@@ -54,11 +54,8 @@ def launch(world: int, args: list[str], tmp_path: Path) -> list[subprocess.Compl
     return launch_ranks(world, ["-c", WORKER, *args], tmp_path)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    """4 iterations of a global batch of 8 (4 per rank), precise BN over 2 batches, a final
-    evaluation with predictions gathered from both ranks."""
-    tmp_path = tmp_path_factory.mktemp("ddp")
+def train_two_ranks(tmp_path: Path, **train_options) -> Path:
+    """The tiny run below on 2 gloo ranks; ``train_options`` override its ``train`` section."""
     generate_shapes(tmp_path / "shapes", 40, 10, size=SIZE, seed=4)
     dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
     cfg = {
@@ -81,7 +78,7 @@ def ddp_run(tmp_path_factory) -> Path:
             "checkpoint_period": 2,
             "eval_period": 100,
             "log_period": 1,
-            "precise_bn_batches": 2,
+            **train_options,
         },
         "eval": {"batch_size": 4},
     }
@@ -93,6 +90,37 @@ def ddp_run(tmp_path_factory) -> Path:
     assert results[1].stdout.splitlines()[-1] == f"summary {MAX_ITER} -1.0"
     assert float(results[0].stdout.splitlines()[-1].split()[-1]) >= 0.0
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """4 iterations of a global batch of 8 (4 per rank), precise BN over 2 batches, a final
+    evaluation with predictions gathered from both ranks."""
+    return train_two_ranks(tmp_path_factory.mktemp("ddp"), precise_bn_batches=2)
+
+
+def test_without_precise_bn_every_rank_evaluates_and_saves_rank_0s_bn_statistics(tmp_path, capsys):
+    """After the last step each rank's BN statistics were moved by its own batch: the evaluation and the
+    save use rank 0's on every rank, so the logged mAP is the one ssd eval gives last.pt."""
+    from ssd.cli import main
+
+    run = train_two_ranks(tmp_path)
+    rank0 = torch.load(run / "rank0.pt", weights_only=True)
+    rank1 = torch.load(run / "rank1.pt", weights_only=True)
+    statistics = [k for k in rank0 if k.endswith(("running_mean", "running_var"))]
+    assert len(statistics) == 2 * 19 and all(torch.equal(rank0[k], rank1[k]) for k in statistics)
+    last = load_checkpoint(run / "last.pt")["model"]
+    assert all(torch.equal(last[k], rank0[k]) for k in statistics)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (final,) = [r for r in logged if "map" in r]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' arithmetic (OMP_NUM_THREADS=1)
+    try:
+        args = ["eval", str(tmp_path / "run.yaml"), "--weights", str(run / "last.pt"), "--device", "cpu"]
+        assert main([*args, "--json", str(tmp_path / "eval.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "eval.json").read_text())["map"] == pytest.approx(final["map"], abs=1e-6)
 
 
 def test_ranks_end_with_identical_parameters(ddp_run):

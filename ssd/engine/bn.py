@@ -153,6 +153,21 @@ def precise_bn(
     return used
 
 
+@torch.no_grad()
+def broadcast_bn_statistics(model: nn.Module, src: int = 0) -> None:
+    """Under DDP give every rank rank ``src``'s BN running statistics (a no-op in a single process).
+
+    DDP broadcasts rank 0's buffers at the start of each forward, so after the last step before an
+    evaluation or a save each rank holds statistics moved by its own last batch. Rank 0's are the ones
+    DDP trains with and the ones a checkpoint saves: every rank evaluates with those (not an average,
+    which no rank trained with)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for _, m in bn_layers(model):
+        for buffer in m.buffers():
+            dist.broadcast(buffer, src)
+
+
 def non_finite_bn_layers(model: nn.Module) -> list[str]:
     """BN layers whose running mean or variance holds a NaN or an infinity (one host read per layer)."""
     return [

@@ -259,6 +259,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
 
     def evaluate(it: int, final: bool) -> dict | None:
         """``model`` as it is and, with ``train.ema``, its average (named by :func:`combine_evaluations`)."""
+        bn_tools.broadcast_bn_statistics(model)  # DDP: rank 0's statistics on every rank, as last.pt saves them
         res = evaluate_weights(model, it, final)
         bn_tools.set_train_mode(model, tcfg.bn, frozen)
         if ema is None:
@@ -368,6 +369,7 @@ def _train_loop(
         # last.pt and best.pt hold the weights the evaluation scored (BN statistics included): with
         # train.ema the average as the default ("model", "eval_weights": "ema") and the raw ones beside it
         step.check()  # the pending steps' skips first: max_bad_steps stops before a save
+        bn_tools.broadcast_bn_statistics(step.model)  # DDP: every rank continues with what is saved
         refuse_non_finite_bn(step.model, out / LAST)
         rng_states = gather_objects(rng_state(step.device))  # every rank's own random state
         if ctx.is_main:
