@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,24 @@ def test_export_with_head_batchnorm_matches_pytorch(heads_ckpt, tmp_path, caplog
     ref_boxes, ref_scores = reference(heads_ckpt, x)
     assert (boxes - ref_boxes).abs().max() <= 1e-4 and (scores - ref_scores).abs().max() <= 1e-4
     assert ref_scores[..., 1:].max() > 0.3 and ((ref_boxes > 0) & (ref_boxes < 1)).float().mean() > 0.5  # informative
+
+
+def test_the_docs_onnx_runtime_snippet_reads_the_input_size_from_the_model(bn_ckpt, tmp_path, monkeypatch):
+    """docs/inference.md's ONNX Runtime block, run on a 128 px export (the stand-ins of test_snippets.py
+    are 300 px): it must take the input side from the model, not assume SSD300's."""
+    pytest.importorskip("onnxruntime")
+    import ast
+
+    import cv2
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+    (block,) = [b for b in text.split("```python\n")[1:] if "ort.InferenceSession" in b.split("```")[0]]
+    code = block.split("```")[0]
+    ast.parse(code)
+    assert main(["export", "--weights", str(bn_ckpt), "--out", str(tmp_path / "ssd300.onnx")]) == 0
+    cv2.imwrite(str(tmp_path / "street.jpg"), np.full((90, 160, 3), 127, np.uint8))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/inference.md", "exec"), namespace)
+    assert namespace["size"] == 128 and namespace["boxes"].shape == (1, 1524, 4)
+    assert namespace["boxes_px"].shape == (1524, 4)
