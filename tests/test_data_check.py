@@ -68,7 +68,8 @@ def planted(clean, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
         elif edit == "width":
             tree.getroot().find("size/width").text = "120"
         else:
-            tree.getroot().find("object/bndbox/xmax").text = "200"
+            width = int(tree.getroot().find("size/width").text)
+            tree.getroot().find("object/bndbox/xmax").text = str(width + 2)  # an overshoot: clipped
         tree.write(xml)
     files = {
         "missing image": jpg / f"{missing}.*",
@@ -135,7 +136,7 @@ def test_planted_problems_are_each_reported_with_their_file(planted):
 
 def test_every_repaired_file_is_named_and_all_lists_every_problem():
     problems = Problems("skip")
-    boxes = np.array([[0, 0, 10, 10], [5, 5, 5, 9], [90, 90, 120, 99]], np.float32)  # fine, degenerate, crossing
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 5, 9], [90, 90, 103, 99]], np.float32)  # fine, degenerate, crossing
     for name in ("a.xml", "b.xml", "c.xml"):
         sanitize_boxes(boxes, 100, 100, problems, name)
     problems.fix("degenerate box dropped (x2 <= x1 or y2 <= y1)", "c.xml")  # a second repair in the same file

@@ -187,7 +187,7 @@ def test_voc_box_convention_classes_difficult_and_tag_order(tmp_path):
 
 
 def test_voc_missing_size_falls_back_to_the_image_header(tmp_path):
-    text = voc_xml([obj_xml("cat", (1, 1, 70, 20))], size=None)  # xmax 70 is beyond the 64 px image
+    text = voc_xml([obj_xml("cat", (1, 1, 66, 20))], size=None)  # xmax 66 is beyond the 64 px image
     root = make_voc(tmp_path / "voc", {"a": text}, image_size=(64, 48))
     problems = Problems("raise")
     (rec,) = voc.index_voc(root, "train", ["cat"], problems)
@@ -421,16 +421,16 @@ def test_raise_stops_at_the_first_problem_and_skip_counts_them_all(tmp_path):
 
 def test_box_repairs_are_applied_and_counted_but_never_raise(tmp_path):
     objects = [
-        obj_xml("cat", (1, 1, 100, 20)),  # crosses the right border of the 64 px image: clipped
+        obj_xml("cat", (1, 1, 66, 20)),  # crosses the right border of the 64 px image by 2 px: clipped
         obj_xml("dog", (20, 5, 10, 30)),  # xmax < xmin: degenerate, dropped
         obj_xml("cat", (5, 30, 9, 30)),  # ymin == ymax is a one-pixel-high box in VOC: kept
-        obj_xml("dog", (70, 1, 80, 10)),  # entirely right of the image: dropped
+        obj_xml("dog", (66, 1, 67, 10)),  # entirely right of the image, within 4 px: dropped
     ]
     root = make_voc(tmp_path / "voc", {"a": voc_xml(objects)})
     problems = Problems("raise")
     (rec,) = voc.index_voc(root, "train", ["dog", "cat"], problems)
     np.testing.assert_array_equal(rec.boxes, [[0, 0, 64, 20], [4, 29, 9, 30]])
-    np.testing.assert_array_equal(rec.source_boxes, [[1, 1, 100, 20], [5, 30, 9, 30]])  # the file's own numbers
+    np.testing.assert_array_equal(rec.source_boxes, [[1, 1, 66, 20], [5, 30, 9, 30]])  # the file's own numbers
     np.testing.assert_array_equal(rec.labels, [2, 2])
     assert problems.fixed == Counter(
         {
@@ -445,11 +445,28 @@ def test_box_repairs_are_applied_and_counted_but_never_raise(tmp_path):
     assert f"1 x box crossing the image border clipped (repaired), e.g. {xml}: 1 box" in problems.summary()
 
 
+def test_a_box_far_past_the_image_is_a_likely_wrong_label_not_a_repair(tmp_path):
+    """400 px past a 550 px image is not an overshoot: clipping it would invent a box. Beyond max(4 px, 2% of
+    the side) a box is a named problem (raised, or counted and dropped under skip); within it, clipped."""
+    objects = [obj_xml("cat", (101, 1, 950, 60)), obj_xml("dog", (1, 1, 559, 60)), obj_xml("cat", (1, 1, 40, 40))]
+    root = make_voc(tmp_path / "voc", {"a": voc_xml(objects, size=(550, 300))}, image_size=(550, 300))
+    xml = root / "Annotations" / "a.xml"
+    message = f"{xml}: box [100.0, 0.0, 950.0, 60.0] reaches 400 px past the 550x300 image (more than max(4 px, 2% "
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        voc.index_voc(root, "train", ["dog", "cat"], Problems("raise"))
+    problems = Problems("skip")
+    (rec,) = voc.index_voc(root, "train", ["dog", "cat"], problems)
+    assert problems.counts == Counter({"box far outside the image (likely wrong label)": 1})
+    assert problems.fixed == Counter({"box crossing the image border clipped": 1})  # 9 px <= 2% of 550
+    np.testing.assert_array_equal(rec.boxes, [[0, 0, 550, 60], [0, 0, 40, 40]])
+    np.testing.assert_array_equal(rec.labels, [1, 2])
+
+
 def test_coco_problems_name_the_file(tmp_path):
     cats = [{"id": 1, "name": "a"}]
     images = [(1, "one.jpg", 64, 48), (2, "two.jpg", 64, 48)]
     anns = [
-        {"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},  # crosses the border: clipped
+        {"image_id": 1, "category_id": 1, "bbox": [50, 40, 16, 10]},  # crosses the border by 2 px: clipped
         {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width: dropped
         {"image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5]},  # unknown category
     ]

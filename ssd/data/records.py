@@ -97,6 +97,12 @@ class Problems:
             log.warning("%s: %s", what, line)
 
 
+# A box reaching further past the image than this is not an annotator's overshoot but a wrong label (another
+# image's size, swapped x/y, absolute vs normalised): max(FAR_PX, FAR_FRACTION x the side) on either axis.
+FAR_PX = 4.0
+FAR_FRACTION = 0.02
+
+
 def sanitize_boxes(
     boxes: np.ndarray, width: int, height: int, problems: Problems, where: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +110,8 @@ def sanitize_boxes(
 
     Degenerate boxes (x2 <= x1 or y2 <= y1) and boxes entirely outside the image are dropped,
     boxes crossing the border clipped; each repair is counted in ``problems.fixed`` with the file,
-    never silent. Non-finite coordinates are a reported problem (and dropped under ``skip``).
+    never silent. Non-finite coordinates, and a box reaching more than ``max(FAR_PX, FAR_FRACTION x the
+    side)`` past the image ("likely wrong label"), are reported problems (and dropped under ``skip``).
     """
     if len(boxes) == 0:
         return boxes.copy(), np.zeros(0, bool)
@@ -116,11 +123,21 @@ def sanitize_boxes(
     clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
     clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
     valid = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
-    keep = valid & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    past = np.stack([-safe[:, 0], -safe[:, 1], safe[:, 2] - width, safe[:, 3] - height], axis=1)  # [N, 4] px
+    limits = np.maximum(FAR_PX, FAR_FRACTION * np.array([width, height, width, height], np.float64))
+    far = valid & (past > limits).any(axis=1)
+    for i in np.flatnonzero(far):
+        problems.report(
+            "box far outside the image (likely wrong label)",
+            where,
+            f"box {[round(float(v), 1) for v in safe[i]]} reaches {past[i].max():.0f} px past the {width}x{height} "
+            f"image (more than max({FAR_PX:g} px, {FAR_FRACTION:.0%} of the side): clipping would invent a box)",
+        )
+    keep = valid & ~far & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     moved = keep & (np.abs(clipped - safe) > 1e-3).any(axis=1)
     for kind, mask in (
         ("degenerate box dropped (x2 <= x1 or y2 <= y1)", finite & ~valid),
-        ("box outside the image dropped", valid & ~keep),
+        ("box outside the image dropped", valid & ~far & ~keep),
         ("box crossing the image border clipped", moved),
     ):
         if mask.any():
