@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -209,34 +210,36 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[InputItem], list[str]]:
     """Expand ``ssd predict``'s INPUTs into image / video items. Returns ``(items, problems)``.
 
     Files are videos by extension (:data:`VIDEO_EXTENSIONS`), images otherwise; folders are searched
-    recursively for :data:`IMAGE_EXTENSIONS` (case-insensitive), in sorted order, and their drawn
-    copies keep the folder's layout under ``--out/<folder name>/``. Missing paths and folders
-    without images are problems (reported, counted as failed inputs).
+    recursively for :data:`IMAGE_EXTENSIONS` (case-insensitive), in sorted order. Drawn copies go to
+    ``--out/<file name>``; where two inputs share a file name, a folder's image keeps its path under
+    ``--out/<folder name>/`` instead, and what still collides gets ``_1``, ``_2``, ... Missing paths
+    and folders without images are problems (reported, counted as failed inputs).
     """
-    items, problems, used = [], [], set()
-
-    def add(path: Path, kind: str, out_name: Path) -> None:
+    found: list[tuple[Path, str, Path]] = []  # (file, kind, its path under the folder's name, or its name)
+    problems: list[str] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not images:
+                problems.append(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            found += [(p, "image", Path(path.resolve().name) / p.relative_to(path)) for p in images]
+        elif path.is_file():
+            found.append((path, "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image", Path(path.name)))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    names = Counter(p.name for p, _, _ in found)
+    items, used = [], set()
+    for path, kind, nested in found:
+        out_name = Path(path.name) if names[path.name] == 1 else nested
         if kind == "video":
             out_name = out_name.with_suffix(".mp4")
         candidate, k = out_name, 1
-        while candidate in used:  # a.jpg from two folders: a.jpg, a_1.jpg
+        while candidate in used:  # the same name still: a.jpg, a_1.jpg
             candidate = out_name.with_name(f"{out_name.stem}_{k}{out_name.suffix}")
             k += 1
         used.add(candidate)
         items.append(InputItem(path, kind, candidate))
-
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
-                problems.append(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-            for p in found:
-                add(p, "image", Path(path.resolve().name) / p.relative_to(path))
-        elif path.is_file():
-            add(path, "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image", Path(path.name))
-        else:
-            problems.append(f"{path}: no such file or folder")
     return items, problems
 
 

@@ -332,10 +332,11 @@ def test_predict_folders_video_and_failures(tiny_ckpt, tmp_path, capsys, caplog)
     torch.testing.assert_close(torch.tensor([d["box"] for d in b_entry["detections"]]), api["boxes"], rtol=0, atol=1e-3)
     assert [d["label"] for d in b_entry["detections"]] == api["labels"].tolist()
 
-    # drawn copies: the folder's layout under out/<folder name>/, the name clash resolved, sizes kept
+    # drawn copies: out/<file name>; only the folder's a.jpg, whose name the single a.jpg shares, keeps its
+    # path under out/<folder name>/; sizes kept
     drawn = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
-    assert drawn == {"photos/a.jpg", "photos/nested/deeper/b.PNG", "photos/nested/c.jpeg", "a.jpg", "clip.mp4"}
-    assert cv2.imread(str(out / "photos/nested/deeper/b.PNG")).shape == (80, 60, 3)
+    assert drawn == {"photos/a.jpg", "b.PNG", "c.jpeg", "a.jpg", "clip.mp4"}
+    assert cv2.imread(str(out / "b.PNG")).shape == (80, 60, 3)
     frames_out = read_video(out / "clip.mp4")
     assert len(frames_out) == 5 and frames_out[0].shape == (64, 96, 3)
 
@@ -388,3 +389,23 @@ def test_labels_stay_inside_the_image():
         image, np.array([[50, 0, 80, 30]], np.float32), np.array([0.5]), np.array([3]), ["a", "b", "long name"]
     )
     assert out[:, :40].any()  # the tab of a box at the right edge shifts left, inside the picture
+
+
+def test_a_folders_drawn_copies_go_to_the_out_folder_by_file_name(tmp_path):
+    """--out DIR/<file name>, not the input's folder path; a folder's path only where names would collide."""
+    from ssd.inference import collect_inputs
+
+    for rel in ("photos/2024/trip/x.jpg", "photos/2024/y.png", "photos/z.jpg", "more/z.jpg", "more/w.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    items, problems = collect_inputs([str(tmp_path / "photos"), str(tmp_path / "more"), str(tmp_path / "more")])
+    assert problems == []
+    assert [i.out_name.as_posix() for i in items] == [
+        "x.jpg",
+        "y.png",
+        "photos/z.jpg",  # z.jpg is in both folders: each keeps its folder's name
+        "more/w.jpg",  # the same folder given twice: its names collide with themselves
+        "more/z.jpg",
+        "more/w_1.jpg",
+        "more/z_1.jpg",
+    ]
