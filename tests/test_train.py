@@ -609,6 +609,35 @@ def test_init_loads_matching_tensors_and_keeps_fresh_heads(shapes, three_class_c
         init_weights_from(build_ssd(model_cfg), str(three_class_checkpoint), backbone_only=False)
 
 
+def test_init_matches_class_head_rows_by_name_in_any_order(shapes, three_class_checkpoint, caplog):
+    """The checkpoint knows circle and square; the model lists Square, triangle, circle, star. Each level's
+    conf conv (anchor-major channels a * C + c) gets the background's, square's and circle's rows from the
+    checkpoint's rows 0, 2, 1; triangle and star keep their fresh rows."""
+    source = load_checkpoint(three_class_checkpoint)["model"]
+    torch.manual_seed(2)
+    model = build_ssd(config(shapes).model)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = ["Square", "triangle", "circle", "star"]
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        report = init_weights_from(model, str(three_class_checkpoint), backbone_only=False, classes=classes)
+    conf_keys = sorted(k for k in fresh if k.startswith("head.conf."))
+    assert sorted(report["by_class"]) == conf_keys and report["reinitialised"] == []
+    state = model.state_dict()
+    for key in conf_keys:
+        got, new = state[key].unflatten(0, (-1, 5)), fresh[key].unflatten(0, (-1, 5))  # [A, 5, ...]
+        old = source[key].unflatten(0, (-1, 3))
+        assert torch.equal(got[:, [0, 1, 3]], old[:, [0, 2, 1]]) and torch.equal(got[:, [2, 4]], new[:, [2, 4]])
+    assert "class head rows matched by name: reused Square, circle (and the background), fresh triangle, star" in (
+        caplog.text
+    )
+
+    model = build_ssd(config(shapes).model)  # no name in common (repeated names never match): all fresh
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_weights_from(model, str(three_class_checkpoint), False, classes=["cat", "N/A", "N/A", "dog"])
+    assert sorted(report["reinitialised"]) == conf_keys and report["by_class"] == []
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in conf_keys)
+
+
 def test_cli_init_fine_tunes_onto_another_class_count(shapes, three_class_checkpoint, tmp_path, caplog):
     cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes, max_iter=1))
     with caplog.at_level(logging.INFO, logger="ssd.train"):
@@ -616,12 +645,13 @@ def test_cli_init_fine_tunes_onto_another_class_count(shapes, three_class_checkp
             ["train", str(cfg_path), "--output-dir", str(tmp_path / "run"), "--init", str(three_class_checkpoint)]
         )
     assert code == 0
-    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init from")]
-    assert message.startswith(
-        f"init from {three_class_checkpoint}: loaded 123 tensors, re-initialised 8 (shape differs: "
-        "head.conf.0.weight, head.conf.0.bias"
+    # the data's circle and square reuse the checkpoint's rows; triangle and star start fresh
+    rows, message = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init from")]
+    assert rows.endswith("matched by name: reused circle, square (and the background), fresh triangle, star")
+    assert message == (
+        f"init from {three_class_checkpoint}: loaded 123 tensors, 8 by class name, re-initialised 0 "
+        "(shape differs: -), ignored 1 (aux.weight)"
     )
-    assert message.endswith("ignored 1 (aux.weight)")
     assert load_config(tmp_path / "run" / "config.yaml").model.init == str(three_class_checkpoint)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["model"]["head.conf.0.bias"].shape == (4 * 5,)
 

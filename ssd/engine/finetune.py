@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 from ssd.checkpoint import CheckpointError, checkpoint_model_config, load_checkpoint
 from ssd.config import Config, ConfigError, ModelConfig, is_user_set
 from ssd.engine.bn import bn_layers
+from ssd.engine.class_rows import load_class_rows
 from ssd.model.priors import resolve_prior_layout
 
 log = logging.getLogger("ssd.train")
@@ -238,20 +240,33 @@ def _describe_sizes(model: ModelConfig, layout: dict) -> str:
     return f"min_sizes {sizes['min_sizes']} / max_sizes {sizes['max_sizes']}{preset}"
 
 
-def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[str, list[str]]:
+def init_weights_from(
+    model: nn.Module, path: str, backbone_only: bool, classes: Sequence[str] | None = None
+) -> dict[str, list[str]]:
     """Load every tensor of ``path`` whose name and shape match the model; report the rest.
 
-    Returns ``{"loaded": [...], "reinitialised": [...] (shape differs, e.g. a head with another
-    class count), "ignored": [...] (not in the model)}``; all three are logged.
+    With the model's ``classes`` (foreground names) and a checkpoint that lists its own, the class
+    heads' rows are matched by name (:mod:`ssd.engine.class_rows`) whenever the lists differ, whatever
+    the counts. Returns ``{"loaded": [...], "by_class": [...] (class rows matched by name),
+    "reinitialised": [...] (shape differs, e.g. a head with another class count, or no class in
+    common), "ignored": [...] (not in the model)}``; all are logged.
     """
     obj = load_checkpoint(path)
     state = obj["model"]
     own = model.state_dict()
-    report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "ignored": []}
+    report: dict[str, list[str]] = {"loaded": [], "by_class": [], "reinitialised": [], "ignored": []}
     update = {}
+    by_class = None
+    if classes is not None and not backbone_only and obj.get("classes"):
+        by_class = load_class_rows(own, state, list(classes), list(obj["classes"]), path)
     for key, value in state.items():
         if backbone_only and not key.startswith("backbone."):
             report["ignored"].append(key)
+        elif by_class is not None and key in by_class[0]:
+            update[key] = by_class[0][key]
+            report["by_class"].append(key)
+        elif by_class is not None and key in by_class[1]:
+            report["reinitialised"].append(key)
         elif key not in own:
             report["ignored"].append(key)
         elif own[key].shape != value.shape:
@@ -265,9 +280,10 @@ def init_weights_from(model: nn.Module, path: str, backbone_only: bool) -> dict[
     if not backbone_only:
         _log_head_bn_mismatch(path, own, state)
     log.info(
-        "init from %s: loaded %d tensors, re-initialised %d (shape differs: %s), ignored %d (%s)",
+        "init from %s: loaded %d tensors%s, re-initialised %d (shape differs: %s), ignored %d (%s)",
         path,
         len(report["loaded"]),
+        f", {len(report['by_class'])} by class name" if report["by_class"] else "",
         len(report["reinitialised"]),
         ", ".join(report["reinitialised"][:6]) or "-",
         len(report["ignored"]),

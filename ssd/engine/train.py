@@ -207,7 +207,7 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     if cfg.model.init_backbone:
         loaded += init_weights_from(model, cfg.model.init_backbone, backbone_only=True)["loaded"]
     if cfg.model.init:
-        loaded += init_weights_from(model, cfg.model.init, backbone_only=False)["loaded"]
+        loaded += init_weights_from(model, cfg.model.init, backbone_only=False, classes=train_set.classes)["loaded"]
     # before restore_state: a resumed run loads the same init files first, so it freezes the same layers
     frozen = bn_tools.frozen_bn_layers(model, tcfg.bn, loaded)
     frozen += [name for name in freeze_blocks(model, tcfg.freeze) if name not in frozen]
