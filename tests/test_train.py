@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 import ssd.engine.train as engine
 from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from ssd.cli import main
-from ssd.config import Config, from_dict, load_config
+from ssd.config import Config, ConfigError, from_dict, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import EpochIndexSampler
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
@@ -443,12 +443,31 @@ def test_corrupt_or_foreign_last_pt_is_refused_and_left_alone(shapes, reference,
         train(config(shapes), out, resume=True)
     (out / "last.pt").write_bytes(good)
     cfg = config(shapes)
-    cfg.model.width = 0.25
-    with pytest.raises(
-        CheckpointError, match=r"last.pt \(resume; was the model config changed\?\): weights do not fit"
-    ):
+    cfg.model.width = 0.25  # refused before any weights are loaded: the run's own settings name the change
+    with pytest.raises(ConfigError, match=r"last.pt as it was started, and this command changes model.width: 0.25"):
         train(cfg, out, resume=True)
     assert (out / "last.pt").read_bytes() == good
+
+
+def test_resume_keeps_the_runs_own_settings_and_config_yaml(shapes, reference, tmp_path, caplog, capsys):
+    """A run started with train.max_iter=... resumed with the YAML's length is refused in one line naming
+    the key; settings that cannot change the result (the log period, eval.batch_size) are applied and logged;
+    config.yaml is never rewritten by a resume."""
+    out = Path(shutil.copytree(reference[0], tmp_path / "run"))
+    saved = (out / "config.yaml").read_text()
+    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
+    assert main(["train", str(cfg_path), "--output-dir", str(out), "--resume", "train.max_iter=3200"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "this command changes train.max_iter: 3200 given, 12 in the run" in err
+    assert f"Resume with its own config: ssd train {out / 'config.yaml'} --output-dir {out} --resume" in err
+    cfg = config(shapes)
+    cfg.train.log_period, cfg.eval.batch_size = 2, 4
+    (out / "last.pt").write_bytes((out / "last.prev.pt").read_bytes())  # resume from an earlier save
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        assert train(cfg, out, resume=True)["iteration"] == MAX_ITER
+    assert "resume: train.log_period 1 -> 2 (applied: it does not change the result)" in caplog.messages
+    assert "resume: eval.batch_size 10 -> 4 (applied: it does not change the result)" in caplog.messages
+    assert (out / "config.yaml").read_text() == saved
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_last_pt(shapes, tmp_path, monkeypatch):

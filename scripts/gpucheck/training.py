@@ -114,6 +114,16 @@ def step_bf16(check: Check) -> dict:
     return verify_run(check, "bf16", run, rows, list(range(1, check.s.iters + 1)), scaler=False)
 
 
+def as_if_stopped(last: Path, max_iter: int) -> None:
+    """Make a finished run's checkpoint one of a run started for ``max_iter`` iterations and stopped: a
+    resume continues a run with its own settings and refuses a longer ``train.max_iter``."""
+    from ssd.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(last)
+    ckpt["full_config"]["train"]["max_iter"] = max_iter
+    save_checkpoint(ckpt, last)
+
+
 def step_resume(check: Check) -> dict:
     """``--resume`` of a copy of the fp16 run on the GPU for a few more iterations: the rows go on where
     they stopped, the GradScaler state comes back (the scale neither restarts nor falls), weights move."""
@@ -122,6 +132,7 @@ def step_resume(check: Check) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(src, run)
     end = check.s.iters + check.s.resume_iters
+    as_if_stopped(run / "last.pt", end)
     run, rows = check.train(
         "resume", ["train.amp=fp16", "train.channels_last=true", f"train.max_iter={end}"], resume=True
     )

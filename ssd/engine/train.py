@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ssd.checkpoint import save_checkpoint
-from ssd.config import Config, ConfigError, TrainConfig, save_config
+from ssd.config import Config, ConfigError, TrainConfig, save_config, to_dict
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import EpochIndexSampler, build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms, normalize_batch
@@ -44,7 +44,7 @@ from ssd.engine.ema import build_ema, combine_evaluations
 from ssd.engine.evalset import evaluate_predictions
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set, evaluate_model
 from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights_from, warn_frozen_untrained
-from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, resume_checkpoint
+from ssd.engine.lifecycle import LAST, PREVIOUS, StopSignal, TrainClock, check_resumed_config, resume_checkpoint
 from ssd.engine.machine_load import BusyMachine
 from ssd.engine.monitor import Eta, SkippedImages, TensorBoard, draw_samples, format_eta, progress_bar
 from ssd.engine.state import best_checkpoint, restore_state, rng_state, training_state, trim_metrics
@@ -156,6 +156,9 @@ def train(cfg: Config, output_dir: str | os.PathLike, resume: bool = False) -> d
 
 def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     cfg = adopt_source_config(cfg)  # model.init's preprocessing and priors, before anything is built or saved
+    resumed = resume_checkpoint(out) if resume else None  # last.pt, or last.prev.pt when last.pt cannot be read
+    if resumed is not None:
+        check_resumed_config(to_dict(cfg), resumed[1].get("full_config"), resumed[0], out)
     tcfg = cfg.train
     device = resolve_device(tcfg.device, ctx.local_rank, key="train.device", world_size=ctx.world_size)
     if tcfg.batch_size % ctx.world_size:
@@ -235,8 +238,9 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     iteration, best, fell_back = 0, {"map": -1.0, "iter": 0}, False
-    if resume:  # last.pt, or last.prev.pt when last.pt cannot be read
-        path, ckpt, fell_back = resume_checkpoint(out)
+    if resumed is not None:
+        path, ckpt, fell_back = resumed
+        resumed = None  # the checkpoint's memory goes with ckpt below
         iteration, best, clock.before = restore_state(
             ckpt, path, model, optimizer, scheduler, scaler, device, ctx.rank, ema
         )
@@ -294,7 +298,8 @@ def _train(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> dict:
     state: dict[str, Any] = dict(iteration=iteration, best=best, clock=clock, keep_last=not fell_back)
     if ctx.is_main:  # the run's folder is written from here on: a run rejected above leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        if not resume or not (out / "config.yaml").exists():  # a resume never rewrites the run's config
+            save_config(cfg, out / "config.yaml")
         if resume:
             trim_metrics(out / "metrics.jsonl", iteration)
     tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
