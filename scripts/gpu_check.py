@@ -30,11 +30,11 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from gpucheck.checks import analyse_rows, bench_cell, channels_last_report, compare_evals, parameter_change  # noqa: E402
-from gpucheck.record import Failed, Report, Skipped, format_table  # noqa: E402
-from gpucheck.runs import REHEARSAL, REPO, Check, Settings, log_error  # noqa: E402
-from gpucheck.steps import ALWAYS, STEPS, Step  # noqa: E402
-from gpucheck.weights import load_on_cpu, ssd_without_tf32  # noqa: E402
+from gpucheck.checks import analyse_rows, bench_cell, channels_last_report, compare_evals, parameter_change
+from gpucheck.record import Failed, Report, Skipped, format_table
+from gpucheck.runs import REHEARSAL, REPO, Check, Settings, log_error
+from gpucheck.steps import ALWAYS, STEPS, Step
+from gpucheck.weights import load_on_cpu, ssd_without_tf32
 
 # what tests/test_gpu_check.py reaches through this module, besides main
 __all__ = [

@@ -219,7 +219,7 @@ def run_export_command(args) -> int:
     """``ssd export --weights CKPT [--weights-kind ema|raw] --out model.onnx [--opset N] [--dynamic-batch] [--nms]
     [--no-fuse]``."""
     try:
-        import onnx  # noqa: F401  (the exporter writes through it; fail before loading any weights)
+        import onnx  # the exporter writes through it: fail before loading any weights
     except ImportError:
         raise ValueError("ONNX export needs the onnx package: pip install 'ssd[onnx]' (onnx, onnxruntime)") from None
     from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint

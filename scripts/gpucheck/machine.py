@@ -53,7 +53,7 @@ def step_environment(check: Check) -> dict:
     for module in ("torch", "torchvision", "albumentations", "pycocotools.coco", "ssd"):
         try:
             importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001  (any import error is the finding)
+        except Exception as e:  # any import error is the finding
             problems.append(f"import {module}: {type(e).__name__}: {e}")
     if "torch" in sys.modules:
         torch = sys.modules["torch"]

@@ -73,7 +73,7 @@ class Report:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): say so, then stop
             rec.update(ok=False, status="interrupted", error="interrupted")
             raise
-        except Exception as e:  # noqa: BLE001  (a bug or an unexpected error: record it, go on with the next step)
+        except Exception as e:  # a bug or an unexpected error: record it, go on with the next step
             rec.update(ok=False, status="failed", error=f"{type(e).__name__}: {e}")
             rec["traceback"] = traceback.format_exc(limit=-4)
         finally:
