@@ -140,8 +140,8 @@ def test_missing_rows_non_finite_losses_and_old_engines_are_named(gpu_check):
 
     old = [{k: v for k, v in r.items() if k not in ("skipped", "grad_scale")} for r in fp16_rows([1.0] * 2)]
     assert analyse(old, [1, 2], scaler=True)[1] == [
-        "metrics.jsonl rows have no 'skipped' count (the engine predates issue 14)",
-        "metrics.jsonl rows have no grad_scale (the engine predates issue 14)",
+        "metrics.jsonl rows have no 'skipped' count (an engine older than this check)",
+        "metrics.jsonl rows have no grad_scale (an engine older than this check)",
     ]
 
 

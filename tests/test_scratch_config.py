@@ -1,4 +1,4 @@
-"""configs/ssd300_vgg16_bn_scratch_voc0712.yaml: the ScratchDet from-scratch recipe (issue 16, item 2).
+"""configs/ssd300_vgg16_bn_scratch_voc0712.yaml: the ScratchDet from-scratch recipe.
 
 The numbers are the ones its comments cite: KimSoybean/ScratchDet caffe/ssd_pascal.py (batch 128 on 4 GPUs,
 base_lr worked out to 0.05, steps 40k/75k/90k, 100k iterations, weight decay 5e-4, momentum 0.9, no decay on

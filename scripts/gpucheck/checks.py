@@ -42,7 +42,7 @@ def analyse_rows(
         "loss_last": losses[-1] if losses else None,
     }
     if rows and any("skipped" not in r for r in rows):
-        problems.append("metrics.jsonl rows have no 'skipped' count (the engine predates issue 14)")
+        problems.append("metrics.jsonl rows have no 'skipped' count (an engine older than this check)")
     skipped_at = [r["iter"] for r in rows if r.get("skipped", 0)]
     numbers["skipped"] = sum(r.get("skipped", 0) for r in rows)
     if not scaler:
@@ -51,7 +51,7 @@ def analyse_rows(
         return numbers, problems
     scales = [r.get("grad_scale") for r in rows]
     if rows and any(s is None for s in scales):
-        problems.append("metrics.jsonl rows have no grad_scale (the engine predates issue 14)")
+        problems.append("metrics.jsonl rows have no grad_scale (an engine older than this check)")
         return numbers, problems
     drops = [r["iter"] for r, before in zip(rows, [INIT_SCALE] + scales[:-1], strict=True) if r["grad_scale"] < before]
     numbers.update(
