@@ -99,3 +99,33 @@ def launch_ranks(world: int, command: list[str], cwd: Path) -> list[subprocess.C
             if p.poll() is None:
                 p.kill()
     return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+@pytest.fixture
+def stop_training_at(monkeypatch):
+    """``stop_training_at(n)``: the engine's loss raises ``RuntimeError("stopped in iteration n")`` at
+    its n-th evaluation (a crash mid-run: ``last.pt`` holds the last save); ``stop_training_at(None)``
+    gives the real loss back."""
+    import ssd.engine.train as engine
+
+    real_build_loss = engine.build_loss
+
+    def stop_at(iteration: int | None) -> None:
+        if iteration is None:
+            monkeypatch.setattr(engine, "build_loss", real_build_loss)
+            return
+
+        def failing_build_loss(loss_cfg, model_cfg):
+            criterion, calls = real_build_loss(loss_cfg, model_cfg), []
+
+            def loss(*args):
+                calls.append(None)
+                if len(calls) == iteration:
+                    raise RuntimeError(f"stopped in iteration {iteration}")
+                return criterion(*args)
+
+            return loss
+
+        monkeypatch.setattr(engine, "build_loss", failing_build_loss)
+
+    return stop_at

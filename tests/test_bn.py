@@ -211,30 +211,17 @@ def test_frozen_without_init_warns_and_trains_every_bn_layer(shapes, tmp_path, c
     assert {int(v) for k, v in last.items() if k.endswith("num_batches_tracked")} == {1}  # every layer took its step
 
 
-def test_a_resumed_frozen_run_freezes_the_same_layers(shapes, tmp_path, monkeypatch):
+def test_a_resumed_frozen_run_freezes_the_same_layers(shapes, tmp_path, stop_training_at):
     """An uninterrupted frozen run against the same run stopped in iteration 3 (``last.pt`` of
     iteration 2 on disk) and resumed: the same weights, so the same layers were frozen and trained."""
     init = save_init(shapes, tmp_path / "init.pt").state_dict()
     cfg = frozen_config(shapes, tmp_path / "init.pt", max_iter=4, checkpoint_period=2)
     engine.train(cfg, tmp_path / "whole")
 
-    real_build_loss = engine.build_loss
-
-    def failing_build_loss(loss_cfg, model_cfg):
-        criterion, calls = real_build_loss(loss_cfg, model_cfg), []
-
-        def loss(*args):
-            calls.append(None)
-            if len(calls) == 3:
-                raise RuntimeError("stopped in iteration 3")
-            return criterion(*args)
-
-        return loss
-
-    monkeypatch.setattr(engine, "build_loss", failing_build_loss)
+    stop_training_at(3)
     with pytest.raises(RuntimeError, match="stopped in iteration 3"):
         engine.train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(engine, "build_loss", real_build_loss)
+    stop_training_at(None)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["iteration"] == 2
     engine.train(cfg, tmp_path / "resumed", resume=True)
 

@@ -253,7 +253,7 @@ def test_sync_debug_catches_a_synchronisation(shapes, tmp_path, monkeypatch):
 
 
 @on_cuda
-def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path, monkeypatch):
+def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path, stop_training_at):
     """Deterministic kernels: 8 iterations stopped by an error in the 5th (last.pt at 4), then --resume
     with the same settings, give the losses, scales and weights of 8 in one go."""
 
@@ -261,25 +261,12 @@ def test_resume_on_cuda_follows_the_uninterrupted_run(shapes, tmp_path, monkeypa
         options = {"schedule": "multistep", "steps": [1000], "deterministic": True, "max_iter": max_iter}
         return config(shapes, shapes / "init.pt", amp="fp16", **options)  # checkpoint_period 4: last.pt at 4
 
-    real_build_loss, calls = engine.build_loss, []
-
-    def failing_build_loss(loss_cfg, model_cfg):
-        criterion = real_build_loss(loss_cfg, model_cfg)
-
-        def loss(*args):
-            calls.append(None)
-            if len(calls) == 5:
-                raise RuntimeError("stopped in iteration 5")
-            return criterion(*args)
-
-        return loss
-
     try:
         train(cfg(8), tmp_path / "straight")
-        monkeypatch.setattr(engine, "build_loss", failing_build_loss)
+        stop_training_at(5)
         with pytest.raises(RuntimeError, match="stopped in iteration 5"):
             train(cfg(8), tmp_path / "resumed")
-        monkeypatch.setattr(engine, "build_loss", real_build_loss)
+        stop_training_at(None)
         assert load_checkpoint(tmp_path / "resumed" / "last.pt")["iteration"] == 4
         train(cfg(8), tmp_path / "resumed", resume=True)
     finally:  # train.deterministic switches torch's global flags on
