@@ -101,5 +101,7 @@ def draw_validation_images(cfg: Config, weights: Path, out: Path, count: int) ->
     out.mkdir(parents=True, exist_ok=True)
     for rec in val.records:
         d = preds[rec.image_id]
-        drawn = draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], ckpt["classes"])
+        drawn = draw_detections(
+            read_image(rec.path, rec.orientation), d["boxes"], d["scores"], d["labels"], ckpt["classes"]
+        )
         cv2.imwrite(str(out / f"{rec.image_id}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))

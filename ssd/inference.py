@@ -56,8 +56,9 @@ ImageInput = str | os.PathLike | np.ndarray | Tensor
 def as_image(image: ImageInput, index: int = 0) -> np.ndarray | Tensor:
     """One input -> uint8 ``ndarray[H, W, 3]`` RGB, or float ``Tensor[3, H, W]`` in [0, 1].
 
-    Accepts a file path, a uint8 ``HxWx3`` RGB array, a uint8 ``3xHxW`` tensor (0..255) or a
-    float ``3xHxW`` tensor in [0, 1] (torchvision's convention). ``index`` names the input in errors.
+    Accepts a file path (read upright: its EXIF orientation applied), a uint8 ``HxWx3`` RGB array, a
+    uint8 ``3xHxW`` tensor (0..255) or a float ``3xHxW`` tensor in [0, 1] (torchvision's convention).
+    ``index`` names the input in errors.
     """
     if isinstance(image, (str, os.PathLike)):
         return read_image(str(image))

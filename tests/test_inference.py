@@ -341,6 +341,24 @@ def test_predict_folders_video_and_failures(tiny_ckpt, tmp_path, capsys, caplog)
     assert len(frames_out) == 5 and frames_out[0].shape == (64, 96, 3)
 
 
+def test_exif_rotated_photo_is_predicted_upright(tiny, tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 140 wide x 90 high, shown turned 90 degrees clockwise
+    Image.fromarray(random_image(90, 140, seed=5)).save(path, exif=exif.tobytes(), quality=95)
+    shown = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)  # OpenCV applies the tag to JPEGs
+    assert shown.shape == (140, 90, 3)
+    assert_same_detections(tiny(str(path)), tiny(shown))
+    out = tmp_path / "out"
+    args = ["predict", "--weights", str(tiny_ckpt), str(path), "--out", str(out), "--json", str(out / "d.json")]
+    assert main([*args, "--device", "cpu", "--score-thresh", "0.05"]) == 0
+    (entry,) = json.loads((out / "d.json").read_text())
+    assert (entry["width"], entry["height"]) == (90, 140)
+    assert cv2.imread(str(out / "phone.jpg")).shape == (140, 90, 3)  # drawn upright, written untagged
+
+
 def test_predict_all_good_exits_zero_and_bad_options_exit_two(tiny_ckpt, tmp_path, capsys):
     image = write_rgb(tmp_path / "x.jpg", random_image(64, 64, seed=0))
     assert main(["predict", "--weights", str(tiny_ckpt), str(image), "--device", "cpu"]) == 0

@@ -41,7 +41,7 @@ def check_split(
         report.empty_images += int(len(rec.labels) == 0)
         if decode_images:
             try:
-                image = read_image(rec.path)
+                image = read_image(rec.path, rec.orientation)
             except DatasetError as e:
                 report.problems.report("unreadable image", rec.path, str(e).removeprefix(f"{rec.path}: "))
                 continue
@@ -105,4 +105,7 @@ def format_report(report: CheckReport, every: bool = False) -> str:
         lines += [f"    {line}" for line in report.problems.summary(every)]
     else:
         lines.append("  no problems found")
+    if report.problems.notes:
+        lines.append("  notes:")
+        lines += [f"    {line}" for line in report.problems.note_summary(every)]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 Labels are contiguous (1..K in the order of ``classes``, by default the file's categories sorted
 by id); :func:`label_to_category_id` maps back for writing results. ``iscrowd`` boxes are kept as
 ``difficult`` (excluded from training, kept for evaluation, where COCOeval ignores them anyway).
+The EXIF orientation rule is orientation.py's: an image's ``width``/``height`` tell the frame its
+boxes were drawn in.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ssd.classes import unlisted_class_hint, unlisted_kind
+from ssd.data.orientation import AS_STORED, Headers, choose_frame
 from ssd.data.records import DatasetError, ImageRecord, Problems, sanitize_boxes
 
 
@@ -81,6 +84,7 @@ def index_coco(
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: COCO images folder not found")
     records = []
+    headers = Headers()
     for img_id in sorted(coco.getImgIds()):
         info = coco.imgs[img_id]
         where = f"{annotations} image id {img_id} ({info.get('file_name')})"
@@ -92,6 +96,10 @@ def index_coco(
         if width <= 0 or height <= 0:
             problems.report("bad image size", where, f"width/height {width}x{height} must be positive")
             continue
+        try:
+            orientation, _ = choose_frame(headers(path), (width, height), problems, str(path))
+        except OSError:
+            orientation = AS_STORED  # decoding reports the file, as for any image
         anns = coco.imgToAnns.get(img_id, [])
         boxes, labels, crowd = [], [], []
         for ann in anns:
@@ -126,6 +134,8 @@ def index_coco(
                 difficult=np.asarray(crowd, bool)[keep],
                 source_boxes=source[keep],
                 coco_id=img_id,
+                orientation=orientation,
             )
         )
+    headers.save()
     return records, classes

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from ssd.classes import VOC_CLASSES
 from ssd.config import ConfigError, DatasetConfig
 from ssd.data.coco import index_coco
+from ssd.data.orientation import orientation_from_bytes, upright
 from ssd.data.records import DatasetError, ImageRecord, Problems
 from ssd.data.voc import index_voc
 from ssd.data.yolo import index_yolo, yolo_classes
@@ -21,11 +22,13 @@ from ssd.loss import pad_targets
 log = logging.getLogger(__name__)
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, orientation: int | None = None) -> np.ndarray:
     """Decode an image file to RGB uint8 ``HxWx3``; raises ``DatasetError`` naming the file.
 
-    A JPEG without its end-of-image marker is reported as truncated: libjpeg only warns and
-    returns a half-grey picture, which would otherwise train silently.
+    ``orientation``: the EXIF orientation to apply (a dataset record's, see orientation.py); ``None``
+    reads the file's own tag, so the pixels come upright. A JPEG without its end-of-image marker is
+    reported as truncated: libjpeg only warns and returns a half-grey picture, which would otherwise
+    train silently.
     """
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -37,11 +40,13 @@ def read_image(path: str) -> np.ndarray:
         raw = data.tobytes()  # the end-of-image marker must follow the last start-of-scan (trailing data is fine)
         if raw.rfind(b"\xff\xd9") < max(2, raw.rfind(b"\xff\xda")):
             raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker after the image data)")
-    # stored pixel order, EXIF orientation ignored: the frame annotations (and PIL, torchvision) use
+    # stored pixels, turned below: OpenCV applies the tag for JPEG only, and a record may be read as stored
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DatasetError(f"{path}: not a decodable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if orientation is None:
+        orientation = orientation_from_bytes(data.tobytes())
+    return upright(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
 
 
 def dataset_roots(cfg: DatasetConfig, key: str) -> list[tuple[str, str]]:
@@ -117,7 +122,7 @@ class DetectionDataset(Dataset):
         if self.train and self.transform is not None and hasattr(self.transform, "set_seed"):
             self.transform.set_seed(sample_seed(self.seed, epoch, index))
         try:
-            image = read_image(rec.path)
+            image = read_image(rec.path, rec.orientation)
         except DatasetError as e:
             if self.on_error == "raise":
                 raise
@@ -127,7 +132,8 @@ class DetectionDataset(Dataset):
             boxes, labels = boxes[~rec.difficult], labels[~rec.difficult]
         h, w = image.shape[:2]
         if (w, h) != (rec.width, rec.height):  # boxes were checked against the annotation's size
-            message = f"{rec.path}: image is {w}x{h} but its annotation says {rec.width}x{rec.height}"
+            turned = f" upright (EXIF orientation {rec.orientation})" if rec.orientation != 1 else ""
+            message = f"{rec.path}: image is {w}x{h}{turned} but its annotation says {rec.width}x{rec.height}"
             if self.on_error == "raise":
                 raise DatasetError(message)
             return {"error": message, "image_id": rec.image_id}

@@ -34,6 +34,7 @@ class ImageRecord:
     difficult: np.ndarray  # [N] bool: VOC difficult / COCO iscrowd; excluded from training by default
     source_boxes: np.ndarray | None = None  # [N, 4] float64 as written in the annotation file
     coco_id: int | None = None
+    orientation: int = 1  # the EXIF orientation to apply when decoding (orientation.py); 1: as stored
 
     @staticmethod
     def empty_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,14 +47,16 @@ class Problems:
 
     ``raise``: the first problem raises :class:`DatasetError`. ``skip``: problems are counted by
     kind and kept for a summary. ``fixed`` counts silent-looking repairs that are always applied
-    and always counted (degenerate boxes dropped, boxes clipped to the image). ``examples`` holds,
-    per kind, one line for every problem and every repaired file, each naming its file.
+    and always counted (degenerate boxes dropped, boxes clipped to the image). ``notes`` counts what is
+    worth knowing but needs no repair (how an EXIF-rotated image is read). ``examples`` holds, per
+    kind, one line for every problem, repaired file and noted file, each naming its file.
     """
 
     policy: str = "raise"
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     fixed: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
     # kind -> (file, boxes) of the last line
     _last_fix: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
 
@@ -74,6 +77,10 @@ class Problems:
         self._last_fix[kind] = (where, n)
         entries.append(f"{where}: {n} box{'es' if n > 1 else ''}")
 
+    def note(self, kind: str, where: str) -> None:
+        self.notes[kind] += 1
+        self.examples.setdefault(kind, []).append(where)
+
     def __bool__(self) -> bool:
         return bool(self.counts)
 
@@ -81,6 +88,13 @@ class Problems:
         """One line per kind naming its first file, or with ``every`` a line per kind and one per problem."""
         kinds = [(kind, n, "") for kind, n in sorted(self.counts.items())]
         kinds += [(kind, n, " (repaired)") for kind, n in sorted(self.fixed.items())]
+        return self._lines(kinds, every)
+
+    def note_summary(self, every: bool = False) -> list[str]:
+        """:meth:`summary` of the notes."""
+        return self._lines([(kind, n, "") for kind, n in sorted(self.notes.items())], every)
+
+    def _lines(self, kinds: list[tuple[str, int, str]], every: bool) -> list[str]:
         lines = []
         for kind, n, repaired in kinds:
             entries = self.examples[kind]
@@ -95,6 +109,8 @@ class Problems:
     def log_summary(self, what: str) -> None:
         for line in self.summary():
             log.warning("%s: %s", what, line)
+        for line in self.note_summary():
+            log.info("%s: %s", what, line)
 
 
 # A box reaching further past the image than this is not an annotator's overshoot but a wrong label (another

@@ -2,32 +2,28 @@
 
 Images are found by id and any common extension, not by the XML's ``<filename>`` (real exports
 often get it wrong). Tags may come in any order; a missing ``<difficult>`` means 0. Parsed
-annotations are cached per XML keyed by (mtime, size), so re-indexing VOC07 test (4952 files)
-costs a stat per file; a changed file is always re-parsed (never a stale cache).
+annotations and image headers are cached per file keyed by (mtime, size) (filecache.py), so
+re-indexing VOC07 test (4952 images) costs two stats per image; a changed file is always re-read.
+The EXIF orientation rule is orientation.py's: ``<size>`` tells the frame the boxes were drawn in.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
 from ssd.classes import unlisted_class_hint, unlisted_kind
+from ssd.data.filecache import StatCache
+from ssd.data.orientation import AS_STORED, Headers, choose_frame
 from ssd.data.records import ImageRecord, Problems, sanitize_boxes
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SSD_CACHE_DIR", Path.home() / ".cache" / "ssd"))
 
 
 def read_split(root: Path, split: str) -> list[str]:
@@ -80,52 +76,6 @@ def parse_voc_xml(path: Path) -> dict:
     return {"size": size, "objects": objects}
 
 
-class _XmlCache:
-    """Parsed-XML cache for one annotations folder, validated per file by (mtime_ns, size)."""
-
-    def __init__(self, ann_dir: Path) -> None:
-        key = hashlib.sha1(str(ann_dir.resolve()).encode()).hexdigest()[:16]
-        self.path = cache_dir() / f"voc-{key}.pkl"
-        self.entries: dict[str, tuple[int, int, dict]] = {}
-        self.dirty = False
-        try:
-            with open(self.path, "rb") as f:
-                data = pickle.load(f)
-            if data.get("version") == CACHE_VERSION:
-                self.entries = data["entries"]
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError):
-            self.entries = {}
-
-    def get(self, xml: Path) -> dict:
-        st = xml.stat()
-        hit = self.entries.get(xml.name)
-        if hit is not None and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
-            return hit[2]
-        parsed = parse_voc_xml(xml)
-        self.entries[xml.name] = (st.st_mtime_ns, st.st_size, parsed)
-        self.dirty = True
-        return parsed
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                pickle.dump({"version": CACHE_VERSION, "entries": self.entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only home must not stop training
-            log.warning("could not write the annotation cache %s: %s", self.path, e)
-
-
-def image_size_from_header(path: str) -> tuple[int, int]:
-    from PIL import Image  # reads the header only
-
-    with Image.open(path) as im:
-        return im.size
-
-
 def index_voc(
     root: str | os.PathLike,
     split: str,
@@ -151,7 +101,8 @@ def index_voc(
                 if ext.lower() in IMAGE_EXTENSIONS:
                     images.setdefault(stem, entry.path)
     label_of = {name: i + 1 for i, name in enumerate(classes)}
-    cache = _XmlCache(ann_dir) if use_cache else None
+    cache = StatCache("voc", ann_dir, parse_voc_xml) if use_cache else None
+    headers = Headers()
     records = []
     for image_id in ids:
         xml = ann_dir / f"{image_id}.xml"
@@ -168,13 +119,13 @@ def index_voc(
         except ValueError as e:
             problems.report("malformed annotation", str(xml), str(e))
             continue
-        size = parsed["size"]
-        if size is None:
-            try:
-                size = image_size_from_header(images[image_id])
-            except OSError as e:
+        try:
+            orientation, size = choose_frame(headers(images[image_id]), parsed["size"], problems, images[image_id])
+        except OSError as e:
+            if parsed["size"] is None:
                 problems.report("unreadable image", images[image_id], f"cannot read the image header ({e})")
                 continue
+            orientation, size = AS_STORED, parsed["size"]  # decoding reports the file, as for any image
         boxes, labels, difficult = [], [], []
         for name, diff, coords in parsed["objects"]:
             if name not in label_of:
@@ -205,8 +156,10 @@ def index_voc(
                 labels=np.asarray(labels, np.int64)[keep],
                 difficult=np.asarray(difficult, bool)[keep],
                 source_boxes=source[keep],
+                orientation=orientation,
             )
         )
     if cache:
         cache.save()
+    headers.save()
     return records

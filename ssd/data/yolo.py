@@ -30,7 +30,8 @@ the class list ("class id out of range"; with ``ignore_other_classes`` ids beyon
 dropped and counted), a box corner more than ``BORDER_TOLERANCE`` outside [0, 1] ("box outside the
 image"). Always repaired and counted: corners within the tolerance are clipped; a polygon
 (segmentation) line ``class x1 y1 x2 y2 x3 y3 ...`` becomes the bounding box of its points ("polygon
-converted to box"), line by line. EXIF orientation is ignored, as everywhere in ssd (stored pixel frame).
+converted to box"), line by line. Labels are in the EXIF-upright frame (orientation.py), as
+Ultralytics and Roboflow write them.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import numpy as np
 import yaml
 
 from ssd.classes import unlisted_kind
+from ssd.data.orientation import AS_STORED, READ_UPRIGHT, Headers
 from ssd.data.records import DatasetError, ImageRecord, Problems, sanitize_boxes
-from ssd.data.voc import IMAGE_EXTENSIONS, image_size_from_header
+from ssd.data.voc import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +329,7 @@ def index_yolo(
     images = [image for source in split_sources(root, split) for image in list_images(source)]
     records, labelled = [], 0
     owner: dict[Path, Path] = {}
+    headers = Headers()
     for image in images:
         labels_file = label_path(image)
         if labels_file in owner:
@@ -339,10 +342,13 @@ def index_yolo(
             problems.report("missing image", str(image), f"image file not found (split {split!r} of {root})")
             continue
         try:
-            width, height = image_size_from_header(str(image))
+            header = headers(image)
         except OSError as e:
             problems.report("unreadable image", str(image), f"cannot read the image header ({e})")
             continue
+        width, height = header.upright_size
+        if header.orientation != AS_STORED:
+            problems.note(READ_UPRIGHT, str(image))
         ids: list[int] = []
         corners: list[tuple[float, float, float, float]] = []
         if labels_file.is_file():
@@ -361,8 +367,10 @@ def index_yolo(
                 labels=np.asarray(ids, np.int64)[keep] + 1,
                 difficult=np.zeros(int(keep.sum()), bool),
                 source_boxes=source,
+                orientation=header.orientation,
             )
         )
+    headers.save()
     if images and not labelled:
         log.warning(
             "%s split %r: none of the %d images has a label file (e.g. %s); they have no objects",

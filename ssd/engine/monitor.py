@@ -125,7 +125,12 @@ def draw_samples(dataset, predictions: dict, count: int) -> list[tuple[str, np.n
     for rec in dataset.records[:count]:
         d = predictions[rec.image_id]
         samples.append(
-            (rec.image_id, draw_detections(read_image(rec.path), d["boxes"], d["scores"], d["labels"], dataset.classes))
+            (
+                rec.image_id,
+                draw_detections(
+                    read_image(rec.path, rec.orientation), d["boxes"], d["scores"], d["labels"], dataset.classes
+                ),
+            )
         )
     return samples
 
