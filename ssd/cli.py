@@ -70,7 +70,8 @@ def cmd_data_fit_priors(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ssd.engine.train import TrainingError, train
+    from ssd.engine.step import TrainingError
+    from ssd.engine.train import train
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     cfg = load_config(args.config, overrides)

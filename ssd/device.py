@@ -1,10 +1,18 @@
-"""Which torch device a command runs on: one rule for training, evaluation and inference."""
+"""The machine's rules, each stated once: which device a command runs on, the memory layout, the CPU's
+cache and allocator. Measured once and fixed (docs/measurements.md), never probed at run time, so runs
+stay reproducible."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 
 import torch
+
+# The VGG stem (conv1, conv2) runs on the CPU in chunks of images whose conv1 output (fp32) fits this many
+# bytes, where nothing in it needs a gradient: a batch's full-resolution maps overflow the cache otherwise
+STEM_CHUNK_BYTES = 4 << 20
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "--device", world_size: int = 1) -> torch.device:
@@ -28,9 +36,8 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "--device", world_
 
 
 def use_channels_last(setting: str, device: torch.device) -> bool:
-    """``train.channels_last`` on ``device``: ``auto`` is on for the CPU and CUDA, a fixed rule measured
-    once (README "Performance": the training step 1.2-1.3x faster on the CPU; NHWC is what CUDA's
-    tensor-core convolutions want), not probed at run time, so runs stay reproducible."""
+    """``train.channels_last`` on ``device``: ``auto`` is on for the CPU and CUDA (NHWC is what oneDNN's
+    and CUDA's tensor-core convolutions want)."""
     return setting == "true" or (setting == "auto" and device.type in ("cpu", "cuda"))
 
 
@@ -44,3 +51,20 @@ def full_fp32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory in the process instead of handing it back to the OS (glibc only).
+
+    Training frees and reallocates the same multi-MiB activation buffers every step; glibc's defaults
+    return them to the kernel (munmap, heap trim) and the next step page-faults them back in. Buffers
+    up to 32 MiB (glibc's largest mmap threshold) then come from the heap, whose free top is kept up
+    to 1 GiB. Returns whether the allocator took the settings (False off Linux or without ``mallopt``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))

@@ -22,6 +22,7 @@ from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext
+from ssd.engine.optim import build_optimizer
 from ssd.model import build_ssd
 
 SIZE = 64
@@ -110,7 +111,7 @@ def test_frozen_mode_uses_running_statistics_and_freezes_the_affine_parameters(s
     model.eval()
     torch.testing.assert_close(out["conf"], model(x)["conf"])  # == inference: BN normalises with running stats
 
-    optimizer = engine.build_optimizer(config(shapes).train, model)
+    optimizer = build_optimizer(config(shapes).train, model)
     assert not bn_params & {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 

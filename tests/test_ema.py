@@ -24,6 +24,7 @@ from ssd.cli import main
 from ssd.config import Config, ConfigError, from_dict
 from ssd.data.shapes import generate_shapes
 from ssd.engine.ema import ModelEma, ema_decay
+from ssd.engine.optim import build_optimizer
 from ssd.engine.train import train
 from ssd.inference import Detector
 
@@ -245,14 +246,14 @@ def test_resume_restores_the_average_and_its_update_count_exactly(shapes, ema_ru
 def test_resuming_across_the_ema_setting_keeps_the_raw_weights(shapes, plain_run, ema_run, tmp_path, caplog):
     """A last.pt without an average resumed with train.ema starts one from its weights; one with an
     average resumed without train.ema goes on from its raw weights (not the average)."""
-    from ssd.engine.state import restore_state
+    from ssd.engine.checkpoints import restore_state
     from ssd.model import build_ssd
 
     cfg = config(shapes, ema=DECAY)
     for source, ema_on in ((plain_run[0], True), (ema_run[0], False)):
         ckpt = load_checkpoint(source / "last.pt")
         model = build_ssd(cfg.model)
-        optimizer = engine.build_optimizer(cfg.train, model)
+        optimizer = build_optimizer(cfg.train, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         ema = ModelEma(build_ssd(cfg.model), DECAY) if ema_on else None

@@ -29,7 +29,7 @@ from ssd.checkpoint import load_checkpoint
 from ssd.cli import main
 from ssd.config import Config, from_dict
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine import lifecycle
+from ssd.engine import checkpoints, lifecycle
 from ssd.engine.monitor import Eta, SkippedImages, format_eta
 from ssd.engine.train import train
 
@@ -236,9 +236,9 @@ def test_an_unreadable_last_pt_falls_back_to_last_prev_pt(shapes, tmp_path, monk
     unreadable file as last.prev.pt."""
     steps_with(monkeypatch, lambda call: os.kill(os.getpid(), signal.SIGINT) if call == 5 else None)
     saves = []
-    real_save = engine.save_checkpoint
+    real_save = checkpoints.save_checkpoint
     monkeypatch.setattr(
-        engine,
+        checkpoints,
         "save_checkpoint",
         lambda obj, path, keep_previous=None: (
             saves.append((obj.get("iteration"), Path(path).name, keep_previous and Path(keep_previous).name)),

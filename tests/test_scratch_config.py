@@ -15,7 +15,7 @@ from torch import nn
 
 from ssd.config import BN_BLOCKS, is_user_set, load_config
 from ssd.engine.bn import MIN_BN_BATCH, small_batch_warning
-from ssd.engine.train import build_optimizer, lr_factor
+from ssd.engine.optim import build_optimizer, lr_factor
 from ssd.model.ssd import build_ssd
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ssd300_vgg16_bn_scratch_voc0712.yaml"

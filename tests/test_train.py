@@ -34,7 +34,10 @@ from ssd.config import Config, ConfigError, from_dict, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import EpochIndexSampler
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine.train import TrainingError, init_weights_from, train
+from ssd.engine.finetune import init_weights_from
+from ssd.engine.optim import lr_factor
+from ssd.engine.step import TrainingError
+from ssd.engine.train import train
 from ssd.model import build_ssd
 
 SIZE = 64
@@ -682,16 +685,14 @@ def test_lr_schedule_warmup_cosine_multistep_and_time_following():
     from ssd.config import ConfigError, TrainConfig
 
     cos = TrainConfig(max_iter=100, schedule="cosine", warmup_iters=10, warmup_factor=0.1)
-    assert [engine.lr_factor(i, cos) for i in (0, 5)] == pytest.approx(
-        [0.1, 0.55 * (0.5 + 0.5 * math.cos(math.pi * 0.05))]
-    )
-    assert [engine.lr_factor(i, cos) for i in (50, 100, 120)] == pytest.approx([0.5, 0.0, 0.0], abs=1e-12)
-    assert engine.lr_factor(50, cos, time_fraction=0.9) == pytest.approx(0.5)  # time ignored unless schedule_by_time
+    assert [lr_factor(i, cos) for i in (0, 5)] == pytest.approx([0.1, 0.55 * (0.5 + 0.5 * math.cos(math.pi * 0.05))])
+    assert [lr_factor(i, cos) for i in (50, 100, 120)] == pytest.approx([0.5, 0.0, 0.0], abs=1e-12)
+    assert lr_factor(50, cos, time_fraction=0.9) == pytest.approx(0.5)  # time ignored unless schedule_by_time
 
     by_time = TrainConfig(max_iter=100, schedule="cosine", warmup_iters=0, time_limit=60, schedule_by_time=True)
-    assert engine.lr_factor(10, by_time, time_fraction=0.5) == pytest.approx(0.5)  # time ahead of iterations
-    assert engine.lr_factor(75, by_time, time_fraction=0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
-    assert engine.lr_factor(10, by_time, time_fraction=1.3) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(10, by_time, time_fraction=0.5) == pytest.approx(0.5)  # time ahead of iterations
+    assert lr_factor(75, by_time, time_fraction=0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_factor(10, by_time, time_fraction=1.3) == pytest.approx(0.0, abs=1e-12)
 
     steps = TrainConfig(
         max_iter=100,
@@ -702,7 +703,7 @@ def test_lr_schedule_warmup_cosine_multistep_and_time_following():
         time_limit=60,
         schedule_by_time=True,
     )
-    assert [engine.lr_factor(10, steps, f) for f in (0.1, 0.6, 0.85)] == pytest.approx([1.0, 0.1, 0.01])
+    assert [lr_factor(10, steps, f) for f in (0.1, 0.6, 0.85)] == pytest.approx([1.0, 0.1, 0.01])
     with pytest.raises(ConfigError, match="train.schedule_by_time needs train.time_limit"):
         TrainConfig(schedule_by_time=True)
 
@@ -711,7 +712,7 @@ def test_lr_schedule_warmup_cosine_multistep_and_time_following():
 
 FAULT_PROBE = """
 import resource, sys, torch
-from ssd.engine.train import retain_freed_memory
+from ssd.device import retain_freed_memory
 took = retain_freed_memory() if sys.argv[1] == "retain" else None
 def step():  # a training step's pattern: 4-28 MiB buffers (112 MiB in all) allocated, then all freed
     buffers = [torch.ones(n << 20) for n in (1, 3, 7, 2, 5, 6, 4)]

@@ -17,7 +17,7 @@ from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.data.transforms import _normalization_constants, normalize_batch
 from ssd.device import resolve_device, use_channels_last
 from ssd.engine import train as engine
-from ssd.engine.train import build_optimizer
+from ssd.engine.optim import build_optimizer
 
 pytestmark = pytest.mark.numerics
 

@@ -36,8 +36,9 @@ from ssd.checkpoint import load_state_strict
 from ssd.config import Config, LossConfig, ModelConfig, TrainConfig
 from ssd.convert.torchvision import convert_torchvision, torchvision_key_map, torchvision_model_config
 from ssd.data.transforms import normalize_batch
+from ssd.device import retain_freed_memory
 from ssd.engine.finetune import freeze_blocks
-from ssd.engine.train import build_optimizer, retain_freed_memory
+from ssd.engine.optim import build_optimizer
 from ssd.loss import build_loss, pad_targets
 from ssd.model import build_ssd
 

@@ -38,7 +38,8 @@ from ssd.data.transforms import normalize_batch
 from ssd.engine.bn_study_activations import histograms, preactivations, start_model
 from ssd.engine.bn_study_data import ensure_study_data, fixed_batch, val_subset
 from ssd.engine.bn_study_report import _pyplot, format_table, summarize, write_plots
-from ssd.engine.train import TrainingError, train
+from ssd.engine.step import TrainingError
+from ssd.engine.train import train
 from ssd.model import build_ssd
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANT_HELP", "Variant", "parse_variant", "run_study", "run_variant", "val_subset"]

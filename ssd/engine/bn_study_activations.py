@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ssd.config import BN_BLOCKS, Config
-from ssd.engine.train import init_weights_from, seed_everything
+from ssd.engine.finetune import init_weights_from
+from ssd.engine.train import seed_everything
 from ssd.model import SSD, build_ssd
 
 HIST_BINS = 60

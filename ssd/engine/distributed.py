@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from ssd.device import resolve_device  # noqa: F401 (the engine's callers import it from here)
+from torch import nn
 
 
 @dataclass
@@ -92,3 +91,9 @@ def cleanup() -> None:
     if _initialized():
         dist.destroy_process_group()
     _host_group = None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -32,8 +32,8 @@ from ssd.checkpoint import checkpoint_model_config, model_from_checkpoint
 from ssd.config import Config, DatasetConfig, ModelConfig, PreprocessConfig, TrainConfig, load_config
 from ssd.data.dataset import DetectionDataset, build_dataset, collate
 from ssd.data.loader import build_dataloader, default_num_workers
-from ssd.device import use_channels_last
-from ssd.engine.distributed import cleanup, gather_objects, init_distributed, resolve_device
+from ssd.device import resolve_device, use_channels_last
+from ssd.engine.distributed import cleanup, gather_objects, init_distributed
 from ssd.engine.evalset import (  # noqa: F401 (re-exported)
     EvalSet,
     class_label_map,

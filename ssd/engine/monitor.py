@@ -1,17 +1,26 @@
-"""What a training run shows: the ETA of the log line, skipped images, TensorBoard, the progress bar."""
+"""What a training run shows and writes as it goes: the log line or progress bar with its ETA,
+``metrics.jsonl``, TensorBoard, skipped images (:class:`TrainLog` holds them together)."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ssd.config import TrainConfig
 from ssd.data.dataset import read_image
 from ssd.engine.distributed import DistContext
+from ssd.engine.lifecycle import TrainClock
+from ssd.engine.machine_load import BusyMachine
+from ssd.engine.step import TrainStep
 from ssd.visualize import draw_detections
 
 log = logging.getLogger("ssd.train")
@@ -141,3 +150,81 @@ def progress_bar(total: int, start: int, ctx: DistContext):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+
+
+class TrainLog:
+    """The run's log: a row every ``train.log_period`` steps to ``metrics.jsonl`` (rank 0), TensorBoard
+    and the log line (or the progress bar on a terminal), with images/s and the ETA over training time
+    only (evaluations and saves are not counted: :meth:`paused`)."""
+
+    def __init__(self, tcfg: TrainConfig, ctx: DistContext, out: Path, start: int, append: bool, cpu: bool) -> None:
+        self.tcfg, self.ctx = tcfg, ctx
+        self.tensorboard = TensorBoard(tcfg.tensorboard and ctx.is_main, out / "tensorboard")
+        self.file = open(out / "metrics.jsonl", "a" if append else "w") if ctx.is_main else None
+        self.eta = Eta(tcfg.max_iter, tcfg.time_limit)
+        self.busy = BusyMachine() if ctx.world_size == 1 and cpu else None  # other ranks are not "other load"
+        self.progress = progress_bar(tcfg.max_iter, start, ctx)
+        self.images, self.iters, self.t = 0, 0, time.perf_counter()
+
+    def count(self, images: int) -> None:
+        """One training step of ``images`` per process."""
+        self.images += images * self.ctx.world_size
+        self.iters += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t_pause = time.perf_counter()
+        yield
+        self.t += time.perf_counter() - t_pause
+
+    def write(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def train_row(self, it: int, step: TrainStep, clock: TrainClock) -> None:
+        """The log step: the one synchronisation of a log period (:meth:`TrainStep.take_window`)."""
+        dt = time.perf_counter() - self.t
+        steps, elapsed = step.take_window(), clock.elapsed()
+        lr = step.optimizer.param_groups[0]["lr"]
+        row = {"iter": it, **steps.row(), "lr": lr, "images_per_s": self.images / max(dt, 1e-9), "time": elapsed}
+        left = format_eta(self.eta.update(it, self.iters, dt, elapsed))
+        if self.busy is not None:
+            self.busy.check(self.iters, torch.get_num_threads())
+        if step.scaler.is_enabled():  # fp16: the scale, and the steps the GradScaler skipped for overflowing gradients
+            row["grad_scale"], row["amp_skipped"] = step.scaler.get_scale(), steps.amp_skipped
+        self.write(row)
+        self.tensorboard.train_row(row)
+        self.images, self.iters, self.t = 0, 0, time.perf_counter()
+        if row["loss"] is None:  # every step since the last row was skipped: TrainStep.check warned about each
+            return
+        if self.progress is not None:
+            terms = {k: f"{row[k]:.3f}" for k in ("loss", "loc", "conf")}
+            self.progress.set_postfix(**terms, lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}", eta=left)
+        elif self.ctx.is_main:
+            log.info(
+                "iter %d/%d loss %.4f (loc %.4f conf %.4f) lr %.2e %.1f img/s eta %s",
+                it, self.tcfg.max_iter, row["loss"], row["loc"], row["conf"], lr, row["images_per_s"], left,
+            )  # fmt: skip
+
+    def eval_row(self, it: int, res: dict) -> None:
+        both = res.get("metrics", {})  # train.ema: "map" is the EMA weights'; map_ema, map_raw name each
+        self.write({"iter": it, "eval": res["metric"], "map": res["map"], "per_class": res["per_class"], **both})
+        self.tensorboard.eval_row(it, res)
+        raw = f" (EMA; raw weights {both['map_raw']:.4f})" if both else ""
+        log.info("iter %d: %s mAP %.4f%s", it, res["metric"], res["map"], raw)
+
+    def step_done(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def end_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def close(self) -> None:
+        self.end_progress()
+        self.tensorboard.close()
+        if self.file:
+            self.file.close()

@@ -26,9 +26,30 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ssd.config import TrainConfig
+from ssd.config import PreprocessConfig, TrainConfig
+from ssd.data.transforms import normalize_batch
 
 log = logging.getLogger("ssd.train")
+
+
+@dataclass
+class BatchForward:
+    """``forward(model, batch)``: a loader batch's uint8 NHWC images to the device, normalised, through
+    ``model`` under the run's autocast (``dtype`` None: fp32). Used by the step, precise BN and tests."""
+
+    device: torch.device
+    preprocess: PreprocessConfig
+    channels_last: bool
+    dtype: torch.dtype | None
+
+    def __call__(self, model: nn.Module, batch: dict) -> dict:
+        pin = self.device.type == "cuda"
+        images = normalize_batch(batch["images"].to(self.device, non_blocking=pin), self.preprocess)
+        # the loader's batches are NHWC in memory: channels_last costs no copy, NCHW one
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.contiguous(memory_format=layout)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return model(images)
 
 
 class TrainingError(RuntimeError):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd.config import ExtraLayer
+from ssd.device import STEM_CHUNK_BYTES
 
 # VGG16 "D" (Simonyan & Zisserman, Table 1): output channels of each conv, per block
 VGG16_BLOCKS = {
@@ -27,11 +28,6 @@ VGG16_BLOCKS = {
 FC_CHANNELS = 1024  # paper: fc6/fc7 reduced from 4096 to 1024 by sub-sampling
 # Canonical order of the 15 trunk convolutions; converters map foreign layouts onto it.
 TRUNK_LAYERS = [f"{b}.{i}" for b, chans in VGG16_BLOCKS.items() for i in range(len(chans))] + ["fc6", "fc7"]
-# The stem (conv1, conv2) runs in chunks of images whose conv1 output (fp32) fits this, on the CPU, when
-# nothing in it needs a gradient: measured on a 2-core Xeon (48 MiB L3), SSD300's stem at batch 8 takes
-# 0.54 s image by image vs 0.76 s as one batch (its conv1 output is 23 MiB per image), the 128 px demo
-# model's whole forward at batch 64 23-29% faster in chunks of 2-8 images.
-STEM_CHUNK_BYTES = 4 << 20
 
 
 def scaled(channels: int, width: float) -> int:

@@ -1,0 +1,76 @@
+"""Evaluation inside a training run: the raw weights and, with ``train.ema``, their average, each scored
+as ``ssd eval`` scores a checkpoint, precise BN first where the config asks for it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from torch import nn
+
+from ssd.config import Config
+from ssd.data.dataset import DetectionDataset
+from ssd.data.loader import EpochIndexSampler
+from ssd.engine import bn as bn_tools
+from ssd.engine.distributed import DistContext
+from ssd.engine.ema import ModelEma, combine_evaluations
+from ssd.engine.evalset import evaluate_predictions
+from ssd.engine.evaluate import evaluate_model
+from ssd.engine.monitor import draw_samples
+from ssd.engine.step import BatchForward
+from ssd.postprocess import PostProcessor
+
+log = logging.getLogger("ssd.train")
+
+
+@dataclass
+class TrainEvaluator:
+    """``evaluator(it, final)`` -> ``{"map", "metric", "per_class", "samples"[, "metrics"]}`` on rank 0,
+    None elsewhere; with ``train.ema`` the EMA weights' result, both named by :func:`combine_evaluations`."""
+
+    cfg: Config
+    ctx: DistContext
+    model: nn.Module
+    ema: ModelEma | None
+    frozen: list[str]  # BN layers train.bn / train.freeze keep frozen
+    val_set: DetectionDataset
+    val_loader: Any
+    bn_loader: Any  # precise BN's own loader over the training set
+    per_epoch: int  # training batches per epoch
+    forward: BatchForward
+    postprocessor: PostProcessor
+    samples: int = 0  # validation images drawn for TensorBoard
+
+    def __call__(self, it: int, final: bool) -> dict | None:
+        bn_tools.broadcast_bn_statistics(self.model)  # DDP: rank 0's statistics on every rank, as last.pt saves them
+        res = self.weights(self.model, it, final)
+        bn_tools.set_train_mode(self.model, self.cfg.train.bn, self.frozen)
+        if self.ema is None:
+            return res
+        self.ema.broadcast()  # DDP: rank 0's average on every rank (their BN statistics differ)
+        ema_res = self.weights(self.ema.module, it, final)
+        return ema_res and res and combine_evaluations(ema_res, res)  # both None off the main rank
+
+    def weights(self, m: nn.Module, it: int, final: bool) -> dict | None:
+        """``ssd eval``'s :func:`evaluate_model` of ``m``; precise BN first after training
+        (or before each evaluation: precise_bn_before_eval)."""
+        tcfg, cfg = self.cfg.train, self.cfg
+        which = "" if m is self.model else " (EMA weights)"
+        if tcfg.precise_bn_batches > 0 and (final or tcfg.precise_bn_before_eval):
+            # the current epoch's first batches: a function of `it`
+            cast(EpochIndexSampler, self.bn_loader.sampler).set_epoch(it // self.per_epoch)
+            n = bn_tools.precise_bn(m, self.bn_loader, self.forward, tcfg.precise_bn_batches, self.frozen)
+            log.info("precise BN at iteration %d%s: population statistics over %d batches", it, which, n)
+        bn_tools.warn_stale_bn(m, f"evaluation at iteration {it}{which}")
+        f = self.forward
+        preds = evaluate_model(m, cfg.model, self.val_loader, self.postprocessor, f.device, f.dtype, f.channels_last)
+        if not self.ctx.is_main:
+            return None
+        assert preds is not None  # gathered on the main rank
+        # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
+        res = evaluate_predictions(
+            self.val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations
+        )
+        samples = draw_samples(self.val_set, preds, self.samples)
+        return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
