@@ -5,7 +5,8 @@ dotted key and suggest the closest valid one. It also records which dotted keys 
 (:func:`user_keys`): a dataclass that declares a :func:`key_record` field gets that set, so code
 can tell a value the user chose from a default (``is_user_set(cfg, "model.preprocess.mean")``).
 The record is not a config key: ``from_dict`` never reads it from the input and ``to_dict``
-never writes it. The concrete config classes and their defaults live in :mod:`ssd.config`.
+never writes it. The concrete config classes and their defaults live in the section modules of
+:mod:`ssd.config`; they check their values with :func:`check_choice` and :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+def check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` and the closest valid value unless ``value`` is in ``valid``."""
+    if value not in valid:
+        hint = difflib.get_close_matches(str(value), valid, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: invalid value {value!r}{extra}; valid: {', '.join(valid)}")
 
 
 # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept it
@@ -175,13 +184,6 @@ def recorded_keys(cfg: Any) -> frozenset[str]:
 
 
 # --- dict <-> dataclass ------------------------------------------------------------------------
-
-
-def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        hint = difflib.get_close_matches(str(value), valid, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key}: invalid value {value!r}{extra}; valid: {', '.join(valid)}")
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:

@@ -1,15 +1,14 @@
-"""The ``data`` section of the configuration: dataset splits, the training augmentation, loader settings.
+"""The ``data`` section: dataset splits, the training augmentation, loader settings.
 
-Split out of :mod:`ssd.config` (which re-exports every name here, so ``from ssd.config import
-DatasetConfig`` keeps working); the rules of :mod:`ssd.config` hold: every default lives in the
-dataclass, ``__post_init__`` checks values and names the dotted key.
+Every default of the section lives in these dataclasses; ``__post_init__`` checks values and names
+the dotted key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssd.config_io import ConfigError, _check_choice
+from ssd.config.io import ConfigError, check_choice
 
 DATA_FORMATS = ("voc", "coco", "yolo")
 ON_ERROR = ("auto", "raise", "skip")
@@ -19,35 +18,34 @@ ON_ERROR = ("auto", "raise", "skip")
 class DatasetConfig:
     """One dataset split.
 
-    VOC (``format: voc``): ``root`` is a VOCdevkit-style folder (``Annotations/``, ``JPEGImages/``,
-    ``ImageSets/Main/<split>.txt``); several roots with one split each concatenate (VOC07+12):
-    ``root: [VOC2007, VOC2012]``, ``split: [trainval, trainval]`` (one split applies to all roots).
-    COCO (``format: coco``): ``images`` folder and ``annotations`` instances JSON.
-    YOLO (``format: yolo``): ``root`` as VOC's; ``split`` is a ``data.yaml`` key (``train``, ``val``), a
-    folder ``images/<split>`` or ``<split>/images`` (labels in the matching ``labels`` folder), or a list
-    file ``<split>.txt`` of image paths; see :mod:`ssd.data.yolo`.
-    ``classes``: foreground class names in label order (None: the 20 VOC classes, the COCO file's
-    categories sorted by id, YOLO's ``data.yaml`` ``names`` or ``classes.txt``; YOLO class id k is
-    ``classes[k]``). ``ignore_other_classes``: objects of classes not in ``classes`` are dropped and
-    counted (VOC, COCO by name; YOLO ids beyond the list) instead of being an error.
     Relative ``root``, ``images`` and ``annotations`` (and ``model.init`` paths) are resolved against the
     working directory, not the config file's folder: an override ``data.train.root=...`` then means what
     the shell means, the shipped configs' ``data/...`` work from the repository root, and a run's saved
     ``config.yaml`` works from where the run started. Paths inside a dataset follow its own rules.
     """
 
-    format: str = "voc"
+    format: str = "voc"  # voc | coco | yolo
+    # VOC: a VOCdevkit-style folder (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``);
+    # several roots with one split each concatenate (VOC07+12): ``root: [VOC2007, VOC2012]``,
+    # ``split: [trainval, trainval]``. YOLO: a dataset folder, as VOC's. Unused by COCO.
     root: list[str] | str | None = None
+    # one per root, or one for all roots. VOC: the ``ImageSets/Main`` list; YOLO: a ``data.yaml`` key
+    # (``train``, ``val``), a folder ``images/<split>`` or ``<split>/images`` (labels in the matching
+    # ``labels`` folder), or a list file ``<split>.txt`` of image paths (see :mod:`ssd.data.yolo`)
     split: list[str] | str = "trainval"
-    images: str | None = None
-    annotations: str | None = None
+    images: str | None = None  # COCO: the images folder
+    annotations: str | None = None  # COCO: the instances JSON
+    # foreground class names in label order (None: the 20 VOC classes, the COCO file's categories
+    # sorted by id, YOLO's ``data.yaml`` ``names`` or ``classes.txt``); YOLO class id k is ``classes[k]``
     classes: list[str] | None = None
     keep_difficult: bool = False  # VOC difficult objects (always kept for evaluation)
     keep_empty: bool = True  # images without (usable) objects
-    ignore_other_classes: bool = False  # train on a subset of the file's classes
+    # train on a subset of the file's classes: objects of classes not in ``classes`` are dropped and
+    # counted (VOC, COCO by name; YOLO ids beyond the list) instead of being an error
+    ignore_other_classes: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, DATA_FORMATS)
+        check_choice("data.format", self.format, DATA_FORMATS)
 
 
 # zoom-out canvas side over the image side: the paper's 16x area is 4; at 16 (256x the area) an object
@@ -59,29 +57,29 @@ MAX_EXPAND_RATIO = 16.0
 class AugmentConfig:
     """The SSD training augmentation (paper Sec. 2.2 "Data augmentation"; ssd.pytorch's recipe).
 
-    Photometric distortion (each op applied with probability ``photometric_p``, in random order of
-    contrast before or after the HSV ops), zoom-out onto a mean-filled canvas up to
-    ``expand_max_ratio`` x, the paper's patch sampler, horizontal flip, then resize to the model input.
-    ``crop_min_ious``: the patch sampler's options, one drawn per image (paper Sec. 2.2, torchvision's
-    ``RandomIoUCrop``): ``null`` keeps the whole image, ``0.0`` is a random patch, ``m`` a patch that
-    some object overlaps with IoU >= ``m``; a patch keeps the boxes whose centre it contains and needs
-    at least one. When an option's ``crop_max_trials`` windows all fail, another option is drawn.
-    Images without objects are never cropped (no patch could keep a box).
+    Photometric distortion, channel swap, zoom-out onto a mean-filled canvas, the paper's patch
+    sampler, horizontal flip, and the resize to the model input.
     """
 
+    # probability of each photometric op (brightness, contrast, saturation, hue), with contrast in
+    # random order before or after the HSV ops
     photometric_p: float = 0.5
-    brightness_delta: float = 32.0  # pixel levels of 255
-    contrast_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    saturation_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    hue_delta: float = 18.0  # degrees
-    channel_swap_p: float = 0.5
-    expand_p: float = 0.5
-    expand_max_ratio: float = 4.0
+    brightness_delta: float = 32.0  # pixel levels of 255, added as U(-delta, delta)
+    contrast_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # [low, high] of the factor
+    saturation_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # [low, high] of the factor
+    hue_delta: float = 18.0  # degrees, added as U(-delta, delta)
+    channel_swap_p: float = 0.5  # probability of a random permutation of the colour channels
+    expand_p: float = 0.5  # probability of the zoom-out
+    expand_max_ratio: float = 4.0  # the zoom-out canvas side is U(1, this) times the image's
+    # the patch sampler's options, one drawn per image (paper Sec. 2.2, torchvision's ``RandomIoUCrop``):
+    # ``null`` keeps the whole image, ``0.0`` is a random patch, ``m`` a patch that some object overlaps
+    # with IoU >= ``m``; a patch keeps the boxes whose centre it contains and needs at least one.
+    # Images without objects are never cropped (no patch could keep a box).
     crop_min_ious: list[float | None] = field(default_factory=lambda: [None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
-    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
-    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    crop_max_trials: int = 50
-    flip_p: float = 0.5
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # a patch side over the image's side
+    crop_aspect: list[float] = field(default_factory=lambda: [0.5, 2.0])  # a patch's width over its height
+    crop_max_trials: int = 50  # patches tried per option; when all fail, another option is drawn
+    flip_p: float = 0.5  # probability of the horizontal flip
 
     def __post_init__(self) -> None:
         for name in ("contrast_range", "saturation_range", "crop_scale", "crop_aspect"):
@@ -114,9 +112,12 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train: DatasetConfig = field(default_factory=DatasetConfig)
+    """The datasets, their training augmentation, and how the loader reads them."""
+
+    train: DatasetConfig = field(default_factory=DatasetConfig)  # the training split
+    # the split evaluated, during training and by ``ssd eval``
     val: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training only
     # loader worker processes per training process; null (the default): follow the machine, its CPUs
     # shared by the processes on it, at most 8 (ssd.data.loader.default_num_workers)
     num_workers: int | None = None
@@ -129,7 +130,7 @@ class DataConfig:
     on_error: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("data.on_error", self.on_error, ON_ERROR)
+        check_choice("data.on_error", self.on_error, ON_ERROR)
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.worker_nice <= 19:
