@@ -1,150 +1,200 @@
 #!/usr/bin/env python3
-"""The GPU check: the project's CUDA paths in one run of a few minutes (docs/gpu.md).
+"""The GPU check: a list of real commands, run one after another on a GPU machine (docs/gpu.md).
 
-    bash scripts/gpu_check.sh [--out DIR]           # installs the project first, then runs this file
-    python scripts/gpu_check.py [--out DIR] [--only STEP ...] [--skip STEP ...] [--pytest] [--list]
-    python scripts/gpu_check.py --cpu [--out DIR]   # rehearse the check itself on a CPU (tiny model)
+    bash scripts/gpu_check.sh [--out DIR] [--size tiny|full] [--only NAME ...]   # installs, then runs this
+    python scripts/gpu_check.py --dry-run                                         # print the commands only
 
-A full-size SSD300 trains ~30 iterations on generated shapes in each setting (fp16 + channels_last,
-bf16, ``train.compile``), resumes, loads on the CPU, evaluates on both devices, trains under
-``train.sync_debug``, then come the CUDA bench rows and, with 2+ GPUs, a 2-process NCCL run.
-
-Each step is a function ``(Check) -> numbers``. :class:`Report` records ``{name, ok, seconds, numbers,
-error}`` in OUT/gpu_check.json when the step starts ("running") and again when it ends, so a run that is
-cut off still says what it did; a failing step does not stop the next. Training and evaluation run as
-``python -m ssd`` subprocesses with one log each in OUT/logs/, so a CUDA error in one cannot poison the
-next. Exit code 0 when no step failed, 1 when one did, 130 when interrupted.
+Each command's record (name, command, status, exit code, seconds, the tail of its output and the
+numbers of its JSON output) is written to OUT/gpu_check.json as it starts and as it ends, so a run
+that is cut off says where it stopped. Exit code 0 when every command passed, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
-from dataclasses import asdict
+import time
 from pathlib import Path
 
-# the check itself lives in scripts/gpucheck/ (one module a concept; its __init__ lists them); when
-# this file is loaded by path (tests/test_gpu_check.py), scripts/ is not on sys.path yet
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent))
-
-from gpucheck.checks import analyse_rows, bench_cell, channels_last_report, compare_evals, parameter_change
-from gpucheck.record import Failed, Report, Skipped, format_table
-from gpucheck.runs import REHEARSAL, REPO, Check, Settings, log_error
-from gpucheck.steps import ALWAYS, STEPS, Step
-from gpucheck.weights import load_on_cpu, ssd_without_tf32
-
-# what tests/test_gpu_check.py reaches through this module, besides main
-__all__ = [
-    "REPO",
-    "Failed",
-    "Report",
-    "Skipped",
-    "analyse_rows",
-    "bench_cell",
-    "channels_last_report",
-    "compare_evals",
-    "log_error",
-    "main",
-    "parameter_change",
-]
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = "[circle,square,triangle,star]"
+# per size: the config the training runs start from, the side of the generated images, and the overrides
+# that put the config on those images (the paper's SSD300 has VOC's 20 classes and an ImageNet trunk)
+SIZES = {
+    "tiny": ("configs/shapes_tiny.yaml", 128, []),
+    "full": (
+        "configs/ssd300_vgg16_voc0712.yaml",
+        300,
+        ["model.num_classes=5", "model.init_backbone=null"]
+        + [f"data.{s}.{k}={v}" for s in ("train", "val") for k, v in (("split", s), ("classes", CLASSES))],
+    ),
+}
+# what the machine is, and whether everything the later commands need imports; exits 1 without a GPU
+ENVIRONMENT = (
+    "import json, sys, torch, torchvision, albumentations, pycocotools.coco, ssd; c = torch.cuda.is_available(); "
+    'json.dump({"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda, '
+    '"torchvision": torchvision.__version__, "albumentations": albumentations.__version__, '
+    '"gpus": torch.cuda.device_count(), "gpu": torch.cuda.get_device_name() if c else None, '
+    '"bf16": c and torch.cuda.is_bf16_supported()}, open(sys.argv[1], "w")); '
+    'c or sys.exit(f"no CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no GPU")'
+)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    names = [s.name for s in STEPS]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--out", default="runs/gpu_check", help="output folder: gpu_check.json, logs/, runs/ (default runs/gpu_check)"
-    )
-    p.add_argument(
-        "--only", nargs="+", choices=names, metavar="STEP", help="run only these steps (and environment, cuda, data)"
-    )
-    p.add_argument("--skip", nargs="+", choices=names, default=[], metavar="STEP", help="leave these steps out")
-    p.add_argument(
-        "--pytest", action="store_true", help="also run pytest -m cuda tests/test_cuda.py at the end (a few minutes)"
-    )
-    p.add_argument(
-        "--cpu", action="store_true", help="rehearse the check on the CPU with a tiny model (CUDA-only steps skipped)"
-    )
-    p.add_argument("--iters", type=int, help="training iterations per run (default 30; 4 with --cpu)")
-    p.add_argument("--list", action="store_true", help="list the steps and what each checks, then exit")
-    p.add_argument("--show", action="store_true", help="print the table of OUT/gpu_check.json (e.g. of a cut-off run)")
-    return p.parse_args(argv)
+def command(name: str, argv: list[str], output: Path | None = None, fresh: Path | None = None, **env: str) -> dict:
+    """One command: ``output`` is the JSON (or JSON lines) it writes, ``fresh`` a path removed before it runs."""
+    return {"name": name, "argv": argv, "output": output, "fresh": fresh or output, "env": env}
 
 
-def plan(step: Step, args: argparse.Namespace, blocked: str | None) -> str | None:
-    """None when ``step`` runs, else why it is skipped (recorded as such)."""
-    if blocked and step.name not in ("environment", "cuda"):
-        return blocked
-    if step.name in args.skip:
-        return "left out (--skip)"
-    if args.cpu and step.cuda_only:
-        return "needs CUDA (CPU rehearsal)"
-    if args.cpu and step.name == "compile" and not args.only:
-        return "minutes on a CPU: run it with --only compile (CPU rehearsal)"
-    return None
+def commands(out: Path, size: str) -> list[dict]:
+    """The check, in order: the environment, the pytest ``cuda`` tests, then the project's own commands."""
+    py, config = sys.executable, SIZES[size][0]
+    data = [f"data.{s}.root={out / 'shapes'}" for s in ("train", "val")] + SIZES[size][2]
+    # 20 iterations, a log row every 5: the 4 steps between log steps run under train.sync_debug
+    train = ["train.device=cuda", "train.max_iter=20", "train.batch_size=16", "train.log_period=5"]
+    train += ["train.eval_period=1000000", "train.checkpoint_period=1000000", "train.tensorboard=false"]
+
+    def ssd_train(name: str, *options: str) -> dict:
+        run = out / "runs" / name
+        argv = [py, "-m", "ssd", "train", config, "--output-dir", str(run), *data, *train, *options]
+        return command(f"train_{name}", argv, run / "metrics.jsonl", fresh=run)
+
+    def ssd_eval(device: str, **env: str) -> dict:
+        weights, result = out / "runs" / "fp16" / "last.pt", out / f"eval_{device}.json"
+        argv = [py, "-m", "ssd", "eval", config, "--weights", str(weights), "--device", device]
+        return command(f"eval_{device}", [*argv, "--json", str(result), *data, "train.amp=none"], result, **env)
+
+    shapes = ["--out", str(out / "shapes"), "--train", "64", "--val", "16", "--size", str(SIZES[size][1])]
+    pytest = ["-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
+    bench = ["--device", "cuda", "--only", "train_step", "predict", "train_loop", "--repeats", "5"]
+    return [
+        command("environment", [py, "-c", ENVIRONMENT, str(out / "environment.json")], out / "environment.json"),
+        command("pytest_cuda", [py, "-m", "pytest", *pytest], SSD_CUDA_SIZE=size),
+        command("data", [py, "-m", "ssd", "data", "shapes", *shapes, "--seed", "0"], fresh=out / "shapes"),
+        ssd_train("fp16", "train.amp=fp16", "train.channels_last=true"),
+        ssd_train("bf16", "train.amp=bf16"),
+        ssd_train("compile", "train.amp=fp16", "train.channels_last=true", "train.compile=true"),
+        ssd_train("sync_debug", "train.amp=fp16", "train.sync_debug=true"),
+        ssd_eval("cuda"),
+        ssd_eval("cpu", CUDA_VISIBLE_DEVICES=""),  # the CUDA-trained checkpoint in a process that sees no GPU
+        command("bench", [py, "-m", "ssd", "bench", *bench, "--json", str(out / "bench.json")], out / "bench.json"),
+    ]
+
+
+NAMES = [c["name"] for c in commands(Path("runs"), "tiny")]
+
+
+def shown(cmd: dict) -> str:
+    """The command as a shell line, its extra environment first."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in cmd["env"].items()]
+    return " ".join([*env, shlex.join(cmd["argv"])])
+
+
+def numbers(path: Path | None, tail: str) -> object:
+    """What a command's JSON output says: the document itself, or for JSON lines (metrics.jsonl) each
+    key's last value (the last loss, scale, images/s, the final mAP). pytest's counts from its tail."""
+    if path is None:
+        counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)
+        return {k: int(n) for n, k in counts} or None
+    if not path.exists():
+        return None
+    text = path.read_text()
+    if path.suffix != ".jsonl":
+        return json.loads(text, parse_constant=str)  # NaN and Infinity as strings: strict JSON in the record
+    merged: dict = {}
+    for line in filter(str.strip, text.splitlines()):
+        merged.update(json.loads(line, parse_constant=str))
+    return merged
+
+
+def run(cmd: dict, rec: dict, out: Path, timeout: float) -> None:
+    """Run one command in the repository root, its output to its log; fill in its record."""
+    log = Path(rec["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fresh = cmd["fresh"]  # never read a previous run's output as this one's
+    if fresh is not None and fresh.is_dir():
+        shutil.rmtree(fresh)
+    elif fresh is not None:
+        fresh.unlink(missing_ok=True)
+    start = time.monotonic()
+    with log.open("w") as f:
+        try:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSD_CACHE_DIR": str(out / "cache"), **cmd["env"]}
+            proc = subprocess.run(cmd["argv"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            rec.update(status="passed" if proc.returncode == 0 else "failed", exit_code=proc.returncode)
+        except subprocess.TimeoutExpired:
+            rec["status"] = "timed out"  # killed
+        finally:  # also when interrupted: the record says how long it ran and what it printed
+            rec["seconds"] = round(time.monotonic() - start, 1)
+            rec["tail"] = log.read_text(errors="replace").splitlines()[-30:]
+    try:
+        rec["numbers"] = numbers(cmd["output"], "\n".join(rec["tail"][-3:]))
+    except (OSError, ValueError) as e:  # e.g. a line cut short: the record still gets written
+        rec["numbers"] = {"unreadable": f"{cmd['output']}: {e}"}
+
+
+def write(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def stop(signum, frame):
+    # a time limit's SIGTERM: subprocess.run kills the running command, its record says "interrupted"
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if str(REPO) not in sys.path:  # ssd from this checkout, even when it is not installed
-        sys.path.append(str(REPO))
-    # internal entry points of the subprocesses (before argparse: ssd's own options follow)
-    if argv[:1] == ["--ssd-no-tf32"]:
-        return ssd_without_tf32(argv[1:])
-    if argv[:1] == ["--load-on-cpu"]:
-        return load_on_cpu(argv[1])
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/gpu_check", help="output folder (default runs/gpu_check)")
+    p.add_argument("--size", choices=list(SIZES), default="full", help="full: SSD300 (default); tiny: 128 px")
+    p.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=f"run only these: {', '.join(NAMES)}")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a command may run (default 600)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
+    args = p.parse_args(argv)
     out = Path(args.out).resolve()
-    if args.list:
-        for step in STEPS:
-            print(f"{step.name:<20} {' '.join((step.fn.__doc__ or '').split())}")
+    cmds = [c for c in commands(out, args.size) if not args.only or c["name"] in args.only]
+    if args.dry_run:
+        print("\n".join(f"{c['name']}: {shown(c)}" for c in cmds))
         return 0
-    if args.show:
-        print(format_table(json.loads((out / "gpu_check.json").read_text()), out / "gpu_check.json"))
-        return 0
-    settings = REHEARSAL if args.cpu else Settings()
-    if args.iters:
-        settings = Settings(**{**asdict(settings), "iters": args.iters})
-    check = Check(out, args.cpu, settings)
-    meta = {"argv": argv, "settings": asdict(settings), "rehearsal_on_cpu": args.cpu}
-    report = Report(out / "gpu_check.json", meta)
-    # a time limit's SIGTERM: the running step is recorded as interrupted
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        run_steps(check, report, args)
-        code = 0
-    except KeyboardInterrupt:
-        code = 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report.finish()
-    print("\n" + report.table())
-    return code or (1 if report.failed else 0)
-
-
-def run_steps(check: Check, report: Report, args: argparse.Namespace) -> None:
-    """Run or skip each step in order, printing one line per step as it ends."""
-    blocked = None
-    for step in STEPS:
-        if args.only:
-            wanted = step.name in args.only or step.name in ALWAYS
-        else:
-            wanted = not step.optional or args.pytest
-        if not wanted:
+    out.mkdir(parents=True, exist_ok=True)
+    records = [{"name": c["name"], "command": shown(c), "status": "pending", "exit_code": None} for c in cmds]
+    for rec in records:
+        rec.update(seconds=None, numbers=None, tail=None, log=str(out / "logs" / f"{rec['name']}.log"))
+    install = os.environ.get("GPU_CHECK_INSTALL", "not through gpu_check.sh")
+    doc = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv or sys.argv[1:], "size": args.size}
+    doc.update(install=install, finished=None, passed=None, commands=records)
+    path = out / "gpu_check.json"
+    write(path, doc)
+    signal.signal(signal.SIGTERM, stop)
+    for cmd, rec in zip(cmds, records, strict=True):
+        if any(r["name"] == "environment" and r["status"] in ("failed", "timed out") for r in records):
+            rec["status"] = "skipped"  # no GPU or a missing package: every later command needs them
             continue
-        reason = plan(step, args, blocked)
-        rec = report.skip(step.name, reason) if reason else report.run(step.name, step.fn, check)
-        print(f"gpu_check: {step.name} {rec['status']}: {rec['error'] or rec['summary']}", flush=True)
-        if step.name == "cuda" and rec["ok"] is False:
-            blocked = "no CUDA device"
-            print("gpu_check: no CUDA device; the GPU steps are skipped", flush=True)
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+        print(f"gpu_check: {rec['name']}: {rec['command']}", flush=True)
+        rec["status"] = "running"
+        write(path, doc)
+        try:
+            run(cmd, rec, out, args.timeout)
+        except BaseException:  # Ctrl-C or SIGTERM: say where it stopped, then stop
+            rec["status"] = "interrupted"
+            write(path, doc)
+            raise
+        write(path, doc)
+        print(f"gpu_check: {rec['name']} {rec['status']} in {rec['seconds']} s", flush=True)
+    doc.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), passed=all(r["status"] == "passed" for r in records))
+    write(path, doc)
+    for r in records:
+        last = (r["tail"] or [""])[-1] if r["status"] != "passed" else ""
+        print(f"{r['name']:<18} {r['status']:<10} {r['seconds'] or 0:>7.1f} s  {last[:80]}")
+    print(f"{'passed' if doc['passed'] else 'FAILED'}: {path}")
+    return 0 if doc["passed"] else 1
 
 
 if __name__ == "__main__":

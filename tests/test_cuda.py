@@ -3,22 +3,24 @@ overflow, ``train.sync_debug``, resume on the GPU, a CUDA checkpoint on the CPU,
 against the CPU, and with 2+ GPUs a 2-process NCCL run (SyncBatchNorm, precise BN, loader workers).
 
 Marked ``cuda`` and skipped without a GPU (``pytest -m cuda tests/test_cuda.py`` runs them on one;
-``scripts/gpu_check.py`` runs the same paths on a full-size SSD300, docs/gpu.md). Every run is the tiny
-SSD of tests/test_train.py (64 px, width 1/8, BN everywhere) on 40 shapes images, batch 8, started from
-the same random weights (``model.init``), so "the parameters moved" can be checked. The one test not
-marked ``cuda`` runs the shared helpers' path on the CPU.
+``scripts/gpu_check.py`` runs them among its commands, docs/gpu.md). ``SSD_CUDA_SIZE`` sizes the model:
+``tiny`` (the default) is conftest's ``tiny_config`` SSD (128 px, width 1/8), ``full`` the SSD300; both
+have BN in every block and train on 40 shapes images, batch 8, from the same random weights
+(``model.init``), so "the parameters moved" can be checked. The one test not marked ``cuda`` runs the
+shared helpers' path on the CPU (tiny size only).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import launch_ranks
+from conftest import TINY_EXTRAS, launch_ranks
 
 import ssd.engine.train as engine
 from ssd.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
@@ -29,9 +31,15 @@ from ssd.device import full_fp32
 from ssd.engine.train import train
 from ssd.model import build_ssd
 
-SIZE = 64
+# the model by SSD_CUDA_SIZE: tiny is conftest.tiny_config's; both with BN everywhere (SyncBatchNorm has work)
+MODELS = {"tiny": {"input_size": 128, "width": 0.125, "extras": TINY_EXTRAS}, "full": {"input_size": 300}}
+SIZE_NAME = os.environ.get("SSD_CUDA_SIZE", "tiny")
+if SIZE_NAME not in MODELS:
+    raise ValueError(f"SSD_CUDA_SIZE={SIZE_NAME!r}: expected tiny or full")
+SIZE = MODELS[SIZE_NAME]["input_size"]
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TWO_GPUS = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")]
+ON_THE_CPU = pytest.mark.skipif(SIZE_NAME == "full", reason="SSD_CUDA_SIZE=full: minutes on a CPU")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,14 +59,7 @@ def on_two_gpus(test):
 
 def run_dict(root: Path, init: Path | None, device: str = "cuda", **train_options) -> dict:
     dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    model = {
-        "num_classes": len(SHAPES_CLASSES) + 1,
-        "input_size": SIZE,
-        "width": 0.125,
-        "batch_norm": "all",
-        "dropout": 0.0,
-        "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-    }
+    model = {"num_classes": len(SHAPES_CLASSES) + 1, "batch_norm": "all", "dropout": 0.0, **MODELS[SIZE_NAME]}
     return {
         "model": {**model, "init": str(init) if init else None},
         "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
@@ -127,7 +128,8 @@ def cache_dir(tmp_path, monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    """40 train + 10 val images at 64 px, and init.pt: the random weights every run starts from. Read only."""
+    """40 train + 10 val images at the model's side, and init.pt: the random weights every run starts from.
+    Read only."""
     out = tmp_path_factory.mktemp("shapes")
     generate_shapes(out, 40, 10, size=SIZE, seed=3)
     model_cfg = config(out, None).model
@@ -150,7 +152,15 @@ def fp16_run(shapes, tmp_path_factory) -> Path:
 # --- training ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@on_cuda
+def test_an_fp32_matmul_on_the_gpu_gives_the_cpu_s():
+    """The GPU is there and computes: with TF32 off, an fp32 product agrees with the CPU's."""
+    a, b = (torch.randn(512, 512, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
+    with tf32_off():
+        torch.testing.assert_close((a.cuda() @ b.cuda()).cpu(), a @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_THE_CPU), pytest.param("cuda", marks=CUDA)])
 def test_a_short_run_moves_every_parameter_and_keeps_channels_last(shapes, device, tmp_path):
     """fp16 + channels_last on CUDA (the GradScaler's scale logged at every row); on the CPU the same
     config trains in fp32, channels_last by ``auto``, with no scale to log."""
