@@ -119,7 +119,7 @@ def test_after_precise_bn_the_running_statistics_match_the_batches(setup):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bn_tools.set_train_mode(model, "frozen")  # a mixed state: the model in train mode, its BN layers in eval mode
     modes = [m.training for m in model.modules()]
-    report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
+    report = bn_report.bn_report(model, loader(), prepare, criterion, BATCHES)
 
     assert (report.batches, report.images) == (BATCHES, BATCHES * 8)
     assert [r.name for r in report.layers] == [name for name, _ in bn_tools.bn_layers(model)] and len(
@@ -140,9 +140,9 @@ def test_after_precise_bn_the_running_statistics_match_the_batches(setup):
     # Eval mode still differs from train mode: it normalises with statistics pooled over the 3 batches,
     # train mode with each batch's own (8 images; the 1x1 extra sees 8 values per channel). But far
     # less than with the running statistics training left after 4 steps, or with none at all.
-    trained = bn_tools.bn_report(trained_model(setup), loader(), prepare, criterion, BATCHES)
+    trained = bn_report.bn_report(trained_model(setup), loader(), prepare, criterion, BATCHES)
     torch.manual_seed(0)
-    fresh = bn_tools.bn_report(build_ssd(cfg.model), loader(), prepare, criterion, BATCHES)
+    fresh = bn_report.bn_report(build_ssd(cfg.model), loader(), prepare, criterion, BATCHES)
     assert 0 < report.conf_gap < trained.conf_gap < fresh.conf_gap
     assert 0 < report.loc_gap < trained.loc_gap < fresh.loc_gap
     assert trained.loss_train == report.loss_train  # same weights, batch statistics: the same network
@@ -155,12 +155,12 @@ def test_running_statistics_lagging_after_a_short_training_are_flagged_drifted(s
     cfg, loader, prepare, criterion = report_inputs(setup["config"])
     model = trained_model(setup)
     assert all(int(m.num_batches_tracked) == 4 for _, m in bn_tools.bn_layers(model))
-    report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
+    report = bn_report.bn_report(model, loader(), prepare, criterion, BATCHES)
     assert not any(r.stale for r in report.layers)
     assert len(report.flagged) >= NUM_BN // 2
     for r in report.layers:
         assert r.drifted == (r.mean_gap > r.mean_threshold or r.var_gap > r.var_threshold)
-        assert r.mean_threshold >= bn_tools.DRIFT_MEAN_GAP and r.var_threshold >= bn_tools.DRIFT_VAR_GAP
+        assert r.mean_threshold >= bn_report.DRIFT_MEAN_GAP and r.var_threshold >= bn_report.DRIFT_VAR_GAP
         # what is left of the initial (0, 1): the running mean is ~(1 - 0.9^4) of the way to the batch mean
         assert abs(r.running_mean) <= abs(r.batch_mean) + 0.05
     assert report.loss_eval > report.loss_train
@@ -170,14 +170,14 @@ def test_never_updated_statistics_are_flagged_stale_and_break_eval_mode(setup):
     torch.manual_seed(0)
     model = build_ssd(load_config(setup["config"]).model)  # fresh: running mean 0, var 1 everywhere
     cfg, loader, prepare, criterion = report_inputs(setup["config"])
-    report = bn_tools.bn_report(model, loader(), prepare, criterion, 2)
+    report = bn_report.bn_report(model, loader(), prepare, criterion, 2)
     assert [r.stale for r in report.layers] == [True] * NUM_BN and len(report.flagged) == NUM_BN
     first = report.layers[0]
     assert (first.running_mean, first.running_var) == (0.0, 1.0)
     # conv1_1 sees the normalised image: batch variance ~ 1 per channel, yet far from 0/1 in places
     assert first.mean_gap > 0.1
     assert report.conf_gap > 0.5  # eval mode is a different network
-    text = bn_tools.format_bn_report(report)
+    text = bn_report.format_bn_report(report)
     flagged = f"FLAGGED {NUM_BN} of {NUM_BN} layers: 0 non-finite, {NUM_BN} stale, 0 drifted"
     assert f"{flagged} (e.g. backbone.conv1.0.bn)" in text
     assert text.count("STALE (never updated)") == NUM_BN
@@ -191,7 +191,7 @@ def test_drifted_layers_are_flagged_with_the_gap_in_batch_standard_deviations(se
     with torch.no_grad():
         shifted.running_mean += 2.0 * (shifted.running_var + shifted.eps).sqrt()  # 2 standard deviations off
         scaled.running_var.mul_(4.0)
-    report = bn_tools.bn_report(model, loader(), prepare, criterion, BATCHES)
+    report = bn_report.bn_report(model, loader(), prepare, criterion, BATCHES)
     by_name = {r.name: r for r in report.layers}
     assert by_name["backbone.conv3.1.bn"].mean_gap == pytest.approx(2.0, rel=1e-3)
     assert by_name["extras.0.1.bn"].var_gap == pytest.approx(3.0, rel=1e-3)  # max(r, 1/r) - 1 with r = 4
@@ -317,15 +317,15 @@ def heads_measured(heads_setup) -> list:
 
 def test_head_bn_layers_follow_the_blocks_and_noise_on_small_maps_raises_their_thresholds(heads_setup):
     model, loader, prepare, criterion = (heads_setup[k] for k in ("model", "loader", "prepare", "criterion"))
-    report = bn_tools.bn_report(model, loader(), prepare, criterion, bn_report.DEFAULT_BATCHES)
+    report = bn_report.bn_report(model, loader(), prepare, criterion, bn_report.DEFAULT_BATCHES)
     names = [r.name for r in report.layers]
     assert len(names) == NUM_BN + 8
     assert names[NUM_BN:] == [f"head.{k}_bn.{i}" for k in ("loc", "conf") for i in range(4)]
     by_name = {r.name: r for r in report.layers}
     assert by_name["head.conf_bn.3"].values == 4  # the 1x1 level: 4 images x 1 x 1
-    assert by_name["head.conf_bn.3"].var_threshold > bn_tools.DRIFT_VAR_GAP  # the variance of 4 values: noisy
-    assert by_name["head.conf_bn.0"].var_threshold == bn_tools.DRIFT_VAR_GAP  # 4 x 8 x 8 values: the fixed one
-    assert "thresholds raised to 3x the gaps sampling noise gives" in bn_tools.format_bn_report(report)
+    assert by_name["head.conf_bn.3"].var_threshold > bn_report.DRIFT_VAR_GAP  # the variance of 4 values: noisy
+    assert by_name["head.conf_bn.0"].var_threshold == bn_report.DRIFT_VAR_GAP  # 4 x 8 x 8 values: the fixed one
+    assert "thresholds raised to 3x the gaps sampling noise gives" in bn_report.format_bn_report(report)
 
 
 def test_sampling_noise_alone_rarely_flags_a_healthy_model(heads_setup, heads_measured):
@@ -364,9 +364,11 @@ def test_sampling_gaps_follow_the_spread_between_batches():
     # one batch's mean: sd 0.5 (of a unit variance)
     means = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 0.5
     variances = torch.ones(4, 1000, dtype=torch.float64)
-    mean_gap, var_gap = bn_tools.sampling_gaps(means, variances, momentum=0.1, eps=0.0)
+    mean_gap, var_gap = bn_report.sampling_gaps(means, variances, momentum=0.1, eps=0.0)
     spread = 1 / 4 + 0.1 / 1.9  # the 4 measured batches + the running average's share of one batch
     c4 = 0.9213  # E[sample sd] / sd for 4 samples: the spread of 4 batches is measured a little low
     assert mean_gap == pytest.approx(c4 * 0.5 * spread**0.5 * (2 / torch.pi) ** 0.5, rel=0.03) and var_gap == 0.0
-    assert bn_tools.sampling_gaps(means[:1], variances[:1], 0.1) == (0.0, 0.0)  # one batch: no spread to measure
-    assert bn_tools.sampling_gaps(means, variances, None, tracked=4, eps=0.0)[0] > mean_gap  # precise BN over 4 batches
+    assert bn_report.sampling_gaps(means[:1], variances[:1], 0.1) == (0.0, 0.0)  # one batch: no spread to measure
+    assert (
+        bn_report.sampling_gaps(means, variances, None, tracked=4, eps=0.0)[0] > mean_gap
+    )  # precise BN over 4 batches

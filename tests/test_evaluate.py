@@ -34,7 +34,8 @@ from ssd.cli import main
 from ssd.config import Config, ModelConfig, from_dict, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine.evaluate import EvalSet, evaluate_predictions, predict_checkpoint
+from ssd.engine.evalset import EvalSet, evaluate_predictions
+from ssd.engine.evaluate import predict_checkpoint
 from ssd.engine.train import train
 from ssd.metrics.coco import COCO_STATS
 from ssd.model import build_ssd

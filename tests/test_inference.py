@@ -411,7 +411,7 @@ def test_labels_stay_inside_the_image():
 
 def test_a_folders_drawn_copies_go_to_the_out_folder_by_file_name(tmp_path):
     """--out DIR/<file name>, not the input's folder path; a folder's path only where names would collide."""
-    from ssd.inference import collect_inputs
+    from ssd.commands.predict import collect_inputs
 
     for rel in ("photos/2024/trip/x.jpg", "photos/2024/y.png", "photos/z.jpg", "more/z.jpg", "more/w.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import yaml
 
 from ssd.bench.model import conv_macs_per_image as counted_macs
 from ssd.cli import main
+from ssd.commands.data_fit_priors import run_fit_priors
 from ssd.config import Config, ExtraLayer, ModelConfig, from_dict, load_config, read_yaml_dict
 from ssd.data.dataset import index_dataset
 from ssd.data.records import ImageRecord, Problems
@@ -37,7 +38,6 @@ from ssd.priorfit import (
     normalised_boxes,
     stride_floors,
 )
-from ssd.priorfit_command import run_fit_priors
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes_tiny.yaml"

@@ -59,8 +59,10 @@ def format_row(row: dict) -> str:
     return f"{ours} {peer} {row['target']:>6.2f}x  {row['peer']} [{ok}]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     names = sorted({name for rows in BENCHES.values() for name in rows})
     parser.add_argument("--only", nargs="+", choices=names, help="run only these rows")
     parser.add_argument("--json", help="write the rows as a JSON list to this file")

@@ -204,25 +204,3 @@ def warn_stale_bn(model: nn.Module, where: str) -> list[str]:
             stale[0],
         )
     return stale
-
-
-_REPORT_NAMES = {
-    "DRIFT_MEAN_GAP",
-    "DRIFT_VAR_GAP",
-    "NOISE_FACTOR",
-    "BNLayerReport",
-    "BNReport",
-    "bn_report",
-    "format_bn_report",
-    "run_bn_report_command",
-    "sampling_gaps",
-}
-
-
-def __getattr__(name: str):
-    """The ``ssd bn-report`` diagnostics live in :mod:`ssd.engine.bn_report`; importable from here too."""
-    if name in _REPORT_NAMES:
-        from ssd.engine import bn_report
-
-        return getattr(bn_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

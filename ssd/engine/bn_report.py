@@ -342,17 +342,6 @@ def format_bn_report(report: BNReport, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available; use cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-
-
 def report_setup(
     cfg, model: nn.Module, ckpt: dict, weights: str | Path, config: str | Path, num_batches: int
 ) -> tuple[Callable, Callable, Callable]:
@@ -384,29 +373,3 @@ def report_setup(
         return images, batch["boxes"].to(device), batch["labels"].to(device)
 
     return batches, prepare, build_loss(cfg.loss, mcfg)
-
-
-def run_bn_report_command(args) -> int:
-    """``ssd bn-report --weights CKPT --config CFG [key=value ...] [--batches N] [--device D]``.
-
-    Batches come from ``data.train`` through the training transforms (seed ``train.seed``, batch
-    ``train.batch_size``) at the checkpoint's input size and preprocessing. Prints the table; exit
-    code 0 when every layer is ok, 1 when any is stale or drifted (like ``ssd data check``).
-    """
-    from ssd.checkpoint import model_from_checkpoint
-    from ssd.config import load_config
-
-    if args.batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    cfg = load_config(args.config, args.overrides)
-    model, ckpt = model_from_checkpoint(args.weights)
-    if not bn_layers(model):
-        raise ValueError(
-            f"{args.weights}: the model has no BatchNorm layers (model.batch_norm: none); nothing to report"
-        )
-    model.to(_device(args.device))
-    batches, prepare, criterion = report_setup(cfg, model, ckpt, args.weights, args.config, args.batches)
-    report = bn_report(model, batches(cfg.train.seed), prepare, criterion, args.batches)
-    title = f"BatchNorm report for {args.weights}: {len(report.layers)} layers, data.train of {args.config}"
-    print(format_bn_report(report, title))
-    return 1 if report.flagged else 0

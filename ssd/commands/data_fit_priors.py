@@ -164,7 +164,7 @@ def run_fit_priors(
     return {"before": before, "after": after, "fit": fit}
 
 
-def run_fit_priors_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     raw = read_yaml_dict(args.config, args.overrides)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(args.config).with_name(f"{Path(args.config).stem}_fitted.yaml")
