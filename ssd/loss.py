@@ -17,18 +17,6 @@ from ssd.config import LossConfig, ModelConfig
 from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, encode
 
 
-def pad_targets(boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-image ``[N_i, 4]`` boxes / ``[N_i]`` labels -> padded ``[B, G, 4]`` / ``[B, G]`` (G >= 1)."""
-    g = max([1] + [len(b) for b in boxes])
-    ref = boxes[0] if boxes else torch.zeros(0, 4)
-    out_boxes = ref.new_zeros(len(boxes), g, 4)
-    out_labels = torch.zeros(len(boxes), g, dtype=torch.int64, device=ref.device)
-    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
-        out_boxes[i, : len(b)] = b
-        out_labels[i, : len(b)] = lab
-    return out_boxes, out_labels
-
-
 def match(gt_boxes: Tensor, gt_labels: Tensor, priors_cxcywh: Tensor, iou_threshold: float = 0.5) -> Tensor:
     """Index of the ground truth each prior is assigned to, ``Tensor[B, P]`` (-1: background).
 

@@ -1,4 +1,4 @@
-"""The BN study (ssd.engine.bn_study, scripts/bn_study.py) through real short runs on a generated shapes
+"""The BN study (ssd.studies.bn_study, scripts/bn_study.py) through real short runs on a generated shapes
 dataset: variant parsing, the validation subset, the start weights matching the engine's, the plots
 and the summary, and a diverging run recorded instead of raised.
 
@@ -25,10 +25,10 @@ import ssd.engine.train as engine
 from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
-from ssd.engine import bn_study, bn_study_data, bn_study_report
-from ssd.engine.bn_study import Variant, parse_variant, run_study, run_variant, val_subset
-from ssd.engine.bn_study_activations import HIST_BINS, start_model
-from ssd.engine.bn_study_report import summarize
+from ssd.studies import bn_study, bn_study_data, bn_study_report
+from ssd.studies.bn_study import Variant, parse_variant, run_study, run_variant, val_subset
+from ssd.studies.bn_study_activations import HIST_BINS, start_model
+from ssd.studies.bn_study_report import summarize
 
 SIZE = 64
 LAYERS = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3", "fc7", "extras.0", "conf.0"]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 from loss_reference import reference_multibox_loss
 
-from ssd.loss import MultiBoxLoss, match, pad_targets
-from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from ssd.loss import MultiBoxLoss, match
+from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, pad_targets, xyxy_to_cxcywh
 
 pytestmark = pytest.mark.numerics
 

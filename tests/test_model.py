@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, ModelConfig, from_dict
-from ssd.loss import MultiBoxLoss, pad_targets
+from ssd.loss import MultiBoxLoss
 from ssd.model.ssd import build_ssd
 from ssd.model.vgg import ConvBlock, L2Norm
+from ssd.ops.boxes import pad_targets
 
 
 def conv_blocks(model: nn.Module) -> dict[str, ConvBlock]:

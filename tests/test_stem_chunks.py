@@ -12,8 +12,9 @@ import torch
 
 from ssd.config import LossConfig
 from ssd.engine.finetune import freeze_blocks
-from ssd.loss import build_loss, pad_targets
+from ssd.loss import build_loss
 from ssd.model import build_ssd
+from ssd.ops.boxes import pad_targets
 
 pytestmark = pytest.mark.numerics
 
@@ -136,7 +137,7 @@ def test_a_trace_is_one_batch_and_runs_at_other_batch_sizes(make_tiny_config):
 
 def test_the_bn_studys_activation_taps_see_every_chunk(make_tiny_config):
     """The study's hooks on conv1_2 / conv2_2 are called once per chunk: they keep all of them."""
-    from ssd.engine.bn_study_activations import preactivations
+    from ssd.studies.bn_study_activations import preactivations
 
     model = chunked_model(make_tiny_config, 8, batch_norm="none")
     images = torch.randn(12, 3, 128, 128, generator=torch.Generator().manual_seed(1))

@@ -341,7 +341,7 @@ def test_perfect_predictions_score_1_on_yolo_data(shapes_yolo):
 
 
 def test_val_subset_of_a_yolo_split_keeps_the_first_images_and_their_ids(shapes_yolo, tmp_path):
-    from ssd.engine.bn_study import val_subset
+    from ssd.studies.bn_study import val_subset
 
     cfg = yolo_cfg(shapes_yolo[1], "val")
     full = build_dataset(cfg, None, train=False, key="data.val").records

@@ -13,9 +13,9 @@ from ssd.bench.timing import best_interleaved, elapsed, interleaved, paired_spee
 from ssd.config import PostprocessConfig
 from ssd.convert.torchvision import torchvision_model_config
 from ssd.device import full_fp32
-from ssd.loss import MultiBoxLoss, pad_targets
+from ssd.loss import MultiBoxLoss
 from ssd.model.priors import make_priors, resolve_prior_layout
-from ssd.ops.boxes import cxcywh_to_xyxy
+from ssd.ops.boxes import cxcywh_to_xyxy, pad_targets
 from ssd.postprocess import PostProcessor
 
 SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]

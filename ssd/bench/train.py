@@ -39,8 +39,9 @@ from ssd.data.transforms import normalize_batch
 from ssd.device import retain_freed_memory
 from ssd.engine.finetune import freeze_blocks
 from ssd.engine.optim import build_optimizer
-from ssd.loss import build_loss, pad_targets
+from ssd.loss import build_loss
 from ssd.model import build_ssd
+from ssd.ops.boxes import pad_targets
 
 if TYPE_CHECKING:
     from torchvision.models.detection import SSD as TorchvisionSSD

@@ -17,7 +17,7 @@ from ssd.data.orientation import orientation_from_bytes, upright
 from ssd.data.records import DatasetError, ImageRecord, Problems
 from ssd.data.voc import index_voc
 from ssd.data.yolo import index_yolo, yolo_classes
-from ssd.loss import pad_targets
+from ssd.ops.boxes import pad_targets
 
 log = logging.getLogger(__name__)
 

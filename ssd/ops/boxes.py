@@ -85,3 +85,15 @@ def decode(deltas: Tensor, priors_cxcywh: Tensor, variances: Sequence[float] = (
     c = priors_cxcywh[..., :2] + dxy * priors_cxcywh[..., 2:]
     half_wh = 0.5 * torch.exp(dwh) * priors_cxcywh[..., 2:]
     return torch.cat((c - half_wh, c + half_wh), dim=-1)
+
+
+def pad_targets(boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-image ``[N_i, 4]`` boxes / ``[N_i]`` labels -> padded ``[B, G, 4]`` / ``[B, G]`` (G >= 1)."""
+    g = max([1] + [len(b) for b in boxes])
+    ref = boxes[0] if boxes else torch.zeros(0, 4)
+    out_boxes = ref.new_zeros(len(boxes), g, 4)
+    out_labels = torch.zeros(len(boxes), g, dtype=torch.int64, device=ref.device)
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        out_boxes[i, : len(b)] = b
+        out_labels[i, : len(b)] = lab
+    return out_boxes, out_labels

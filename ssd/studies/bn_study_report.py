@@ -81,7 +81,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 # --- plots -------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def require_pyplot():
     try:
         import matplotlib
 
@@ -118,7 +118,7 @@ def sweep_map(r: dict) -> float:
 
 def write_plots(summary: dict, out: Path) -> dict[str, str]:
     """loss.png, map.png, activations.png and lr_sweep.png from the summary's numbers; returns their file names."""
-    plt = _pyplot()
+    plt = require_pyplot()
     variants = summary["variants"]
     styles = _styles(variants, plt)
     _line_plot(plt, variants, styles, "loss_curve", "loss", out / "loss.png")

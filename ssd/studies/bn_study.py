@@ -13,8 +13,8 @@ and ``train.lr`` change. Outputs in the study folder:
 - ``summary.json`` (everything above as numbers) and ``summary.md`` (the table).
 
 Reading order: :func:`parse_variant`, then :func:`run_study`, which prepares the data and the fixed
-batch (:mod:`ssd.engine.bn_study_data`), calls :func:`run_variant` per variant (which measures with
-:mod:`ssd.engine.bn_study_activations`), then summarises and plots (:mod:`ssd.engine.bn_study_report`).
+batch (:mod:`ssd.studies.bn_study_data`), calls :func:`run_variant` per variant (which measures with
+:mod:`ssd.studies.bn_study_activations`), then summarises and plots (:mod:`ssd.studies.bn_study_report`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from torch import Tensor
 from ssd.checkpoint import load_checkpoint, load_state_strict
 from ssd.config import BN_ALL, BN_BLOCKS, Config, DatasetConfig, load_config
 from ssd.data.transforms import normalize_batch
-from ssd.engine.bn_study_activations import histograms, preactivations, start_model
-from ssd.engine.bn_study_data import ensure_study_data, fixed_batch, val_subset
-from ssd.engine.bn_study_report import _pyplot, format_table, summarize, write_plots
 from ssd.engine.step import TrainingError
 from ssd.engine.train import train
 from ssd.model import build_ssd
+from ssd.studies.bn_study_activations import histograms, preactivations, start_model
+from ssd.studies.bn_study_data import ensure_study_data, fixed_batch, val_subset
+from ssd.studies.bn_study_report import format_table, require_pyplot, summarize, write_plots
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANT_HELP", "Variant", "parse_variant", "run_study", "run_variant", "val_subset"]
 
@@ -265,7 +265,7 @@ def run_study(
     ``optimizer`` (sgd | adamw; None: the config's) and ``lr`` (the base lr the variants' ``@3x``
     multiply; None: the config's) replace ``train.optimizer`` / ``train.lr``; SGD takes the config's ``train.momentum``
     and ``train.weight_decay`` (0.9 and 5e-4 unless it sets them). Returns the summary (see
-    :func:`ssd.engine.bn_study_report.summarize`)."""
+    :func:`ssd.studies.bn_study_report.summarize`)."""
     t0 = time.perf_counter()
     for name, value, low in (
         ("--iters", iters, 1),
@@ -278,7 +278,7 @@ def run_study(
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a positive number, got {lr}")
-    _pyplot()  # before the training, not after it
+    require_pyplot()  # before the training, not after it
     parsed = [parse_variant(v) for v in variants]
     if not parsed:
         raise ValueError("--variants: give at least one variant, e.g. none all all@3x")
