@@ -2,7 +2,8 @@
 
 Targets are padded: ``gt_boxes: Tensor[B, G, 4]`` (xyxy, normalised like the priors) and
 ``gt_labels: Tensor[B, G]`` (int64, 1..C-1; rows with label 0 are padding, since background is
-never a ground-truth class). An image with no objects is a row of padding only.
+never a ground-truth class). An image with no objects is a row of padding only. :func:`pad_targets`
+(in :mod:`ssd.ops.boxes`, where the data's collate reaches it too) makes them from per-image lists.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssd.config import LossConfig, ModelConfig
-from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, encode
+from ssd.ops.boxes import box_iou, cxcywh_to_xyxy, encode, pad_targets
+
+__all__ = ["MultiBoxLoss", "build_loss", "match", "pad_targets"]
 
 
 def match(gt_boxes: Tensor, gt_labels: Tensor, priors_cxcywh: Tensor, iou_threshold: float = 0.5) -> Tensor:

@@ -28,7 +28,14 @@ from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms
 from ssd.device import resolve_device, retain_freed_memory, use_channels_last
 from ssd.engine import bn as bn_tools
-from ssd.engine.checkpoints import Checkpointer, check_resumed_config, restore_state, resume_checkpoint, trim_metrics
+from ssd.engine.checkpoints import (
+    LAST,
+    Checkpointer,
+    check_resumed_config,
+    restore_state,
+    resume_checkpoint,
+    trim_metrics,
+)
 from ssd.engine.distributed import DistContext, all_true, barrier, cleanup, init_distributed
 from ssd.engine.ema import build_ema
 from ssd.engine.evaluate import amp_dtype, build_eval_loader, build_eval_set
@@ -158,15 +165,14 @@ class Run:
         return "time_limit" if all_true(stop.received is None) else "signal"
 
     def stop_for_signal(self, stop: StopSignal) -> None:
-        if (
-            self.checkpoints.saved_at != self.iteration
-        ):  # not again right after a periodic save: last.prev.pt stays older
+        # not again right after a periodic save: last.prev.pt stays older
+        if self.checkpoints.saved_at != self.iteration:
             self.save_last()
         if self.ctx.is_main:
             best = self.best
             best_text = f" (best mAP {best['map']:.4f} at iteration {best['iter']})" if best["map"] >= 0 else ""
             by = stop.name or "another process's signal"  # torchrun: every rank stops when one is signalled
-            last = self.checkpoints.out / "last.pt"
+            last = self.checkpoints.out / LAST
             log.warning(
                 "stopped by %s at iteration %d: saved %s%s; continue with --resume", by, self.iteration, last, best_text
             )
