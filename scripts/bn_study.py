@@ -8,7 +8,7 @@ Writes DIR/loss.png, map.png, lr_sweep.png, activations.png, summary.json, summa
 The defaults: SGD (momentum and weight decay from the config) at lr 0.002 / 0.01 / 0.04 for no BN and
 0.01 / 0.04 / 0.16 for BN in every feature block (`all`) and in the heads too (`all+heads`), 300
 iterations of the config's batch (16 for configs/shapes_tiny.yaml) on the shapes dataset, generated when
-absent: 473 s on 2 quiet CPU cores. See docs/batchnorm.md and ssd/studies/bn_study.py.
+absent: 473 s on 2 quiet CPU cores. See docs/bn_study.md and ssd/studies/bn_study.py.
 """
 
 from __future__ import annotations

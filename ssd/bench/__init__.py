@@ -4,7 +4,7 @@
     (or: python scripts/bench.py ...)
 
 Each row times ours and the peer on identical inputs, checks the outputs agree, and reports
-``speedup = peer_s / ours_s`` next to the ``target`` this project promises (README, "Performance"),
+``speedup = peer_s / ours_s`` next to the ``target`` this project promises (README and docs/performance.md),
 except where a row says otherwise (``train_step``: the median of paired per-round ratios).
 ``--device cuda`` runs the GPU rows instead: ``train_step`` under autocast bf16 and fp16, ``predict``
 on the GPU, and ``train_loop`` (the whole training loop, images/s and MFU; it has no peer).

@@ -52,8 +52,8 @@ class TrainConfig:
     warmup_factor: float = 1.0 / 3.0
     clip_grad_norm: float | None = None  # the gradients' largest total norm; null: no clipping
     amp: str = "fp16"  # fp16 | bf16 | none; applies on CUDA only (fp32 on CPU)
-    # NHWC activations: ``auto`` is on for the CPU and CUDA, where it is faster (measured, see README
-    # "Performance"), off elsewhere; ``true`` / ``false`` force it (read as the strings "true" / "false")
+    # NHWC activations: ``auto`` is on for the CPU and CUDA, where it is faster (docs/measurements.md,
+    # "Machine rules"), off elsewhere; ``true`` / ``false`` force it (read as the strings "true" / "false")
     channels_last: str | bool = "auto"
     compile: bool = False  # torch.compile the network
     # (CUDA) steps between log steps run under ``torch.cuda.set_sync_debug_mode("error")``, so any

@@ -31,7 +31,7 @@ DRIFT_VAR_GAP = 0.5
 NOISE_FACTOR = 3.0
 # `ssd bn-report --batches`: with 8 batches the spread between them is measured well enough that healthy
 # models are flagged in <= 1% of sampling seeds (4 batches: up to 1.7%, conv1's noise underestimated);
-# scripts/bn_report_rates.py measures it, docs/batchnorm.md gives the rates
+# scripts/bn_report_rates.py measures it, docs/bn_study.md gives the rates
 DEFAULT_BATCHES = 8
 
 
