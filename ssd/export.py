@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from ssd.config import PostprocessConfig, PreprocessConfig
 from ssd.ops.boxes import decode
@@ -78,6 +77,8 @@ class _NonMaxSuppression(torch.autograd.Function):
     def forward(
         ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float, score_threshold: float
     ) -> Tensor:
+        from torchvision.ops import batched_nms  # only here: torchvision's import costs ~2 s of a process's start
+
         rows = []
         for b in range(boxes.shape[0]):
             cls, idx = torch.nonzero(scores[b] > score_threshold, as_tuple=True)

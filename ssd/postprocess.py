@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from ssd.config import ModelConfig, PostprocessConfig
 from ssd.ops.boxes import decode
@@ -69,6 +68,9 @@ class PostProcessor:
 
         t0 = min(2 * self.detections_per_image, cand_scores.shape[1])
         top_scores, top_idx = cand_scores.topk(t0, dim=1)  # [B, T0]
+        # imported here: torchvision's import brings torch._dynamo (~2 s of a process's start); only NMS needs it
+        from torchvision.ops import batched_nms
+
         results = []
         for i in range(bsz):
             t = min(t0, num_valid[i])

@@ -12,6 +12,15 @@ import pytest
 import torch
 
 from ssd.config import ModelConfig, from_dict
+from ssd.data.shapes import SHAPES_CLASSES
+
+
+def pytest_configure(config) -> None:
+    # under pytest-xdist (scripts/test.sh: two workers on two cores) each worker computes on one thread:
+    # two workers with two threads each would make every parallel region wait for a busy core
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
 
 # 128 px input with three stride-2 extras: sources 16, 8, 4, 2, 1 (5 levels, 1524 priors)
 TINY_EXTRAS = [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}, {"mid": 128, "out": 256}]
@@ -21,6 +30,41 @@ def tiny_config(**overrides) -> ModelConfig:
     """A width-1/8, 128 px SSD that builds in ~30 ms and runs a batch of 2 in ~60 ms on CPU."""
     data = {"width": 0.125, "input_size": 128, "extras": TINY_EXTRAS, **overrides}
     return from_dict(ModelConfig, data, "model")
+
+
+# the tiny training run the engine's tests share: a width-1/8 SSD at 64 px with BatchNorm in every block (conv4_3
+# 8x8, fc7 4x4, two stride-2 extras 2x2 and 1x1) on a generated shapes tree, batch 8, on the CPU; a plain
+# function (imported like launch_ranks) because each module's own ``config(root, ...)`` helper calls it
+TINY_RUN_EXTRAS = [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}]
+
+
+def tiny_run_dict(root: Path, model: dict | None = None, **train_options) -> dict:
+    """The run's config as a dict (``from_dict(Config, ...)`` or YAML); ``model`` and ``train_options``
+    replace the defaults key by key. Evaluation and checkpoints are off unless a period is given."""
+    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
+    return {
+        "model": {
+            "num_classes": len(SHAPES_CLASSES) + 1,
+            "input_size": 64,
+            "width": 0.125,
+            "batch_norm": "all",
+            "dropout": 0.0,
+            "extras": TINY_RUN_EXTRAS,
+            **(model or {}),
+        },
+        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
+        "train": {
+            "max_iter": 2,
+            "batch_size": 8,
+            "warmup_iters": 0,
+            "device": "cpu",
+            "checkpoint_period": 100,
+            "eval_period": 100,
+            "log_period": 1,
+            **train_options,
+        },
+        "eval": {"batch_size": 10},
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +79,25 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 def make_tiny_config():
     """The :func:`tiny_config` factory (a fixture, so test modules need not import conftest)."""
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """``shapes_data(num_train, num_val, size, seed, **options)``: a generated shapes tree (VOC and COCO),
+    made once per session for each set of arguments and shared by every module asking for it: read only
+    (copy it to change it)."""
+    from ssd.data.shapes import generate_shapes
+
+    made: dict[tuple, Path] = {}
+
+    def make(num_train: int, num_val: int, size: int, seed: int, **options) -> Path:
+        key = (num_train, num_val, size, seed, tuple(sorted(options.items())))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("shapes")
+            generate_shapes(made[key], num_train, num_val, size=size, seed=seed, **options)
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_dict
 from torch import nn
 
 import ssd.engine.train as engine
@@ -18,7 +19,7 @@ from ssd.cli import main
 from ssd.config import Config, from_dict
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.shapes import SHAPES_CLASSES
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext
@@ -30,32 +31,8 @@ NUM_BN = 19  # 13 VGG convs + fc6 + fc7 + 2 extras x 2 convs, all with BN
 
 
 def run_dict(root: Path, **train_options) -> dict:
-    """A width-1/8 SSD at 64 px with BN everywhere (maps 8, 4, 2, 1), 40 shapes images, batch 8."""
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": 5,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": 2,
-            "batch_size": 8,
-            "optimizer": "sgd",
-            "lr": 0.01,
-            "warmup_iters": 0,
-            "device": "cpu",
-            "checkpoint_period": 100,
-            "eval_period": 100,
-            "log_period": 1,
-            **train_options,
-        },
-        "eval": {"batch_size": 10},
-    }
+    """A width-1/8 SSD at 64 px with BN everywhere (maps 8, 4, 2, 1), 40 shapes images, batch 8, SGD."""
+    return tiny_run_dict(root, **{"optimizer": "sgd", "lr": 0.01, **train_options})
 
 
 def config(root: Path, **train_options) -> Config:
@@ -65,16 +42,9 @@ def config(root: Path, **train_options) -> Config:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 40, 10, size=SIZE, seed=5)
-    return out
+def shapes(shapes_data) -> Path:
+    return shapes_data(40, 10, SIZE, 5)
 
 
 def bn_model(shapes: Path) -> nn.Module:

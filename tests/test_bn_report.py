@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_dict
 
 from ssd.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from ssd.cli import main
@@ -34,41 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_dict(root: Path, **model_options) -> dict:
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": 5,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-            **model_options,
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": 4,
-            "batch_size": 8,
-            "optimizer": "adamw",
-            "lr": 3e-3,
-            "warmup_iters": 0,
-            "device": "cpu",
-            "checkpoint_period": 100,
-            "eval_period": 100,
-            "log_period": 1,
-            "seed": 1,
-            "tensorboard": False,
-        },
-        "eval": {"batch_size": 10},
-    }
+    return tiny_run_dict(root, model_options, max_iter=4, optimizer="adamw", lr=3e-3, seed=1, tensorboard=False)
 
 
 pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

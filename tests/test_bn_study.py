@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_dict
 
 import ssd.engine.train as engine
 from ssd.config import BN_ALL, BN_BLOCKS, ConfigError, load_config
 from ssd.data.dataset import build_dataset
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.studies import bn_study, bn_study_data, bn_study_report
 from ssd.studies.bn_study import Variant, parse_variant, run_study, run_variant, val_subset
 from ssd.studies.bn_study_activations import HIST_BINS, start_model
@@ -36,33 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_dict(root: Path, **train_options) -> dict:
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": 5,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": 2,
-            "batch_size": 8,
-            "optimizer": "adamw",
-            "lr": 1e-3,
-            "schedule": "cosine",
-            "warmup_iters": 0,
-            "device": "cpu",
-            "checkpoint_period": 100,
-            "eval_period": 100,
-            "log_period": 1,
-            "tensorboard": False,
-            **train_options,
-        },
-        "eval": {"batch_size": 10},
-    }
+    options = {"optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "tensorboard": False}
+    return tiny_run_dict(root, **{**options, **train_options})
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -74,10 +49,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 24, 8, size=SIZE, seed=7)
-    return out
+def shapes(shapes_data) -> Path:
+    return shapes_data(24, 8, SIZE, 7)
 
 
 @pytest.fixture(scope="module")

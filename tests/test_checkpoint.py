@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ssd.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from ssd.cli import main
 from ssd.config import ModelConfig, from_dict, to_dict
 from ssd.model import build_ssd
 
@@ -285,19 +285,20 @@ def test_pickled_object_is_refused_and_not_executed(tmp_path):
         "train configs/shapes_tiny.yaml --init README.md --output-dir {tmp}/run",
     ],
 )
-def test_cli_names_a_file_that_is_not_a_checkpoint_in_one_line(command, tmp_path):
-    """The whole stderr is one line naming the file, with no traceback and none of torch's advice to load
-    with ``weights_only=False``; nothing is written."""
-    root = Path(__file__).resolve().parents[1]
+def test_cli_names_a_file_that_is_not_a_checkpoint_in_one_line(command, tmp_path, monkeypatch, capsys, caplog):
+    """The command's whole output is one line on stderr naming the file: no traceback, no log line and none
+    of torch's advice (a warning) to load with ``weights_only=False``; nothing is written."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     args = command.format(tmp=tmp_path).split()
-    proc = subprocess.run(
-        [sys.executable, "-m", "ssd.cli", *args], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        assert main(args) == 2
+    out, err = capsys.readouterr()
     assert (
-        proc.stderr
+        err
         == f"ssd {args[0]}: error: README.md: cannot read as a PyTorch weights file: not a file written by torch.save\n"
     )
+    assert out == "" and caught == [] and caplog.records == []
     assert list(tmp_path.iterdir()) == []
 
 

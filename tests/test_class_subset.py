@@ -28,13 +28,6 @@ OPTION_HINT = (
 SKIP_HINT = ", or data.on_error=skip to skip such objects as counted problems"
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
-    return path
-
-
 def write_image(path: Path, width: int = 64, height: int = 48) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), np.full((height, width, 3), 90, np.uint8))

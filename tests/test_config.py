@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -304,20 +301,14 @@ def test_a_saved_config_sets_every_key_when_loaded_back(tmp_path):
 # --- the CLI: one line, exit 2 --------------------------------------------------------------------
 
 
-def test_cli_missing_config_file_exits_2_with_one_line(tmp_path):
-    """The real process: no traceback, one line on stderr, exit status 2."""
-    env = {**os.environ, "SSD_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "ssd", "train", str(tmp_path / "missing.yaml")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"ssd train: error: {tmp_path / 'missing.yaml'}: config file not found"]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+def test_cli_missing_config_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    """One line on stderr, exit status 2, nothing written (the real process: tests/test_train.py's signal tests)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ssd train: error: {tmp_path / 'missing.yaml'}: config file not found"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_takes_overrides_before_and_after_options(capsys):
@@ -344,7 +335,6 @@ def minimal_config(tmp_path) -> Path:
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(minimal_config, tmp_path, capsys, monkeypatch, overrides, message):
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     code = main(["train", str(minimal_config), "--output-dir", str(tmp_path / "run"), *overrides])
     err = capsys.readouterr().err.strip()
@@ -352,10 +342,9 @@ def test_cli_user_errors_exit_2_with_one_line(minimal_config, tmp_path, capsys, 
     assert len(err.splitlines()) == 1 and err.startswith("ssd train: error: ") and message in err
 
 
-def test_cli_resume_without_a_checkpoint_exits_2(minimal_config, tmp_path, capsys, monkeypatch):
+def test_cli_resume_without_a_checkpoint_exits_2(minimal_config, tmp_path, capsys):
     from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
     generate_shapes(tmp_path / "shapes", 8, 2, size=64)
     data = [f"data.{s}.root={tmp_path / 'shapes'}" for s in ("train", "val")]
     data += [f"data.{s}.split={s}" for s in ("train", "val")] + [

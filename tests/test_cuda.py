@@ -121,11 +121,6 @@ def assert_trained(out: Path, init_state: dict, names: list[str], iterations: in
 tf32_off = full_fp32
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     """40 train + 10 val images at the model's side, and init.pt: the random weights every run starts from.

@@ -28,13 +28,6 @@ SIZE = 96
 NUM_TRAIN, NUM_VAL = 10, 5
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))  # subprocesses inherit it
-    return path
-
-
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> tuple[Path, dict]:
     """A clean shapes tree and the generator's summary of it. Read only."""
@@ -256,17 +249,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ssd", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_clean_data_exits_0(clean):
+def test_cli_clean_data_exits_0(clean, capsys):
     root, summary = clean
-    result = run_cli("data", "check", str(CONFIG), *overrides(root))
-    assert result.returncode == 0, result.stderr
+    assert main(["data", "check", str(CONFIG), *overrides(root)]) == 0
+    out = capsys.readouterr().out
     stats = summary["splits"]["train"]
-    assert f"data.train: {NUM_TRAIN} images, {stats['objects']} objects" in result.stdout
-    assert f"data.val: {NUM_VAL} images" in result.stdout
-    assert result.stdout.count("no problems found") == 2
+    assert f"data.train: {NUM_TRAIN} images, {stats['objects']} objects" in out
+    assert f"data.val: {NUM_VAL} images" in out
+    assert out.count("no problems found") == 2
 
 
 def test_cli_unknown_key_exits_2_with_one_line_and_a_suggestion(clean):
+    """The real process (ssd data check's one subprocess test): exit 2, one line, no traceback."""
     result = run_cli("data", "check", str(CONFIG), f"data.train.rot={clean[0]}")
     assert result.returncode == 2
     assert result.stderr.startswith(

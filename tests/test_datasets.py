@@ -27,14 +27,6 @@ SIZE = 96
 NUM_TRAIN, NUM_VAL = 12, 6
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own annotation cache folder (never ~/.cache)."""
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def shapes_tree(tmp_path_factory) -> Path:
     """12 train + 6 val shapes images at 96 px, VOC tree and COCO JSON (about 0.1 s). Read only."""

@@ -23,8 +23,7 @@ TOY = [
 ]
 
 
-def test_demo_trains_evaluates_and_draws(tmp_path, monkeypatch):
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+def test_demo_trains_evaluates_and_draws(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,6 +1,7 @@
 """Two-process DDP training on CPU (gloo), launched the way torchrun does it: one process per rank
 with MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environment, which
-ssd.engine.distributed reads. Afterwards both ranks hold identical weights."""
+ssd.engine.distributed reads. Afterwards both ranks hold identical weights, BN statistics and
+weights' average (train.ema)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import launch_ranks
+from conftest import launch_ranks, tiny_run_dict
 
 from ssd.checkpoint import load_checkpoint
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 
 SIZE = 64
 MAX_ITER = 4
@@ -28,9 +28,10 @@ import os, sys, torch
 import ssd.engine.train as engine
 from ssd.config import load_config
 
-models, calls = [], []
-build_ssd, build_loss = engine.build_ssd, engine.build_loss
+models, emas, calls = [], [], []
+build_ssd, build_loss, build_ema = engine.build_ssd, engine.build_loss, engine.build_ema
 engine.build_ssd = lambda cfg: models.append(build_ssd(cfg)) or models[-1]
+engine.build_ema = lambda decay, model: emas.append(build_ema(decay, model)) or emas[-1]
 
 def nan_on_rank_1(loss_cfg, model_cfg):
     criterion = build_loss(loss_cfg, model_cfg)
@@ -45,6 +46,8 @@ def nan_on_rank_1(loss_cfg, model_cfg):
 engine.build_loss = nan_on_rank_1
 summary = engine.train(load_config(sys.argv[1]), sys.argv[2])
 torch.save(models[0].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+if emas[0] is not None:
+    torch.save(emas[0].state_dict(), os.path.join(sys.argv[2], f"ema{os.environ['RANK']}.pt"))
 print("summary", summary["iteration"], summary["best_map"])
 """.replace("NAN_AT", str(NAN_AT))
 
@@ -54,34 +57,11 @@ def launch(world: int, args: list[str], tmp_path: Path) -> list[subprocess.Compl
     return launch_ranks(world, ["-c", WORKER, *args], tmp_path)
 
 
-def train_two_ranks(tmp_path: Path, **train_options) -> Path:
-    """The tiny run below on 2 gloo ranks; ``train_options`` override its ``train`` section."""
-    generate_shapes(tmp_path / "shapes", 40, 10, size=SIZE, seed=4)
-    dataset = {"format": "voc", "root": str(tmp_path / "shapes"), "classes": SHAPES_CLASSES}
-    cfg = {
-        "model": {
-            "num_classes": 5,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": MAX_ITER,
-            "batch_size": 8,
-            "optimizer": "sgd",
-            "lr": 0.01,
-            "warmup_iters": 1,
-            "device": "cpu",
-            "checkpoint_period": 2,
-            "eval_period": 100,
-            "log_period": 1,
-            **train_options,
-        },
-        "eval": {"batch_size": 4},
-    }
+def train_two_ranks(tmp_path: Path, shapes: Path, **train_options) -> Path:
+    """The tiny run on 2 gloo ranks, SGD, a checkpoint every 2 steps; ``train_options`` override its ``train``."""
+    options = {"max_iter": MAX_ITER, "optimizer": "sgd", "lr": 0.01, "warmup_iters": 1, "checkpoint_period": 2}
+    cfg = tiny_run_dict(shapes, **{**options, **train_options})
+    cfg["eval"]["batch_size"] = 4
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     results = launch(2, [str(tmp_path / "run.yaml"), str(tmp_path / "run")], tmp_path)
     for rank, res in enumerate(results):
@@ -93,34 +73,44 @@ def train_two_ranks(tmp_path: Path, **train_options) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
+def shapes(shapes_data) -> Path:
+    return shapes_data(40, 10, SIZE, 4)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, shapes) -> Path:
     """4 iterations of a global batch of 8 (4 per rank), precise BN over 2 batches, a final
     evaluation with predictions gathered from both ranks."""
-    return train_two_ranks(tmp_path_factory.mktemp("ddp"), precise_bn_batches=2)
+    return train_two_ranks(tmp_path_factory.mktemp("ddp"), shapes, precise_bn_batches=2)
 
 
-def test_without_precise_bn_every_rank_evaluates_and_saves_rank_0s_bn_statistics(tmp_path, capsys):
-    """After the last step each rank's BN statistics were moved by its own batch: the evaluation and the
-    save use rank 0's on every rank, so the logged mAP is the one ssd eval gives last.pt."""
+def test_without_precise_bn_every_rank_evaluates_and_saves_rank_0s_statistics_and_average(shapes, tmp_path, capsys):
+    """After the last step each rank's BN statistics (and the average of the weights, train.ema) were moved
+    by its own batch: the evaluation and the save use rank 0's on every rank, so the logged mAPs are the
+    ones ssd eval gives last.pt's average and raw weights."""
     from ssd.cli import main
 
-    run = train_two_ranks(tmp_path)
-    rank0 = torch.load(run / "rank0.pt", weights_only=True)
-    rank1 = torch.load(run / "rank1.pt", weights_only=True)
+    run = train_two_ranks(tmp_path, shapes, ema=0.9)
+    rank0, rank1 = (torch.load(run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     statistics = [k for k in rank0 if k.endswith(("running_mean", "running_var"))]
     assert len(statistics) == 2 * 19 and all(torch.equal(rank0[k], rank1[k]) for k in statistics)
-    last = load_checkpoint(run / "last.pt")["model"]
-    assert all(torch.equal(last[k], rank0[k]) for k in statistics)
+    saved = load_checkpoint(run / "last.pt")
+    assert all(torch.equal(saved["model_raw"][k], rank0[k]) for k in statistics)
+    ema0, ema1 = (torch.load(run / f"ema{r}.pt", weights_only=True) for r in (0, 1))
+    assert saved["ema_updates"] == MAX_ITER  # rank 1's skipped step counts as an update
+    for key, value in ema0.items():
+        assert torch.equal(ema1[key], value) and torch.equal(saved["model"][key], value), key
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (final,) = [r for r in logged if "map" in r]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks' arithmetic (OMP_NUM_THREADS=1)
     try:
         args = ["eval", str(tmp_path / "run.yaml"), "--weights", str(run / "last.pt"), "--device", "cpu"]
-        assert main([*args, "--json", str(tmp_path / "eval.json")]) == 0
+        for kind, logged_map in (("ema", final["map_ema"]), ("raw", final["map_raw"])):
+            assert main([*args, "--weights-kind", kind, "--json", str(tmp_path / f"{kind}.json")]) == 0
+            assert json.loads((tmp_path / f"{kind}.json").read_text())["map"] == pytest.approx(logged_map, abs=1e-6)
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((tmp_path / "eval.json").read_text())["map"] == pytest.approx(final["map"], abs=1e-6)
 
 
 def test_ranks_end_with_identical_parameters(ddp_run):

@@ -22,7 +22,6 @@ import ssd.engine.train as engine
 from ssd.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint, make_checkpoint, model_from_checkpoint
 from ssd.cli import main
 from ssd.config import Config, ConfigError, from_dict
-from ssd.data.shapes import generate_shapes
 from ssd.engine.ema import ModelEma, ema_decay
 from ssd.engine.optim import build_optimizer
 from ssd.engine.train import train
@@ -122,11 +121,9 @@ def test_a_checkpoint_without_ema_loads_its_weights_for_every_default(make_tiny_
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
+def shapes(shapes_data) -> Path:
     """40 train + 10 val images at 64 px. Read only."""
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 40, 10, size=SIZE, seed=3)
-    return out
+    return shapes_data(40, 10, SIZE, 3)
 
 
 def config(root: Path, **train_options) -> Config:
@@ -281,49 +278,6 @@ def test_the_update_reads_nothing_back_from_the_device(monkeypatch):
         ema.update(net)
     monkeypatch.undo()
     assert ema.updates == 3
-
-
-# --- DDP ---------------------------------------------------------------------------------------------
-
-DDP_WORKER = """
-import os, sys, torch
-import ssd.engine.train as engine
-from ssd.config import load_config
-
-emas, build_ema = [], engine.build_ema
-engine.build_ema = lambda decay, model: emas.append(build_ema(decay, model)) or emas[-1]
-summary = engine.train(load_config(sys.argv[1]), sys.argv[2])
-torch.save(emas[0].state_dict(), os.path.join(sys.argv[2], f"ema{os.environ['RANK']}.pt"))
-"""
-
-
-def test_ddp_ranks_evaluate_and_save_rank_0s_average(shapes, tmp_path):
-    """Two CPU ranks (gloo), no precise BN, so each rank's BN running statistics (and their averages)
-    differ: the evaluation gives every rank rank 0's average, the one last.pt saves, and ``ssd eval``
-    of last.pt in one process gives the mAP the two ranks logged."""
-    from conftest import launch_ranks
-
-    cfg = config(shapes, ema=DECAY, max_iter=4, eval_period=100, checkpoint_period=2)
-    (tmp_path / "run.yaml").write_text(yaml_dump(cfg))
-    results = launch_ranks(2, ["-c", DDP_WORKER, str(tmp_path / "run.yaml"), str(tmp_path / "run")], tmp_path)
-    for rank, res in enumerate(results):
-        assert res.returncode == 0, f"rank {rank}:\n{res.stdout[-4000:]}"
-    out = tmp_path / "run"
-    rank0, rank1 = (torch.load(out / f"ema{r}.pt", weights_only=True) for r in (0, 1))
-    saved = load_checkpoint(out / "last.pt")
-    assert saved["ema_updates"] == 4
-    for key, value in rank0.items():
-        assert torch.equal(rank1[key], value) and torch.equal(saved["model"][key], value), key
-    (row,) = [r for r in read_metrics(out) if "map" in r]
-    assert eval_map(out, "last.pt", tmp_path) == pytest.approx(row["map_ema"], abs=1e-6)
-
-
-def yaml_dump(cfg: Config) -> str:
-    import yaml
-
-    from ssd.config import to_dict
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def test_export_writes_the_ema_weights_by_default_and_the_raw_ones_on_request(ema_run, tmp_path):

@@ -26,9 +26,9 @@ import yaml
 from conftest import launch_ranks
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from voc_reference import reference_voc_eval
 
 from ssd import Detector
+from ssd.bench.voc_eval import reference_voc_eval
 from ssd.checkpoint import make_checkpoint, save_checkpoint
 from ssd.cli import main
 from ssd.config import Config, ModelConfig, from_dict, load_config
@@ -52,11 +52,6 @@ MODEL = {
     "dropout": 0.0,
     "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
 }
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

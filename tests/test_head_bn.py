@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_dict
 from torch import nn
 
 import ssd.engine.train as engine
@@ -25,7 +26,7 @@ from ssd.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, mo
 from ssd.config import Config, from_dict
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.shapes import SHAPES_CLASSES
 from ssd.data.transforms import build_transforms, normalize_batch
 from ssd.engine import bn as bn_tools
 from ssd.inference import Detector
@@ -38,33 +39,9 @@ HEAD_BN = [f"head.{kind}_bn.{i}" for kind in ("loc", "conf") for i in range(4)]
 
 
 def run_dict(root: Path, batch_norm=("all", "heads"), **train_options) -> dict:
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": len(SHAPES_CLASSES) + 1,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": list(batch_norm),
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": MAX_ITER,
-            "batch_size": 8,
-            "optimizer": "sgd",
-            "lr": 0.05,
-            "schedule": "cosine",
-            "warmup_iters": 2,
-            "device": "cpu",
-            "checkpoint_period": 3,
-            "eval_period": 6,
-            "log_period": 1,
-            "tensorboard": False,
-            **train_options,
-        },
-        "eval": {"batch_size": 10},
-    }
+    options = {"max_iter": MAX_ITER, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "warmup_iters": 2}
+    options |= {"checkpoint_period": 3, "eval_period": 6, "tensorboard": False}
+    return tiny_run_dict(root, {"batch_norm": list(batch_norm)}, **{**options, **train_options})
 
 
 def config(root: Path, batch_norm=("all", "heads"), **train_options) -> Config:
@@ -79,10 +56,8 @@ pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]  # on
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 40, 10, size=SIZE, seed=3)
-    return out
+def shapes(shapes_data) -> Path:
+    return shapes_data(40, 10, SIZE, 3)
 
 
 @pytest.fixture(scope="module")

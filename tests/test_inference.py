@@ -20,7 +20,7 @@ from ssd.config import AugmentConfig, DatasetConfig, PostprocessConfig
 from ssd.convert import convert_torchvision
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import build_dataloader
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.shapes import SHAPES_CLASSES
 from ssd.data.transforms import build_transforms
 from ssd.engine.evaluate import predict_loader
 from ssd.model import build_ssd
@@ -31,11 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
+def shapes(shapes_data) -> Path:
     """6 val images of 160 px: the tiny model's 128 px input needs a resize."""
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 0, 6, size=160, seed=4)
-    return out
+    return shapes_data(0, 6, 160, 4)
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> dict[str, set[str]]:
-    """Every ``ssd`` module -> the ``ssd`` modules it imports (at the top or inside functions)."""
+def imports(at_import: bool = False) -> dict[str, set[str]]:
+    """Every ``ssd`` module -> the ``ssd`` modules it imports, inside functions too; with ``at_import`` only
+    those that run when the module is imported (not inside a function)."""
     found: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        names: set[str] = set()
+        todo = list(ast.parse(path.read_text()).body)
+        while todo:
+            node = todo.pop()
+            if at_import and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ssd"):
                 names.add(node.module)
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
             elif isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names if alias.name.startswith("ssd"))
+            todo.extend(ast.iter_child_nodes(node))
         found[module_name(path)] = names
     return found
 
@@ -53,9 +59,33 @@ def test_the_product_never_imports_the_lab():
     assert offenders(("ssd",), LAB, exempt=(*LAB, "ssd.commands.bench")) == []
 
 
+def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
+    """The ``ssd`` modules ``start`` imports, directly or through others (a module's parents run first too)."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for known in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            if known in graph and known not in seen:
+                seen.add(known)
+                todo.extend(graph[known])
+    return seen
+
+
+def test_the_data_package_reaches_no_model_through_any_path():
+    # the dataset check, the loader and the shapes generator run without the network's code in the process
+    graph = imports(at_import=True)
+    network = ("ssd.model", "ssd.priorfit", "ssd.engine")
+    for module in ("ssd.data.check", "ssd.data.dataset", "ssd.data.loader", "ssd.data.shapes"):
+        assert sorted(m for m in reachable(module, graph) if inside(m, network)) == [], module
+
+
 def test_arrows_point_down():
     # data never builds the network: matching happens in the loss, on the device
-    assert offenders(("ssd.data",), ("ssd.model", "ssd.engine", "ssd.loss", "ssd.commands", "ssd.cli")) == []
+    assert (
+        offenders(("ssd.data",), ("ssd.model", "ssd.engine", "ssd.loss", "ssd.priorfit", "ssd.commands", "ssd.cli"))
+        == []
+    )
     deployment = ("ssd.inference", "ssd.export", "ssd.fuse", "ssd.preprocess", "ssd.postprocess")
     assert offenders(deployment, ("ssd.engine", "ssd.commands", "ssd.cli")) == []
     assert offenders(("ssd",), ("ssd.commands", "ssd.cli"), exempt=("ssd.commands", "ssd.cli", "ssd.__main__")) == []

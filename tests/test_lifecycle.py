@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_run_dict
 
 import ssd.engine.train as engine
 from ssd.checkpoint import load_checkpoint
 from ssd.cli import main
 from ssd.config import Config, from_dict
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.engine import checkpoints, lifecycle
 from ssd.engine.monitor import Eta, SkippedImages, format_eta
 from ssd.engine.train import train
@@ -37,33 +37,9 @@ SIZE = 64
 
 
 def run_dict(root: Path, **train_options) -> dict:
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": len(SHAPES_CLASSES) + 1,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": 12,
-            "batch_size": 8,
-            "optimizer": "adamw",
-            "lr": 1e-3,
-            "schedule": "cosine",
-            "warmup_iters": 2,
-            "device": "cpu",
-            "checkpoint_period": 3,
-            "eval_period": 100,
-            "log_period": 1,
-            "tensorboard": False,
-            **train_options,
-        },
-        "eval": {"batch_size": 10},
-    }
+    options = {"max_iter": 12, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_iters": 2}
+    options |= {"checkpoint_period": 3, "tensorboard": False}
+    return tiny_run_dict(root, **{**options, **train_options})
 
 
 def config(root: Path, **train_options) -> Config:
@@ -102,11 +78,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
+def shapes(shapes_data) -> Path:
     """40 train + 10 val images at 64 px. Read only."""
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 40, 10, size=SIZE, seed=3)
-    return out
+    return shapes_data(40, 10, SIZE, 3)
 
 
 # --- the training time across a resume ----------------------------------------------------------------

@@ -26,13 +26,6 @@ SIZE = 96
 NUM_TRAIN, NUM_VAL = 16, 7
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def shapes_tree(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")

@@ -1,5 +1,5 @@
 """ssd.metrics: VOC AP pinned on hand-computed cases and equal, bit for bit, to an independent
-loop transcription of py-faster-rcnn's voc_eval (tests/voc_reference.py) on randomised cases;
+loop transcription of py-faster-rcnn's voc_eval (ssd/bench/voc_eval.py) on randomised cases;
 COCO numbers equal to calling pycocotools directly."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from voc_reference import reference_voc_eval
 
+from ssd.bench.voc_eval import reference_voc_eval
 from ssd.metrics.coco import COCO_STATS, coco_eval, coco_from_dict
 from ssd.metrics.voc import ClassDetections, ClassGroundTruth, class_tp_fp, voc_map
 

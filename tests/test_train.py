@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_dict
 from torch.utils.data import DataLoader
 
 import ssd.engine.train as engine
@@ -33,7 +34,7 @@ from ssd.cli import main
 from ssd.config import Config, ConfigError, from_dict, load_config
 from ssd.data.dataset import build_dataset
 from ssd.data.loader import EpochIndexSampler
-from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
+from ssd.data.shapes import SHAPES_CLASSES
 from ssd.engine.finetune import init_weights_from
 from ssd.engine.optim import lr_factor
 from ssd.engine.step import TrainingError
@@ -46,32 +47,8 @@ MAX_ITER = 12
 
 def run_dict(root: Path, **train_options) -> dict:
     """A tiny run: 64 px input, so conv4_3 is 8x8, fc7 4x4 and two stride-2 extras give 2x2 and 1x1."""
-    dataset = {"format": "voc", "root": str(root), "classes": SHAPES_CLASSES}
-    return {
-        "model": {
-            "num_classes": len(SHAPES_CLASSES) + 1,
-            "input_size": SIZE,
-            "width": 0.125,
-            "batch_norm": "all",
-            "dropout": 0.0,
-            "extras": [{"mid": 256, "out": 512}, {"mid": 128, "out": 256}],
-        },
-        "data": {"train": {**dataset, "split": "train"}, "val": {**dataset, "split": "val"}, "num_workers": 0},
-        "train": {
-            "max_iter": MAX_ITER,
-            "batch_size": 8,
-            "optimizer": "adamw",
-            "lr": 1e-3,
-            "schedule": "cosine",
-            "warmup_iters": 2,
-            "device": "cpu",
-            "checkpoint_period": 3,
-            "eval_period": 6,
-            "log_period": 1,
-            **train_options,
-        },
-        "eval": {"batch_size": 10},
-    }
+    options = {"max_iter": MAX_ITER, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_iters": 2}
+    return tiny_run_dict(root, **{**options, "checkpoint_period": 3, "eval_period": 6, **train_options})
 
 
 def config(root: Path, **train_options) -> Config:
@@ -146,16 +123,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
+def shapes(shapes_data) -> Path:
     """40 train + 10 val images at 64 px. Read only."""
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, 40, 10, size=SIZE, seed=3)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("SSD_CACHE_DIR", str(tmp_path / "cache"))
+    return shapes_data(40, 10, SIZE, 3)
 
 
 @pytest.fixture(scope="module")
@@ -338,11 +308,11 @@ def test_precise_bn_before_eval_leaves_the_training_batches_alone(shapes, refere
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5), row["iter"]
 
 
-def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupted_run(
-    shapes, precise_reference, tmp_path
-):
-    """Killed after the evaluation at iteration 6 (precise BN with two workers), resumed from last.pt:
-    the same losses, evaluations and weights as the uninterrupted run."""
+def test_sigkill_then_resume_matches_the_uninterrupted_run(shapes, precise_reference, tmp_path, caplog):
+    """``ssd train`` with two DataLoader workers, killed after the evaluation at iteration 6 (precise BN
+    before it, which reads its own loader), then ``ssd train --resume`` in this process from last.pt,
+    mid-epoch: the same losses, evaluations and weights as the uninterrupted single-process run
+    (augmentation is seeded per (seed, epoch, index), so the worker count does not matter)."""
     options = [f"train.{k}={str(v).lower()}" for k, v in PRECISE_BN.items()]
     cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
     out = tmp_path / "run"
@@ -353,7 +323,11 @@ def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupt
     assert proc.wait(timeout=60) == -signal.SIGKILL
     saved = load_checkpoint(out / "last.pt")["iteration"]
     assert saved in (6, 9) and saved <= reached < MAX_ITER
-    assert main(["train", *args, "--resume"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 10, "loss": 1')  # a line torn by the kill is dropped on resume
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        assert main(["train", *args, "--resume"]) == 0
+    assert f"resumed from {out / 'last.pt'} at iteration {saved}" in caplog.messages
     assert_same_run(precise_reference[0], out)
     assert (
         main(["eval", str(out / "config.yaml"), "--weights", str(out / "last.pt"), "--json", str(tmp_path / "m.json")])
@@ -363,28 +337,6 @@ def test_sigkill_then_resume_with_precise_bn_before_eval_matches_the_uninterrupt
 
 
 # --- interruption and resume ------------------------------------------------------------------------
-
-
-def test_sigkill_then_resume_matches_the_uninterrupted_run(shapes, reference, tmp_path, caplog):
-    """``ssd train`` killed mid-epoch with two DataLoader workers, then ``ssd train --resume`` (in
-    this process): the same losses, evaluations and weights as the single-process uninterrupted
-    run (augmentation is seeded per (seed, epoch, index), so the worker count does not matter)."""
-    cfg_path = write_config(tmp_path / "run.yaml", run_dict(shapes))
-    out = tmp_path / "run"
-    args = [str(cfg_path), "--output-dir", str(out), "data.num_workers=2"]
-    proc = start_cli(args, tmp_path, "killed.log")
-    reached = wait_for_iteration(proc, out, 4)  # last.pt of iteration 3 exists
-    proc.kill()
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    saved = load_checkpoint(out / "last.pt")["iteration"]
-    assert saved in (3, 6, 9) and saved <= reached < MAX_ITER
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"iter": 9, "loss": 1')  # a line torn by the kill is dropped on resume
-
-    with caplog.at_level(logging.INFO, logger="ssd.train"):
-        assert main(["train", *args, "--resume"]) == 0
-    assert f"resumed from {out / 'last.pt'} at iteration {saved}" in caplog.messages
-    assert_same_run(reference[0], out)
 
 
 def test_sigterm_saves_last_pt_and_exits_then_resumes(shapes, reference, tmp_path):

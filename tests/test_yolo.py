@@ -30,13 +30,6 @@ CONFIG = REPO / "configs" / "shapes_tiny.yaml"
 SHAPES_SIZE, NUM_TRAIN, NUM_VAL = 64, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "ssd-cache"
-    monkeypatch.setenv("SSD_CACHE_DIR", str(path))
-    return path
-
-
 def write_image(path: Path, width: int, height: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), np.full((height, width, 3), 120, np.uint8))
