@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def reference_voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool) -> 
     mpre = np.concatenate(([0.0], prec, [0.0]))
     for i in range(mpre.size - 1, 0, -1):
         mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
-    i = np.where(mrec[1:] != mrec[:-1])[0]
+    i = np.where(mrec[1:] != mrec[:-1])[0]  # type: ignore[assignment]  # the original reuses i
     return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
 
 
@@ -111,7 +112,7 @@ def reference_voc_eval(
     one: float = 1.0,
 ) -> float:
     """AP of class ``classname`` (NaN without non-difficult ground truth, where the original divides by 0)."""
-    class_recs = {}
+    class_recs: dict[int, dict[str, Any]] = {}
     npos = 0
     for imagename, g in enumerate(ground_truth):
         mask = np.asarray(g["labels"]) == classname
@@ -120,10 +121,12 @@ def reference_voc_eval(
         det = [False] * len(bbox)
         npos = npos + sum(~difficult)
         class_recs[imagename] = {"bbox": bbox, "difficult": difficult, "det": det}
-    image_ids, confidence, BB = [], [], []
-    for imagename, d in enumerate(detections):  # the lines of the class's detection file, image by image
+    image_ids: list[int] = []
+    confidence: Any = []  # a list, then the array of it, as in the original
+    BB: Any = []
+    for imagename, dets in enumerate(detections):  # the lines of the class's detection file, image by image
         for box, score, label in zip(
-            np.asarray(d["boxes"], float).reshape(-1, 4), d["scores"], d["labels"], strict=True
+            np.asarray(dets["boxes"], float).reshape(-1, 4), dets["scores"], dets["labels"], strict=True
         ):
             if label == classname:
                 image_ids.append(imagename)
