@@ -80,16 +80,26 @@ def add_training_commands(sub) -> None:
 
 def add_model_commands(sub) -> None:
     p = command(
-        sub, "eval", "eval", "evaluate a checkpoint or a detections file on data.val (VOC07 / VOC / COCO metrics)"
+        sub,
+        "eval",
+        "eval",
+        "evaluate a checkpoint or a detections file on data.val or data.train (VOC07 / VOC / COCO metrics)",
     )
-    p.add_argument("config", help="YAML config whose data.val is evaluated")
+    p.add_argument("config", help="YAML config whose data.val (or --split train: data.train) is evaluated")
     add_overrides(p, "data.val.root=/data/VOC")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="checkpoint to run on data.val")
+    src.add_argument("--weights", help="checkpoint to run on the split")
     src.add_argument(
         "--detections", help="existing detections in COCO results format (JSON list) instead of running a model"
     )
     p.add_argument("--weights-kind", choices=WEIGHTS_KINDS, help=WEIGHTS_KIND_HELP)
+    p.add_argument(
+        "--split",
+        choices=["val", "train"],
+        default="val",
+        help="the dataset scored: data.val, or data.train (its images with evaluation's transforms: "
+        "a model that cannot score its own training images has a data or capacity problem)",
+    )
     p.add_argument(
         "--metric",
         choices=["voc07", "voc", "coco"],

@@ -196,6 +196,26 @@ def test_weights_on_voc_and_coco_data_of_the_same_images(ws, weights_runs, capsy
     assert all(name in table for name in SHAPES_CLASSES) and "mAP@0.5 (VOC07 11-point)" in table
 
 
+def test_split_train_scores_the_training_images_with_evaluation_transforms(ws, weights_runs, tmp_path):
+    """``--split train`` is data.train scored as data.val would be: the same numbers as a config whose
+    data.val names the training split, other ones than data.val's, and comp4 files named after it."""
+    weights = ("--weights", ws / "tiny.pt")
+    assert (
+        ssd_eval(
+            ws / "voc.yaml", *weights, "--split", "train", "--json", tmp_path / "a.json", "--out-dir", tmp_path / "d"
+        )
+        == 0
+    )
+    assert ssd_eval(ws / "voc.yaml", "data.val.split=train", *weights, "--json", tmp_path / "b.json") == 0
+    train, as_val = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
+    val = read_json(weights_runs["voc"] / "metrics.json")
+    assert train == as_val and train["num_gt"] != val["num_gt"]
+    assert sum(train["num_gt"].values()) > sum(val["num_gt"].values())  # 16 training images against 7
+    assert sorted(p.name for p in (tmp_path / "d").glob("comp4_det_*")) == [
+        f"comp4_det_train_{name}.txt" for name in sorted(SHAPES_CLASSES)
+    ]
+
+
 def test_comp4_files_hold_the_detections_in_the_xml_frame(weights_runs):
     dets = read_json(weights_runs["voc"] / "out" / "detections.json")
     files = sorted(p.name for p in (weights_runs["voc"] / "out").glob("comp4_*"))

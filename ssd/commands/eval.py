@@ -1,5 +1,5 @@
-"""``ssd eval``: score a checkpoint or a detections file on ``data.val``; the table, ``--json``, the
-precision/recall plots and the detection files (COCO results, VOC devkit comp4)."""
+"""``ssd eval``: score a checkpoint or a detections file on ``data.val`` (or ``data.train``); the table,
+``--json``, the precision/recall plots and the detection files (COCO results, VOC devkit comp4)."""
 
 from __future__ import annotations
 
@@ -95,9 +95,11 @@ def split_name(cfg: DatasetConfig) -> str:
 
 
 def run(args) -> int:
-    """``ssd eval CONFIG (--weights CKPT [--weights-kind ema|raw] | --detections FILE)
+    """``ssd eval CONFIG (--weights CKPT [--weights-kind ema|raw] | --detections FILE) [--split val|train]
     [--metric] [--json] [--plots] [--out-dir]``."""
     cfg = load_config(args.config, args.overrides)
+    split = getattr(args, "split", "val")
+    data = getattr(cfg.data, split)  # the split scored, with evaluation's transforms
     batch_size = cfg.eval.batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -108,19 +110,19 @@ def run(args) -> int:
     if args.detections:
         if int(os.environ.get("RANK", "0")) != 0:  # nothing to shard: rank 0 does it all
             return 0
-        dataset = build_dataset(cfg.data.val, None, train=False, on_error=cfg.data.on_error, key="data.val")
-        evalset = EvalSet(dataset, cfg.data.val.annotations)
+        dataset = build_dataset(data, None, train=False, on_error=cfg.data.on_error, key=f"data.{split}")
+        evalset = EvalSet(dataset, data.annotations)
         detections = evalset.read_results(args.detections)
     else:
         try:
             dataset, predictions = predict_checkpoint(
-                cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None)
+                cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None), split
             )
         finally:
             cleanup()
         if predictions is None:  # not rank 0
             return 0
-        evalset = EvalSet(dataset, cfg.data.val.annotations)
+        evalset = EvalSet(dataset, data.annotations)
         detections = evalset.from_predictions(predictions)
 
     result = evalset.evaluate(detections, args.metric or cfg.eval.metric, cfg.eval.voc_pixel_convention)
@@ -132,11 +134,8 @@ def run(args) -> int:
         log.info("wrote %d precision/recall plots to %s", len(write_pr_plots(args.plots, result)), args.plots)
     if args.out_dir:
         n = evalset.write_results(Path(args.out_dir) / "detections.json", detections)
-        evalset.write_comp4(args.out_dir, split_name(cfg.data.val), detections)
+        evalset.write_comp4(args.out_dir, split_name(data), detections)
         log.info(
-            "wrote %d detections to %s (detections.json, comp4_det_%s_<class>.txt)",
-            n,
-            args.out_dir,
-            split_name(cfg.data.val),
+            "wrote %d detections to %s (detections.json, comp4_det_%s_<class>.txt)", n, args.out_dir, split_name(data)
         )
     return 0

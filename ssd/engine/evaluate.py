@@ -48,12 +48,13 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
 
 
-def build_eval_set(cfg: Config, model_cfg: ModelConfig) -> DetectionDataset:
-    """``data.val`` prepared for ``model_cfg``'s input size and preprocessing
-    (:func:`ssd.preprocess.eval_transform`)."""
+def build_eval_set(cfg: Config, model_cfg: ModelConfig, split: str = "val") -> DetectionDataset:
+    """``data.<split>`` (``val`` or ``train``) prepared for ``model_cfg``'s input size and preprocessing
+    (:func:`ssd.preprocess.eval_transform`): evaluation's images, never the training augmentation."""
     assert model_cfg.input_size is not None  # set by ModelConfig.__post_init__
     transform = eval_transform(cfg.data.augment, model_cfg.preprocess, model_cfg.input_size)
-    return build_dataset(cfg.data.val, transform, train=False, on_error=cfg.data.on_error, key="data.val")
+    dataset_cfg = getattr(cfg.data, split)
+    return build_dataset(dataset_cfg, transform, train=False, on_error=cfg.data.on_error, key=f"data.{split}")
 
 
 def build_eval_loader(
@@ -165,9 +166,10 @@ def gather_predictions(local: dict) -> dict | None:
 
 
 def predict_checkpoint(
-    cfg, weights: str, device_name: str, batch_size: int, weights_kind: str | None = None
+    cfg, weights: str, device_name: str, batch_size: int, weights_kind: str | None = None, split: str = "val"
 ) -> tuple[DetectionDataset, dict | None]:
-    """Run the checkpoint on ``data.val`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
+    """Run the checkpoint on ``data.<split>`` (each rank its shard under torchrun); predictions on rank 0,
+    None elsewhere.
     ``weights_kind``: None for the checkpoint's default weights (the EMA ones of a run with ``train.ema``,
     those its logged mAP belongs to), ``"raw"`` or ``"ema"`` (:func:`ssd.checkpoint.checkpoint_weights`).
 
@@ -184,7 +186,7 @@ def predict_checkpoint(
         default = " (its default; --weights-kind raw for the trained weights)" if weights_kind is None else ""
         log.info("%s: evaluating its %s weights%s", weights, "raw" if weights_kind == "raw" else "EMA", default)
     model_cfg = checkpoint_model_config(ckpt, weights)
-    dataset = build_eval_set(cfg, model_cfg)
+    dataset = build_eval_set(cfg, model_cfg, split)
     label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
     num_workers = default_num_workers(cfg.data.num_workers)
     loader = build_eval_loader(dataset, model_cfg, batch_size, num_workers, pin_memory=device.type == "cuda")
