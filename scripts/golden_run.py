@@ -5,6 +5,7 @@ CPU's kernels, so a reference is never compared across machines):
 
     .venv/bin/python scripts/golden_run.py --record /tmp/golden.json
     .venv/bin/python scripts/golden_run.py --check /tmp/golden.json    # exit 1 on the first difference
+    .venv/bin/python scripts/golden_run.py --check /tmp/golden.json --ignore train_sample_map  # a new key
 
 Compared exactly: every ``metrics.jsonl`` row without its timings (``time``, ``images_per_s``), with
 EMA and precise BN on so that their paths are covered too.
@@ -51,6 +52,7 @@ def main() -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--record", metavar="FILE", help="write this machine's reference rows to FILE")
     mode.add_argument("--check", metavar="FILE", help="compare with the rows recorded in FILE")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="KEY", help="keys a change added, left out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         rows = golden_rows(Path(work))
@@ -59,6 +61,7 @@ def main() -> int:
         print(f"recorded {len(rows)} rows to {args.record}")
         return 0
     reference = json.loads(Path(args.check).read_text())
+    rows = [{k: v for k, v in row.items() if k not in args.ignore} for row in rows]
     for i, (want, got) in enumerate(zip(reference, rows, strict=False)):
         if want != got:
             diff = {k: (want.get(k), got.get(k)) for k in want.keys() | got.keys() if want.get(k) != got.get(k)}

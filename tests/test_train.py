@@ -138,6 +138,68 @@ def reference(shapes, tmp_path_factory) -> tuple[Path, dict]:
     return out / "run", summary
 
 
+# --- the training sample (eval.train_sample) ------------------------------------------------------------
+
+
+def without(rows: list[dict], *keys: str) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in keys} for row in rows]
+
+
+def test_the_training_sample_changes_nothing_else_and_scores_as_eval_split_train(shapes, reference, tmp_path, capsys):
+    """The reference run scores all 40 training images at each evaluation (the default 200 > 40): its
+    train_sample_map is what ``ssd eval --split train`` gives last.pt, and a run without the sample
+    logs every other value exactly as it did."""
+    out, _ = reference
+    evals = [r for r in read_metrics(out) if "map" in r]
+    assert [r["iter"] for r in evals] == [6, 12] and all(0.0 <= r["train_sample_map"] <= 1.0 for r in evals)
+    args = ["eval", str(out / "config.yaml"), "--weights", str(out / "last.pt"), "--split", "train"]
+    assert main([*args, "--json", str(tmp_path / "train.json")]) == 0
+    assert json.loads((tmp_path / "train.json").read_text())["map"] == pytest.approx(
+        evals[-1]["train_sample_map"], abs=1e-6
+    )
+
+    data = run_dict(shapes)
+    data["eval"]["train_sample"] = 0
+    train(from_dict(Config, data), tmp_path / "off")
+    timings = ("time", "images_per_s")
+    assert without(read_metrics(tmp_path / "off"), *timings) == without(read_metrics(out), *timings, "train_sample_map")
+
+
+def test_the_evaluation_log_line_and_row_carry_the_training_sample(shapes, tmp_path, caplog):
+    from ssd.engine.distributed import DistContext
+    from ssd.engine.monitor import TrainLog
+
+    cfg = config(shapes, tensorboard=False)
+    log = TrainLog(cfg.train, DistContext(), tmp_path, 0, append=False, cpu=True)
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        log.eval_row(6, {"map": 0.25, "metric": "voc07", "per_class": {"circle": 0.25}, "train_sample_map": 0.75})
+        log.eval_row(12, {"map": 0.5, "metric": "voc07", "per_class": {"circle": 0.5}})
+    log.close()
+    assert caplog.messages == ["iter 6: voc07 mAP 0.2500; training sample 0.7500", "iter 12: voc07 mAP 0.5000"]
+    first, second = read_metrics(tmp_path)
+    assert (first["map"], first["train_sample_map"]) == (0.25, 0.75) and "train_sample_map" not in second
+
+
+def test_the_training_sample_is_fixed_and_leaves_the_global_random_state_alone(shapes):
+    from ssd.engine.train_eval import build_train_sample
+
+    cfg = config(shapes)
+    cfg.eval.train_sample = 5
+    train_set = build_dataset(cfg.data.train, None, train=True)
+    state = torch.get_rng_state()
+    first = build_train_sample(train_set, cfg, num_workers=0, pin_memory=False)
+    batches = list(first.loader)
+    assert torch.equal(torch.get_rng_state(), state)  # drawing, building and reading the sample took nothing from it
+    again = build_train_sample(train_set, cfg, num_workers=0, pin_memory=False)
+    ids = [r.image_id for r in first.dataset.records]
+    assert len(ids) == 5 and ids == sorted(ids) and ids == [r.image_id for r in again.dataset.records]
+    assert sum(len(b["image_ids"]) for b in batches) == 5 and first.dataset.train is False  # evaluation transforms
+    cfg.eval.train_sample = 0
+    assert build_train_sample(train_set, cfg, num_workers=0, pin_memory=False) is None
+    with pytest.raises(ConfigError, match="eval.train_sample must be >= 0"):
+        from_dict(Config, {**run_dict(shapes), "eval": {"train_sample": -1}})
+
+
 def patch_loss(monkeypatch, edit) -> list:
     """Wrap the engine's loss; ``edit(call, losses)`` may change the terms of the call-th loss
     evaluation (1-based; skipped steps count too). Returns the list of models the engine built."""
@@ -207,6 +269,9 @@ def test_tensorboard_gets_the_logged_scalars_and_drawn_validation_images(referen
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     assert [(e.step, e.value) for e in events.Scalars("val/voc07_map")] == [
         (r["iter"], pytest.approx(r["map"], rel=1e-6)) for r in evals
+    ]
+    assert [(e.step, e.value) for e in events.Scalars("train_sample/voc07_map")] == [
+        (r["iter"], pytest.approx(r["train_sample_map"], rel=1e-6)) for r in evals
     ]
     assert {f"val_ap/{name}" for name in SHAPES_CLASSES} <= set(events.Tags()["scalars"])
     image_tags = events.Tags()["images"]

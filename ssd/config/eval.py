@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ssd.config.io import check_choice
+from ssd.config.io import ConfigError, check_choice
 
 
 @dataclass
@@ -27,6 +27,9 @@ class EvalConfig:
     """Scoring detections: the metric and the evaluation batch."""
 
     batch_size: int = 32  # images per forward pass (during training and ``ssd eval``, unless --batch-size)
+    # training images (a fixed sample, evaluation's transforms) scored beside data.val at each evaluation of a
+    # run, logged as train_sample_map: low on both is a data or capacity problem, far higher here overfits; 0: off
+    train_sample: int = 200
     metric: str = "auto"  # voc07 | voc | coco | auto (voc07 for VOC data, coco for COCO data)
     # inclusive: +1 on widths/heights as the VOC devkit (official numbers) | continuous: no +1
     voc_pixel_convention: str = "inclusive"
@@ -34,3 +37,5 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("eval.metric", self.metric, ("auto", "voc07", "voc", "coco"))
         check_choice("eval.voc_pixel_convention", self.voc_pixel_convention, ("inclusive", "continuous"))
+        if self.train_sample < 0:
+            raise ConfigError(f"eval.train_sample must be >= 0 (0: off), got {self.train_sample}")

@@ -113,6 +113,7 @@ def build_dataloader(
     worker_nice: int = 0,
     persistent: bool = True,
     collate_fn: Callable[[list[dict]], dict] = collate,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A loader of collated batches (see :func:`ssd.data.dataset.collate`; ``collate_fn`` replaces it).
 
@@ -120,9 +121,11 @@ def build_dataloader(
     keeps order. Under ``torch.distributed`` (auto-detected) each rank reads its own shard.
     ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none). Workers
     ignore SIGINT and SIGTERM from anyone but their owner (:func:`_init_worker`).
-    ``persistent`` keeps the workers between iterations. A persistent loader has *one* iterator:
-    iterating it again (even from inside a loop over it) restarts that iterator, so anything that
-    reads batches besides the training loop (precise BN) needs a loader of its own.
+    ``generator`` seeds the loader's iterators (their workers' base seed): without one each iteration draws
+    it from torch's global random state. ``persistent`` keeps the workers between iterations. A
+    persistent loader has *one* iterator: iterating it again (even from inside a loop over it) restarts
+    that iterator, so anything that reads batches besides the training loop (precise BN) needs a loader
+    of its own.
     """
     rank, world = dist_info() if distributed in (None, True) else (0, 1)
     sampler = EpochIndexSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world=world)
@@ -137,4 +140,5 @@ def build_dataloader(
         drop_last=train,
         persistent_workers=persistent and num_workers > 0,
         worker_init_fn=functools.partial(_init_worker, worker_nice, os.getpid()),
+        generator=generator,
     )

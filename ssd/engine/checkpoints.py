@@ -46,6 +46,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.tensorboard",
         "train.tensorboard_images",
         "eval.batch_size",
+        "eval.train_sample",
     }
 )
 

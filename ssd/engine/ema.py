@@ -139,4 +139,6 @@ def combine_evaluations(ema_res: dict, raw_res: dict) -> dict:
         "map_raw": raw_res["map"],
         "per_class_raw": raw_res["per_class"],
     }
+    if "train_sample_map" in raw_res:  # eval.train_sample: the headline one is the EMA weights'
+        metrics["train_sample_map_raw"] = raw_res["train_sample_map"]
     return {**ema_res, "metrics": metrics}

@@ -65,6 +65,7 @@ def build_eval_loader(
     pin_memory: bool = False,
     worker_nice: int = 0,
     distributed: bool | None = None,
+    generator: torch.Generator | None = None,
 ):
     """Ordered batches of :func:`build_eval_set`'s dataset: uint8 ``[B, 3, S, S]`` resized in the workers
     (``bilinear``) or lists of original images (``normalize_then_bilinear``); this rank's shard under DDP."""
@@ -78,6 +79,7 @@ def build_eval_loader(
         distributed=distributed,
         worker_nice=worker_nice,
         collate_fn=collate_fn,
+        generator=generator,
     )
 
 

@@ -44,7 +44,7 @@ from ssd.engine.lifecycle import StopSignal, TrainClock
 from ssd.engine.monitor import SkippedImages, TrainLog
 from ssd.engine.optim import build_optimizer, build_scheduler
 from ssd.engine.step import BatchForward, TrainStep, sync_debug_mode
-from ssd.engine.train_eval import TrainEvaluator
+from ssd.engine.train_eval import TrainEvaluator, TrainSample, build_train_sample
 from ssd.loss import build_loss
 from ssd.model import build_ssd
 from ssd.postprocess import build_postprocess
@@ -215,6 +215,7 @@ class TrainData(NamedTuple):
     val_loader: Any
     bn_loader: Any  # precise BN's: re-iterating the persistent training loader would restart its one
     # iterator under the training loop, which would then replay the epoch (and break exact resume)
+    train_sample: TrainSample | None  # eval.train_sample
 
 
 def build_train_data(cfg: Config, ctx: DistContext, device: torch.device) -> TrainData:
@@ -241,7 +242,8 @@ def build_train_data(cfg: Config, ctx: DistContext, device: torch.device) -> Tra
     bn_loader = build_dataloader(train_set, per_process, True, persistent=False, **bn_workers)
     if len(loader) == 0:
         raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {per_process}")
-    return TrainData(train_set, val_set, loader, val_loader, bn_loader)
+    sample = build_train_sample(train_set, cfg, num_workers, pin)
+    return TrainData(train_set, val_set, loader, val_loader, bn_loader, sample)
 
 
 def build_train_model(
@@ -333,7 +335,7 @@ def build_run(cfg: Config, out: Path, resume: bool, ctx: DistContext) -> Run:
     train_log = TrainLog(tcfg, ctx, out, iteration, append=resume, cpu=device.type == "cpu")
     evaluator = TrainEvaluator(
         cfg, ctx, model, ema, frozen, data.val_set, data.val_loader, data.bn_loader, len(data.loader), forward,
-        postprocessor, tcfg.tensorboard_images if train_log.tensorboard.writer else 0,
+        postprocessor, tcfg.tensorboard_images if train_log.tensorboard.writer else 0, data.train_sample,
     )  # fmt: skip
     classes = data.train_set.classes
     # an unreadable last.pt we fell back from is not kept over the last.prev.pt the run resumed from

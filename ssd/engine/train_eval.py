@@ -1,5 +1,6 @@
 """Evaluation inside a training run: the raw weights and, with ``train.ema``, their average, each scored
-as ``ssd eval`` scores a checkpoint, precise BN first where the config asks for it."""
+as ``ssd eval`` scores a checkpoint, precise BN first where the config asks for it; and, with
+``eval.train_sample``, the same metric on a fixed sample of the training images."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
+import torch
 from torch import nn
 
 from ssd.config import Config
@@ -16,12 +19,15 @@ from ssd.engine import bn as bn_tools
 from ssd.engine.distributed import DistContext
 from ssd.engine.ema import ModelEma, combine_evaluations
 from ssd.engine.evalset import evaluate_predictions
-from ssd.engine.evaluate import evaluate_model
+from ssd.engine.evaluate import build_eval_loader, evaluate_model
 from ssd.engine.monitor import draw_samples
 from ssd.engine.step import BatchForward
 from ssd.postprocess import PostProcessor
+from ssd.preprocess import eval_transform
 
 log = logging.getLogger("ssd.train")
+
+SAMPLE_STREAM = 7  # the training sample's own random stream: numpy's SeedSequence([train.seed, 7])
 
 
 @dataclass
@@ -41,6 +47,7 @@ class TrainEvaluator:
     forward: BatchForward
     postprocessor: PostProcessor
     samples: int = 0  # validation images drawn for TensorBoard
+    train_sample: TrainSample | None = None  # eval.train_sample's images and loader
 
     def __call__(self, it: int, final: bool) -> dict | None:
         bn_tools.broadcast_bn_statistics(self.model)  # DDP: rank 0's statistics on every rank, as last.pt saves them
@@ -65,6 +72,12 @@ class TrainEvaluator:
         bn_tools.warn_stale_bn(m, f"evaluation at iteration {it}{which}")
         f = self.forward
         preds = evaluate_model(m, cfg.model, self.val_loader, self.postprocessor, f.device, f.dtype, f.channels_last)
+        sample = self.train_sample
+        sample_preds = None
+        if sample is not None:  # every rank: the predictions are gathered across them
+            sample_preds = evaluate_model(
+                m, cfg.model, sample.loader, self.postprocessor, f.device, f.dtype, f.channels_last
+            )
         if not self.ctx.is_main:
             return None
         assert preds is not None  # gathered on the main rank
@@ -73,4 +86,38 @@ class TrainEvaluator:
             self.val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations
         )
         samples = draw_samples(self.val_set, preds, self.samples)
-        return {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
+        out = {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
+        if sample is not None and sample_preds is not None:  # the validation's metric, on training images
+            args = (res["metric"], cfg.eval.voc_pixel_convention, cfg.data.train.annotations)
+            out["train_sample_map"] = evaluate_predictions(sample.dataset, sample_preds, *args)["map"]
+        return out
+
+
+@dataclass
+class TrainSample:
+    """A fixed sample of the training images through evaluation's transforms, and its loader."""
+
+    dataset: DetectionDataset
+    loader: Any
+
+
+def build_train_sample(
+    train_set: DetectionDataset, cfg: Config, num_workers: int, pin_memory: bool
+) -> TrainSample | None:
+    """``eval.train_sample`` images of ``train_set`` (all when fewer), drawn once with a generator of their own,
+    read by a loader with its own generator too: the run's random streams (augmentation, dropout, the loaders'
+    seeds) are the same with the sample or without it."""
+    n = min(cfg.eval.train_sample, len(train_set.records))
+    if n <= 0:
+        return None
+    rng = np.random.default_rng([cfg.train.seed, SAMPLE_STREAM])
+    chosen = np.sort(rng.choice(len(train_set.records), size=n, replace=False))
+    assert cfg.model.input_size is not None  # set by ModelConfig.__post_init__
+    transform = eval_transform(cfg.data.augment, cfg.model.preprocess, cfg.model.input_size)
+    records = [train_set.records[i] for i in chosen]
+    dataset = DetectionDataset(records, train_set.classes, transform, train=False, on_error=train_set.on_error)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = build_eval_loader(
+        dataset, cfg.model, cfg.eval.batch_size, num_workers, pin_memory, cfg.data.worker_nice, generator=generator
+    )
+    return TrainSample(dataset, loader)
