@@ -321,6 +321,9 @@ def test_an_unreadable_image_is_warned_about_once_by_name(shapes, tmp_path, capl
     assert [m for m in caplog.messages if "unreadable image(s)" in m] == [
         "epoch 0: skipped 1 unreadable image(s), 1 file(s) in all so far"
     ]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (final,) = [r for r in rows if "map" in r]
+    assert 0.0 <= final["train_sample_map"] <= 1.0  # scored on the 39 readable training images, silently
 
 
 # --- the ETA -----------------------------------------------------------------------------------------------------

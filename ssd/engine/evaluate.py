@@ -91,15 +91,19 @@ def evaluate_model(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    warn_unreadable: bool = True,
 ) -> dict | None:
     """Predictions of ``model`` on every rank's shard of ``loader`` (from :func:`build_eval_loader`),
     gathered on rank 0 (None elsewhere): the evaluation forward shared by the training loop and ``ssd eval``.
 
     ``model`` is used as it is (its weights and BN statistics; eval mode meanwhile, its train/eval
     state restored), under ``amp_dtype`` autocast (:func:`amp_dtype`) and in ``channels_last`` when set.
+    ``warn_unreadable``: see :func:`predict_loader`.
     """
     t0 = time.perf_counter()
-    local = predict_loader(model, loader, postprocessor, model_cfg.preprocess, device, amp_dtype, channels_last)
+    local = predict_loader(
+        model, loader, postprocessor, model_cfg.preprocess, device, amp_dtype, channels_last, warn_unreadable
+    )
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     log.info("rank %d: %d images in %.1f s", rank, len(local), time.perf_counter() - t0)
     return gather_predictions(local)
@@ -114,13 +118,15 @@ def predict_loader(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    warn_unreadable: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{image_id: {"boxes" [N, 4] xyxy original-image pixels, "scores", "labels"}}`` of this rank's shard.
 
     ``loader``: from :func:`build_eval_loader` (``preprocess`` decides the network input, see
     :func:`ssd.preprocess.batch_input`).
     Images the loader could not read (``data.on_error: skip``) get no entry and are counted in a
-    warning: the evaluation treats them as images without detections.
+    warning (unless ``warn_unreadable`` is off: training images the loop already named): the evaluation
+    treats them as images without detections.
     """
     modes = [(m, m.training) for m in model.modules()]  # frozen BN is a mixed state: restore every module's
     model.eval()
@@ -138,7 +144,7 @@ def predict_loader(
         dets = postprocessor(out, priors, (images.shape[-2], images.shape[-1]), batch["orig_sizes"])
         for image_id, d in zip(batch["image_ids"], dets, strict=True):
             results[image_id] = {k: v.cpu().numpy() for k, v in d.items()}
-    if unreadable:
+    if unreadable and warn_unreadable:
         log.warning(
             "%d evaluation image(s) could not be read and count as images without detections, e.g. %s",
             len(unreadable),

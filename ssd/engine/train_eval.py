@@ -75,8 +75,9 @@ class TrainEvaluator:
         sample = self.train_sample
         sample_preds = None
         if sample is not None:  # every rank: the predictions are gathered across them
+            # an unreadable training image was named by the loop that skipped it
             sample_preds = evaluate_model(
-                m, cfg.model, sample.loader, self.postprocessor, f.device, f.dtype, f.channels_last
+                m, cfg.model, sample.loader, self.postprocessor, f.device, f.dtype, f.channels_last, False
             )
         if not self.ctx.is_main:
             return None
@@ -89,7 +90,7 @@ class TrainEvaluator:
         out = {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
         if sample is not None and sample_preds is not None:  # the validation's metric, on training images
             args = (res["metric"], cfg.eval.voc_pixel_convention, cfg.data.train.annotations)
-            out["train_sample_map"] = evaluate_predictions(sample.dataset, sample_preds, *args)["map"]
+            out["train_sample_map"] = evaluate_predictions(sample.readable(sample_preds), sample_preds, *args)["map"]
         return out
 
 
@@ -99,6 +100,13 @@ class TrainSample:
 
     dataset: DetectionDataset
     loader: Any
+
+    def readable(self, predictions: dict) -> DetectionDataset:
+        """The sample without the images that could not be read (the training skipped them too)."""
+        records = [r for r in self.dataset.records if r.image_id in predictions]
+        if len(records) == len(self.dataset.records):
+            return self.dataset
+        return DetectionDataset(records, self.dataset.classes, self.dataset.transform, train=False)
 
 
 def build_train_sample(
