@@ -216,6 +216,25 @@ def test_split_train_scores_the_training_images_with_evaluation_transforms(ws, w
     ]
 
 
+def test_the_table_and_json_give_each_class_its_training_boxes(ws, weights_runs, tmp_path, capsys):
+    """``#train``: the data.train objects of each class (difficult ones left out), counted here from the XMLs
+    with ElementTree; ``-`` when data.train cannot be read on this machine."""
+    root = ws / "shapes"
+    counts = dict.fromkeys(SHAPES_CLASSES, 0)
+    for image_id in (root / "ImageSets" / "Main" / "train.txt").read_text().split():
+        for obj in ET.parse(root / "Annotations" / f"{image_id}.xml").getroot().iter("object"):
+            counts[obj.findtext("name")] += (obj.findtext("difficult") or "0") == "0"
+    assert read_json(weights_runs["voc"] / "metrics.json")["num_train_boxes"] == counts and sum(counts.values()) > 0
+    detections = weights_runs["voc"] / "out" / "detections.json"
+    capsys.readouterr()
+    assert ssd_eval(ws / "voc.yaml", "--detections", detections) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["class", "#GT", "AP", "#train"]
+    assert {line.split()[0]: int(line.split()[3]) for line in table[1 : 1 + len(SHAPES_CLASSES)]} == counts
+    assert ssd_eval(ws / "voc.yaml", f"data.train.root={tmp_path / 'nowhere'}", "--detections", detections) == 0
+    assert [line.split()[3] for line in capsys.readouterr().out.splitlines()[1 : 1 + len(SHAPES_CLASSES)]] == ["-"] * 4
+
+
 def test_comp4_files_hold_the_detections_in_the_xml_frame(weights_runs):
     dets = read_json(weights_runs["voc"] / "out" / "detections.json")
     files = sorted(p.name for p in (weights_runs["voc"] / "out").glob("comp4_*"))

@@ -9,10 +9,12 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
-from ssd.config import DatasetConfig, load_config
-from ssd.data.dataset import build_dataset
+from ssd.config import Config, ConfigError, DatasetConfig, load_config
+from ssd.data.dataset import build_dataset, index_dataset
+from ssd.data.records import DatasetError, Problems
 from ssd.engine.distributed import cleanup
 from ssd.engine.evalset import EvalSet, safe_name
 from ssd.engine.evaluate import predict_checkpoint
@@ -21,12 +23,15 @@ from ssd.metrics.coco import COCO_STATS
 log = logging.getLogger("ssd.eval")
 
 
-def format_table(result: dict) -> str:
-    """Per-class table (class, #GT, AP) and the mean; COCO's 12 numbers under it."""
+def format_table(result: dict, train_boxes: dict[str, int] | None = None) -> str:
+    """Per-class table (class, #GT, AP, and with ``train_boxes`` the class's training boxes: a class that
+    fails beside one that works often has a tenth of its boxes) and the mean; COCO's 12 numbers under it."""
     width = max([len("class")] + [len(n) for n in result["per_class"]])
-    lines = [f"{'class':<{width}} {'#GT':>7} {'AP':>7}"]
+    lines = [f"{'class':<{width}} {'#GT':>7} {'AP':>7} {'#train':>7}"]
     for name, ap in result["per_class"].items():
-        lines.append(f"{name:<{width}} {result['num_gt'][name]:>7d} {'-' if math.isnan(ap) else f'{ap:.4f}':>7}")
+        n_train = "-" if train_boxes is None or name not in train_boxes else str(train_boxes[name])
+        ap_text = "-" if math.isnan(ap) else f"{ap:.4f}"
+        lines.append(f"{name:<{width}} {result['num_gt'][name]:>7d} {ap_text:>7} {n_train:>7}")
     counted = sum(not math.isnan(ap) for ap in result["per_class"].values())
     label = {"voc07": "mAP@0.5 (VOC07 11-point)", "voc": "mAP@0.5 (VOC area)", "coco": "AP@[.50:.95] (COCO)"}[
         result["metric"]
@@ -36,6 +41,20 @@ def format_table(result: dict) -> str:
         lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[:6]))
         lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[6:]))
     return "\n".join(lines)
+
+
+def training_boxes(cfg: Config) -> dict[str, int] | None:
+    """Boxes per class that training learns from in ``data.train`` (difficult / crowd left out), or None
+    when ``data.train`` cannot be indexed here (not configured, not on this machine): the table shows ``-``."""
+    try:
+        records, classes = index_dataset(cfg.data.train, Problems("skip"), "data.train")
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        log.info("no training box counts: %s", e)
+        return None
+    counts: Counter[str] = Counter()
+    for rec in records:
+        counts.update(classes[label - 1] for label in rec.labels[~rec.difficult])
+    return {name: counts[name] for name in classes}
 
 
 def _json_number(v: float) -> float | None:
@@ -126,10 +145,12 @@ def run(args) -> int:
         detections = evalset.from_predictions(predictions)
 
     result = evalset.evaluate(detections, args.metric or cfg.eval.metric, cfg.eval.voc_pixel_convention)
-    print(format_table(result))
+    train_boxes = training_boxes(cfg)
+    print(format_table(result, train_boxes))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics_json(result), indent=2) + "\n")
+        extra = {"num_train_boxes": train_boxes} if train_boxes is not None else {}
+        Path(args.json).write_text(json.dumps(metrics_json(result) | extra, indent=2) + "\n")
     if args.plots:
         log.info("wrote %d precision/recall plots to %s", len(write_pr_plots(args.plots, result)), args.plots)
     if args.out_dir:
