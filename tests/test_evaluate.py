@@ -216,6 +216,19 @@ def test_split_train_scores_the_training_images_with_evaluation_transforms(ws, w
     ]
 
 
+def test_voc_data_gets_cocos_ap_over_iou_050_095_beside_voc07(ws, weights_runs, tmp_path, capsys):
+    voc = read_json(weights_runs["voc"] / "metrics.json")
+    detections = weights_runs["voc"] / "out" / "detections.json"
+    assert ssd_eval(ws / "voc.yaml", "--detections", detections, "--metric", "coco", "--json", tmp_path / "c.json") == 0
+    coco = read_json(tmp_path / "c.json")
+    assert voc["metric"] == "voc07" and voc["map_50_95"] == pytest.approx(coco["map"], abs=1e-12)
+    assert coco["map_50_95"] == coco["map"] == coco["AP"] and 0.0 <= coco["map"] < voc["map"]
+    capsys.readouterr()
+    assert ssd_eval(ws / "voc.yaml", "--detections", detections) == 0
+    line = f"mAP@[.50:.95] (COCO's AP over IoU 0.50..0.95, same detections): {voc['map_50_95']:.4f}"
+    assert line in capsys.readouterr().out
+
+
 def test_the_table_and_json_give_each_class_its_training_boxes(ws, weights_runs, tmp_path, capsys):
     """``#train``: the data.train objects of each class (difficult ones left out), counted here from the XMLs
     with ElementTree; ``-`` when data.train cannot be read on this machine."""

@@ -157,6 +157,10 @@ def test_the_training_sample_changes_nothing_else_and_scores_as_eval_split_train
     assert json.loads((tmp_path / "train.json").read_text())["map"] == pytest.approx(
         evals[-1]["train_sample_map"], abs=1e-6
     )
+    # mAP@[.50:.95] beside VOC07 on this VOC-layout data: COCO's AP of the same weights on data.val
+    assert main([*args[:-2], "--metric", "coco", "--json", str(tmp_path / "coco.json")]) == 0
+    coco_ap = json.loads((tmp_path / "coco.json").read_text())["map"]
+    assert 0.0 <= coco_ap == pytest.approx(evals[-1]["map_50_95"], abs=1e-6)
 
     data = run_dict(shapes)
     data["eval"]["train_sample"] = 0

@@ -16,7 +16,7 @@ from ssd.config import Config, ConfigError, DatasetConfig, load_config
 from ssd.data.dataset import build_dataset, index_dataset
 from ssd.data.records import DatasetError, Problems
 from ssd.engine.distributed import cleanup
-from ssd.engine.evalset import EvalSet, safe_name
+from ssd.engine.evalset import EvalSet, add_coco_ap, safe_name
 from ssd.engine.evaluate import predict_checkpoint
 from ssd.metrics.coco import COCO_STATS
 
@@ -37,6 +37,8 @@ def format_table(result: dict, train_boxes: dict[str, int] | None = None) -> str
         result["metric"]
     ]
     lines.append(f"{label}: {result['map']:.4f} over {counted} class(es) with ground truth")
+    if "map_50_95" in result and result["metric"] != "coco":
+        lines.append(f"mAP@[.50:.95] (COCO's AP over IoU 0.50..0.95, same detections): {result['map_50_95']:.4f}")
     if result["metric"] == "coco":
         lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[:6]))
         lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[6:]))
@@ -62,10 +64,12 @@ def _json_number(v: float) -> float | None:
 
 
 def metrics_json(result: dict) -> dict:
-    """The ``--json`` content: metric, map, per_class (null: no ground truth), num_gt, COCO's 12 numbers."""
+    """The ``--json`` content: metric, map, map_50_95, per_class (null: no ground truth), num_gt, COCO's 12
+    numbers."""
     out = {
         "metric": result["metric"],
         "map": _json_number(result["map"]),
+        **({"map_50_95": _json_number(result["map_50_95"])} if "map_50_95" in result else {}),
         "per_class": {k: _json_number(v) for k, v in result["per_class"].items()},
         "num_gt": dict(result["num_gt"]),
     }
@@ -145,6 +149,7 @@ def run(args) -> int:
         detections = evalset.from_predictions(predictions)
 
     result = evalset.evaluate(detections, args.metric or cfg.eval.metric, cfg.eval.voc_pixel_convention)
+    result = add_coco_ap(evalset, detections, result)
     train_boxes = training_boxes(cfg)
     print(format_table(result, train_boxes))
     if args.json:

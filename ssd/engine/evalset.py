@@ -362,14 +362,24 @@ def evaluate_predictions(
     voc_pixel_convention: str = "inclusive",
     annotations: str | os.PathLike | None = None,
     model_classes: list[str] | None = None,
+    with_coco_ap: bool = False,
 ) -> dict:
     """The metric of ``predictions`` (keyed by image id, continuous pixels of the original image) on
     ``dataset``: what the training loop and ``ssd eval`` report. ``metric``: voc07 | voc | coco |
     auto (by the data's format); ``annotations``: the COCO file of COCO-format data;
     ``model_classes``: the classes of the predictions' labels when not ``dataset.classes``. See
-    :meth:`EvalSet.evaluate` for the result."""
+    :meth:`EvalSet.evaluate` for the result; ``with_coco_ap`` adds ``map_50_95`` (:func:`add_coco_ap`)."""
     evalset = EvalSet(dataset, annotations)
-    return evalset.evaluate(evalset.from_predictions(predictions, model_classes), metric, voc_pixel_convention)
+    detections = evalset.from_predictions(predictions, model_classes)
+    result = evalset.evaluate(detections, metric, voc_pixel_convention)
+    return add_coco_ap(evalset, detections, result) if with_coco_ap else result
+
+
+def add_coco_ap(evalset: EvalSet, detections: list[dict], result: dict) -> dict:
+    """``result`` with ``map_50_95``: COCO's AP averaged over IoU 0.50:0.95 of the same detections, on any
+    data (VOC and YOLO layouts too: their ground truth as a COCO file), beside a VOC mAP@0.5."""
+    coco_ap = result["map"] if result["metric"] == "coco" else evalset.evaluate(detections, "coco")["map"]
+    return {**result, "map_50_95": coco_ap}
 
 
 def _name_list(names: list[str], limit: int = 10) -> str:

@@ -115,6 +115,8 @@ class TensorBoard:
         if not self.writer:
             return
         self.writer.add_scalar(f"val/{res['metric']}_map", res["map"], it)
+        if "map_50_95" in res:  # COCO's AP over IoU .50:.95, on any data
+            self.writer.add_scalar("val/map_50_95", res["map_50_95"], it)
         if "train_sample_map" in res:  # eval.train_sample: the same metric on training images
             self.writer.add_scalar(f"train_sample/{res['metric']}_map", res["train_sample_map"], it)
         if "metrics" in res:  # train.ema: val/<metric>_map is the EMA weights', this the raw weights'
@@ -212,12 +214,15 @@ class TrainLog:
     def eval_row(self, it: int, res: dict) -> None:
         both = res.get("metrics", {})  # train.ema: "map" is the EMA weights'; map_ema, map_raw name each
         sample = {"train_sample_map": res["train_sample_map"]} if "train_sample_map" in res else {}
-        row = {"iter": it, "eval": res["metric"], "map": res["map"], **sample, "per_class": res["per_class"], **both}
+        coco = {"map_50_95": res["map_50_95"]} if "map_50_95" in res else {}
+        row = {"iter": it, "eval": res["metric"], "map": res["map"], **coco, **sample, "per_class": res["per_class"]}
+        row |= both
         self.write(row)
         self.tensorboard.eval_row(it, res)
         raw = f" (EMA; raw weights {both['map_raw']:.4f})" if both else ""
         on_train = f"; training sample {sample['train_sample_map']:.4f}" if sample else ""
-        log.info("iter %d: %s mAP %.4f%s%s", it, res["metric"], res["map"], raw, on_train)
+        coco_ap = f", mAP@[.50:.95] {coco['map_50_95']:.4f}" if coco and res["metric"] != "coco" else ""
+        log.info("iter %d: %s mAP %.4f%s%s%s", it, res["metric"], res["map"], coco_ap, raw, on_train)
 
     def step_done(self) -> None:
         if self.progress is not None:

@@ -84,10 +84,12 @@ class TrainEvaluator:
         assert preds is not None  # gathered on the main rank
         # eval.metric auto: VOC07 mAP for VOC-format val data, COCO AP for COCO-format val data
         res = evaluate_predictions(
-            self.val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations
-        )
+            self.val_set, preds, cfg.eval.metric, cfg.eval.voc_pixel_convention, cfg.data.val.annotations,
+            with_coco_ap=True,
+        )  # fmt: skip
         samples = draw_samples(self.val_set, preds, self.samples)
         out = {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
+        out["map_50_95"] = res["map_50_95"]
         if sample is not None and sample_preds is not None:  # the validation's metric, on training images
             args = (res["metric"], cfg.eval.voc_pixel_convention, cfg.data.train.annotations)
             out["train_sample_map"] = evaluate_predictions(sample.readable(sample_preds), sample_preds, *args)["map"]
