@@ -36,8 +36,8 @@ def read_image(path: str, orientation: int | None = None) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.size == 0:
         raise DatasetError(f"{path}: empty file")
-    if data[:2].tobytes() == b"\xff\xd8":
-        raw = data.tobytes()  # the end-of-image marker must follow the last start-of-scan (trailing data is fine)
+    raw = data.tobytes()
+    if raw[:2] == b"\xff\xd8":  # the end-of-image marker must follow the last start-of-scan (trailing data is fine)
         if raw.rfind(b"\xff\xd9") < max(2, raw.rfind(b"\xff\xda")):
             raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker after the image data)")
     # stored pixels, turned below: OpenCV applies the tag for JPEG only, and a record may be read as stored
@@ -45,7 +45,7 @@ def read_image(path: str, orientation: int | None = None) -> np.ndarray:
     if image is None:
         raise DatasetError(f"{path}: not a decodable image")
     if orientation is None:
-        orientation = orientation_from_bytes(data.tobytes())
+        orientation = orientation_from_bytes(raw)
     return upright(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
 
 

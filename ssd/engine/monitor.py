@@ -171,9 +171,11 @@ class TrainLog:
         self.images, self.iters, self.t = 0, 0, time.perf_counter()
 
     def count(self, images: int) -> None:
-        """One training step of ``images`` per process."""
+        """One training step of ``images`` per process (and the progress bar's step)."""
         self.images += images * self.ctx.world_size
         self.iters += 1
+        if self.progress is not None:
+            self.progress.update(1)
 
     @contextlib.contextmanager
     def paused(self):
@@ -223,10 +225,6 @@ class TrainLog:
         on_train = f"; training sample {sample['train_sample_map']:.4f}" if sample else ""
         coco_ap = f", mAP@[.50:.95] {coco['map_50_95']:.4f}" if coco and res["metric"] != "coco" else ""
         log.info("iter %d: %s mAP %.4f%s%s%s", it, res["metric"], res["map"], coco_ap, raw, on_train)
-
-    def step_done(self) -> None:
-        if self.progress is not None:
-            self.progress.update(1)
 
     def end_progress(self) -> None:
         if self.progress is not None:

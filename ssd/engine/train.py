@@ -85,7 +85,6 @@ def run_loop(run: Run, stop: StopSignal) -> str:
             it = run.iteration
             if it % tcfg.log_period == 0 or it == tcfg.max_iter:
                 run.log.train_row(it, run.step, run.clock)
-            run.log.step_done()
             with run.log.paused():  # images/s and the ETA count training time only
                 if it % tcfg.eval_period == 0 and it < tcfg.max_iter:
                     run.evaluate()
