@@ -15,7 +15,7 @@ import torch
 
 from ssd.config import load_config
 from ssd.data.dataset import DetectionDataset, collate, sample_seed
-from ssd.data.loader import EpochIndexSampler, build_dataloader
+from ssd.data.loader import EpochIndexSampler, build_dataloader, passes_for_batch
 from ssd.data.records import Problems
 from ssd.data.shapes import SHAPES_CLASSES, generate_shapes
 from ssd.data.transforms import build_transforms
@@ -136,6 +136,33 @@ def test_shuffled_shards_keep_equal_length_when_there_are_more_ranks_than_images
     for rank in range(world):
         sampler = EpochIndexSampler(n, shuffle=True, rank=rank, world=world)
         assert len(list(sampler)) == len(sampler) == 1
+
+
+@pytest.mark.parametrize(
+    "share, batch, passes", [(12, 16, 4), (8, 16, 2), (13, 16, 16), (16, 16, 1), (20, 16, 1), (1, 4, 4)]
+)
+def test_passes_fill_whole_batches_only_when_a_share_is_smaller_than_one(share, batch, passes):
+    assert passes_for_batch(share, batch) == passes
+    assert passes == 1 or share * passes % batch == 0
+
+
+def test_a_sampler_epoch_of_several_passes_shuffles_each_pass_as_its_own_epoch():
+    n, passes = 6, 3
+    sampler = EpochIndexSampler(n, shuffle=True, seed=3, passes=passes)
+    single = EpochIndexSampler(n, shuffle=True, seed=3)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        encoded = list(sampler)
+        assert len(encoded) == len(sampler) == n * passes
+        expected = []
+        for p in range(passes):  # pass p of epoch e is the single-pass sampler's epoch e * passes + p
+            single.set_epoch(epoch * passes + p)
+            expected += list(single)
+        assert encoded == expected
+        assert len(set(encoded)) == n * passes  # each (pass, image) has its own augmentation seed
+        assert sorted(i % n for i in encoded) == sorted(list(range(n)) * passes)
+    sampler.skip = 4  # a resume mid-epoch skips into the passes
+    assert list(sampler) == encoded[4:]
 
 
 # --- DataLoader --------------------------------------------------------------------------------------

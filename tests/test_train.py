@@ -365,6 +365,24 @@ def precise_reference(shapes, tmp_path_factory) -> tuple[Path, list]:
     return out / "run", seen
 
 
+def test_a_training_set_smaller_than_one_batch_trains_in_whole_batches(shapes_data, tmp_path, monkeypatch, caplog):
+    """6 images at batch 8: an epoch is 4 passes (lcm 24 = 3 full batches), every image 4 times, nothing dropped."""
+    small = shapes_data(6, 4, SIZE, 5)
+    seen = record_training_loaders(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ssd.train"):
+        train(config(small, max_iter=6, eval_period=6, checkpoint_period=6), tmp_path / "run")
+    assert "data.train has 6 images, fewer than a batch of 8 per process: an epoch is 4 passes over them (3 batches)" in (
+        caplog.text
+    )
+    batches = seen[0]
+    assert len(batches) == 6 and all(len(ids) == 8 for ids in batches)
+    for epoch in (batches[:3], batches[3:]):
+        ids = [i for batch in epoch for i in batch]
+        assert all(ids.count(i) == 4 for i in set(ids)) and len(set(ids)) == 6
+    assert [r["iter"] for r in loss_rows(tmp_path / "run")] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) for r in loss_rows(tmp_path / "run"))
+
+
 def test_precise_bn_before_eval_leaves_the_training_batches_alone(shapes, reference, precise_reference):
     """With two persistent workers, precise BN reads its own loader: training sees the batches the
     sampler planned, in order, as without precise BN (same losses as the reference run; BN in train

@@ -9,6 +9,7 @@ images as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import threading
@@ -27,32 +28,52 @@ class EpochIndexSampler(Sampler[int]):
     Under ``torch.distributed`` each rank takes every ``world``-th index of the same permutation
     (when shuffling, padded to equal length as ``DistributedSampler`` does, so every rank runs
     the same number of steps; in order, unpadded, so evaluation sees every image exactly once).
+
+    ``passes`` > 1 makes one sampler epoch several passes over the data, each shuffled as its own epoch
+    ``epoch * passes + p``: a training set smaller than one batch then fills whole batches that carry on
+    from one pass to the next (:func:`passes_for_batch`).
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, passes: int = 1
+    ) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.passes = passes
         self.epoch = 0
         self.skip = 0  # samples of this rank to skip at the start of the next iteration (resume mid-epoch)
-        self.per_rank = -(-n // world) if shuffle else len(range(rank, n, world))
+        self.per_pass = -(-n // world) if shuffle else len(range(rank, n, world))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_pass * self.passes
 
     def __iter__(self) -> Iterator[int]:
+        mine = []
+        for p in range(self.passes):
+            mine += self.one_pass(self.epoch * self.passes + p)
+        mine = mine[self.skip :]
+        self.skip = 0
+        return iter(mine)
+
+    def one_pass(self, epoch: int) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g).tolist()
-            pad = self.per_rank * self.world - self.n  # pad so every rank gets per_rank items (even if world > n)
+            pad = self.per_pass * self.world - self.n  # pad so every rank gets per_pass items (even if world > n)
             order += (order * -(-pad // max(1, self.n)))[:pad]
         else:
             order = list(range(self.n))
-        base = self.epoch * self.n
-        mine = order[self.rank :: self.world][self.skip :]
-        self.skip = 0
-        return iter([base + i for i in mine])
+        return [epoch * self.n + i for i in order[self.rank :: self.world]]
+
+
+def passes_for_batch(per_rank: int, batch_size: int) -> int:
+    """Passes per sampler epoch: 1 when a rank's share fills at least one batch; otherwise the fewest
+    passes that fill whole batches exactly (lcm / share), so no image is dropped with a partial batch."""
+    if per_rank >= batch_size or per_rank == 0:
+        return 1
+    return math.lcm(per_rank, batch_size) // per_rank
 
 
 def dist_info() -> tuple[int, int]:
@@ -117,7 +138,8 @@ def build_dataloader(
 ) -> DataLoader:
     """A loader of collated batches (see :func:`ssd.data.dataset.collate`; ``collate_fn`` replaces it).
 
-    Training shuffles, drops the last partial batch and seeds augmentation per sample; evaluation
+    Training shuffles, drops the last partial batch (a set smaller than one batch is read in several passes
+    per epoch: :func:`passes_for_batch`) and seeds augmentation per sample; evaluation
     keeps order. Under ``torch.distributed`` (auto-detected) each rank reads its own shard.
     ``worker_nice`` lowers the workers' CPU priority (``os.nice``; ignored where there is none). Workers
     ignore SIGINT and SIGTERM from anyone but their owner (:func:`_init_worker`).
@@ -128,7 +150,8 @@ def build_dataloader(
     of its own.
     """
     rank, world = dist_info() if distributed in (None, True) else (0, 1)
-    sampler = EpochIndexSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world=world)
+    passes = passes_for_batch(-(-len(dataset) // world), batch_size) if train else 1
+    sampler = EpochIndexSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world=world, passes=passes)
     dataset.seed = seed
     return DataLoader(
         dataset,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ssd.config import Config, ConfigError, save_config, to_dict
 from ssd.data.dataset import DetectionDataset, build_dataset
-from ssd.data.loader import build_dataloader, default_num_workers
+from ssd.data.loader import EpochIndexSampler, build_dataloader, default_num_workers
 from ssd.data.transforms import build_transforms
 from ssd.device import resolve_device, retain_freed_memory, use_channels_last
 from ssd.engine import bn as bn_tools
@@ -240,7 +240,13 @@ def build_train_data(cfg: Config, ctx: DistContext, device: torch.device) -> Tra
     bn_workers = {**workers, "num_workers": min(num_workers, tcfg.precise_bn_batches)}
     bn_loader = build_dataloader(train_set, per_process, True, persistent=False, **bn_workers)
     if len(loader) == 0:
-        raise ValueError(f"data.train has {len(train_set)} images, fewer than one batch of {per_process}")
+        raise ValueError("data.train has no images")
+    passes = cast(EpochIndexSampler, loader.sampler).passes
+    if passes > 1 and ctx.is_main:
+        log.info(
+            "data.train has %d images, fewer than a batch of %d per process: an epoch is %d passes over them (%d batches)",
+            len(train_set), per_process, passes, len(loader),
+        )  # fmt: skip
     sample = build_train_sample(train_set, cfg, num_workers, pin)
     return TrainData(train_set, val_set, loader, val_loader, bn_loader, sample)
 
