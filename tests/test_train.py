@@ -371,8 +371,8 @@ def test_a_training_set_smaller_than_one_batch_trains_in_whole_batches(shapes_da
     seen = record_training_loaders(monkeypatch)
     with caplog.at_level(logging.INFO, logger="ssd.train"):
         train(config(small, max_iter=6, eval_period=6, checkpoint_period=6), tmp_path / "run")
-    assert "data.train has 6 images, fewer than a batch of 8 per process: an epoch is 4 passes over them (3 batches)" in (
-        caplog.text
+    assert (
+        "data.train has 6 images, fewer than a batch of 8 per process: an epoch is 4 passes (3 batches)" in caplog.text
     )
     batches = seen[0]
     assert len(batches) == 6 and all(len(ids) == 8 for ids in batches)

@@ -9,40 +9,18 @@ import logging
 import math
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 from ssd.config import Config, ConfigError, DatasetConfig, load_config
 from ssd.data.dataset import build_dataset, index_dataset
-from ssd.data.records import DatasetError, Problems
+from ssd.data.records import DatasetError, Problems, boxes_per_class
 from ssd.engine.distributed import cleanup
+from ssd.engine.eval_table import format_table
 from ssd.engine.evalset import EvalSet, add_coco_ap, safe_name
 from ssd.engine.evaluate import predict_checkpoint
 from ssd.metrics.coco import COCO_STATS
 
 log = logging.getLogger("ssd.eval")
-
-
-def format_table(result: dict, train_boxes: dict[str, int] | None = None) -> str:
-    """Per-class table (class, #GT, AP, and with ``train_boxes`` the class's training boxes: a class that
-    fails beside one that works often has a tenth of its boxes) and the mean; COCO's 12 numbers under it."""
-    width = max([len("class")] + [len(n) for n in result["per_class"]])
-    lines = [f"{'class':<{width}} {'#GT':>7} {'AP':>7} {'#train':>7}"]
-    for name, ap in result["per_class"].items():
-        n_train = "-" if train_boxes is None or name not in train_boxes else str(train_boxes[name])
-        ap_text = "-" if math.isnan(ap) else f"{ap:.4f}"
-        lines.append(f"{name:<{width}} {result['num_gt'][name]:>7d} {ap_text:>7} {n_train:>7}")
-    counted = sum(not math.isnan(ap) for ap in result["per_class"].values())
-    label = {"voc07": "mAP@0.5 (VOC07 11-point)", "voc": "mAP@0.5 (VOC area)", "coco": "AP@[.50:.95] (COCO)"}[
-        result["metric"]
-    ]
-    lines.append(f"{label}: {result['map']:.4f} over {counted} class(es) with ground truth")
-    if "map_50_95" in result and result["metric"] != "coco":
-        lines.append(f"mAP@[.50:.95] (COCO's AP over IoU 0.50..0.95, same detections): {result['map_50_95']:.4f}")
-    if result["metric"] == "coco":
-        lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[:6]))
-        lines.append("  ".join(f"{k} {result[k]:.4f}" for k in COCO_STATS[6:]))
-    return "\n".join(lines)
 
 
 def training_boxes(cfg: Config) -> dict[str, int] | None:
@@ -53,10 +31,7 @@ def training_boxes(cfg: Config) -> dict[str, int] | None:
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         log.info("no training box counts: %s", e)
         return None
-    counts: Counter[str] = Counter()
-    for rec in records:
-        counts.update(classes[label - 1] for label in rec.labels[~rec.difficult])
-    return {name: counts[name] for name in classes}
+    return boxes_per_class(records, classes)
 
 
 def _json_number(v: float) -> float | None:

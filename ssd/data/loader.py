@@ -34,9 +34,7 @@ class EpochIndexSampler(Sampler[int]):
     from one pass to the next (:func:`passes_for_batch`).
     """
 
-    def __init__(
-        self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, passes: int = 1
-    ) -> None:
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, passes: int = 1) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
         self.passes = passes
         self.epoch = 0

@@ -119,6 +119,14 @@ FAR_PX = 4.0
 FAR_FRACTION = 0.02
 
 
+def boxes_per_class(records: list[ImageRecord], classes: list[str]) -> dict[str, int]:
+    """Each class's boxes that training learns from (difficult / crowd left out), in ``classes`` order."""
+    counts: Counter[str] = Counter()
+    for rec in records:
+        counts.update(classes[label - 1] for label in rec.labels[~rec.difficult])
+    return {name: counts[name] for name in classes}
+
+
 def sanitize_boxes(
     boxes: np.ndarray, width: int, height: int, problems: Problems, where: str
 ) -> tuple[np.ndarray, np.ndarray]:

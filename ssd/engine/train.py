@@ -43,6 +43,7 @@ from ssd.engine.finetune import adopt_source_config, freeze_blocks, init_weights
 from ssd.engine.lifecycle import StopSignal, TrainClock
 from ssd.engine.monitor import SkippedImages, TrainLog
 from ssd.engine.optim import build_optimizer, build_scheduler
+from ssd.engine.report import report_run
 from ssd.engine.step import BatchForward, TrainStep, sync_debug_mode
 from ssd.engine.train_eval import TrainEvaluator, TrainSample, build_train_sample
 from ssd.loss import build_loss
@@ -103,6 +104,7 @@ def run_loop(run: Run, stop: StopSignal) -> str:
     run.step.check()
     run.evaluate(final=True)  # precise BN first (train.precise_bn_batches)
     run.save_last()  # the evaluated weights, BN statistics included: the last logged mAP is ssd eval's of last.pt
+    run.report()
     return "done" if run.iteration >= tcfg.max_iter else "time_limit"
 
 
@@ -122,6 +124,7 @@ class Run:
     skipped: SkippedImages = field(default_factory=SkippedImages)
     iteration: int = 0
     best: dict = field(default_factory=lambda: {"map": -1.0, "iter": 0})
+    final: dict | None = None  # the evaluation after training (rank 0)
 
     def start_epoch(self) -> int:
         """Point the sampler at the current iteration's epoch and batch (a resume continues mid-epoch)."""
@@ -145,6 +148,8 @@ class Run:
         """Score the weights; a better mAP is saved as best.pt (with train.ema: the average's mAP)."""
         it = self.iteration
         res = self.evaluator(it, final)
+        if final:
+            self.final = res
         if res is not None:
             self.log.eval_row(it, res)
             if res["map"] > self.best["map"]:
@@ -154,6 +159,12 @@ class Run:
 
     def save_last(self) -> None:
         self.checkpoints.save_last(self.iteration, self.best)
+
+    def report(self) -> None:
+        """report.json, results.png and the report's lines (:mod:`ssd.engine.report`), on rank 0."""
+        if self.ctx.is_main:
+            priors = cast(torch.Tensor, self.evaluator.model.priors)
+            report_run(self.checkpoints.out, self.cfg, priors, self.loader.dataset, self.iteration, self.final)
 
     def stop_reason(self, stop: StopSignal) -> str | None:
         """ "signal", "time_limit" or None, agreed by every rank: host-side, no device value."""
@@ -244,7 +255,7 @@ def build_train_data(cfg: Config, ctx: DistContext, device: torch.device) -> Tra
     passes = cast(EpochIndexSampler, loader.sampler).passes
     if passes > 1 and ctx.is_main:
         log.info(
-            "data.train has %d images, fewer than a batch of %d per process: an epoch is %d passes over them (%d batches)",
+            "data.train has %d images, fewer than a batch of %d per process: an epoch is %d passes (%d batches)",
             len(train_set), per_process, passes, len(loader),
         )  # fmt: skip
     sample = build_train_sample(train_set, cfg, num_workers, pin)

@@ -89,10 +89,11 @@ class TrainEvaluator:
         )  # fmt: skip
         samples = draw_samples(self.val_set, preds, self.samples)
         out = {"map": res["map"], "metric": res["metric"], "per_class": res["per_class"], "samples": samples}
-        out["map_50_95"] = res["map_50_95"]
+        out |= {"map_50_95": res["map_50_95"], "num_gt": res["num_gt"], "iter": it}
         if sample is not None and sample_preds is not None:  # the validation's metric, on training images
             args = (res["metric"], cfg.eval.voc_pixel_convention, cfg.data.train.annotations)
-            out["train_sample_map"] = evaluate_predictions(sample.readable(sample_preds), sample_preds, *args)["map"]
+            on_train = evaluate_predictions(sample.readable(sample_preds), sample_preds, *args)
+            out |= {"train_sample_map": on_train["map"], "train_sample_boxes": sum(on_train["num_gt"].values())}
         return out
 
 
