@@ -146,7 +146,18 @@ def test_the_loss_is_finite_and_only_rank_0_writes(ddp_run):
     assert evaluation["iter"] == MAX_ITER and 0.0 <= evaluation["map"] <= 1.0
     assert load_checkpoint(ddp_run / "best.pt")["iteration"] == MAX_ITER
     # .prev: the replaced last.pt
-    names = ["best.pt", "config.yaml", "last.pt", "last.prev.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]
+    names = [
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "last.prev.pt",
+        "metrics.jsonl",
+        "rank0.pt",
+        "rank1.pt",
+        "report.json",
+    ]
+    if importlib.util.find_spec("matplotlib"):
+        names.append("results.png")
     if importlib.util.find_spec("tensorboard"):
         names.append("tensorboard")
         assert len(list((ddp_run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's only
