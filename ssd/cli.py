@@ -221,6 +221,17 @@ def add_data_commands(sub) -> None:
     p.add_argument("--keep-input", action="store_true", help="keep model.input_size; fit the priors only")
 
 
+def add_weights_commands(sub) -> None:
+    weights = sub.add_parser(
+        "weights",
+        help="published weights by name (torchvision:NAME): list them",
+        description="Published weights by name: --weights, model.init, model.init_backbone and ssd convert take "
+        "torchvision:NAME or an http(s):// / file:// URL, downloaded, checked and converted once into the cache.",
+    )
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="WEIGHTS_COMMAND")
+    command(weights_sub, "list", "weights", "the names, their sources, what each expects, and what is cached")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detectors: train, evaluate, predict, convert.")
     parser.add_argument("--version", action="version", version=f"ssd {__version__}")
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(sub)
     add_model_commands(sub)
     add_data_commands(sub)
+    add_weights_commands(sub)
     return parser
 
 

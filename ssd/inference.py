@@ -33,6 +33,7 @@ from ssd.fuse import fuse_batchnorm
 from ssd.model import SSD
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import preprocess_images
+from ssd.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Detector:
         if not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
         device = resolve_device(device) if isinstance(device, str) else device
+        path = resolve_weights(path)  # torchvision:NAME or a URL: the cached checkpoint
         model, ckpt = model_from_checkpoint(path, weights_kind)
         model_cfg = checkpoint_model_config(ckpt, path)
         model.eval()

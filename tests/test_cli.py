@@ -30,7 +30,7 @@ COMMANDS = subcommands(cli.build_parser())
 def test_every_command_has_a_handler_and_the_choices_match_their_rules():
     assert sorted(COMMANDS) == [
         "bench", "bn-report", "convert", "data check", "data fit-priors", "data shapes", "demo", "eval", "export",
-        "predict", "train",
+        "predict", "train", "weights list",
     ]  # fmt: skip
     for name, parser in COMMANDS.items():
         module = importlib.import_module(f"ssd.commands.{parser.get_default('module')}")

@@ -8,6 +8,7 @@ from ssd.config import load_config
 from ssd.device import resolve_device
 from ssd.engine.bn import bn_layers
 from ssd.engine.bn_report import bn_report, format_bn_report, report_setup
+from ssd.weights import resolve_weights
 
 
 def run(args) -> int:
@@ -20,6 +21,7 @@ def run(args) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     cfg = load_config(args.config, args.overrides)
+    args.weights = resolve_weights(args.weights)  # a name or URL: its cached file
     model, ckpt = model_from_checkpoint(args.weights)
     if not bn_layers(model):
         raise ValueError(

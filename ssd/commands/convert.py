@@ -7,10 +7,11 @@ import logging
 
 from ssd.checkpoint import save_checkpoint
 from ssd.convert import convert_file
+from ssd.weights import raw_weights
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = convert_file(args.source_format, args.src)
+    ckpt = convert_file(args.source_format, raw_weights(args.src))  # a name or URL: the published file, cached
     save_checkpoint(ckpt, args.out)
     cfg = ckpt["config"]["model"]
     kind = ckpt.get("kind", "detector")

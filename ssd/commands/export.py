@@ -24,6 +24,9 @@ def run(args) -> int:
 
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise ValueError(f"--opset {args.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    from ssd.weights import resolve_weights
+
+    args.weights = resolve_weights(args.weights)  # a name or URL: its cached file
     model, ckpt = model_from_checkpoint(args.weights, getattr(args, "weights_kind", None))
     model_cfg = checkpoint_model_config(ckpt, args.weights)
     model.eval()

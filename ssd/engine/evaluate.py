@@ -33,6 +33,7 @@ from ssd.engine.evalset import class_label_map, relabel_predictions
 from ssd.model import SSD
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
+from ssd.weights import resolve_weights
 
 log = logging.getLogger("ssd.eval")
 
@@ -189,6 +190,7 @@ def predict_checkpoint(
     device_type = resolve_device(device_name, world_size=world).type  # checked before joining a process group
     ctx = init_distributed(device_type)
     device = resolve_device(device_name, ctx.local_rank, world_size=ctx.world_size)
+    weights = resolve_weights(weights)  # a name or URL: the cached file, fetched by each machine's first rank
     model, ckpt = model_from_checkpoint(weights, weights_kind)
     if ckpt.get("eval_weights") == "ema" and ctx.is_main:
         default = " (its default; --weights-kind raw for the trained weights)" if weights_kind is None else ""

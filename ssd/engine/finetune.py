@@ -32,6 +32,7 @@ from ssd.config import Config, ConfigError, ModelConfig, is_user_set
 from ssd.engine.bn import bn_layers
 from ssd.engine.class_rows import load_class_rows
 from ssd.model.priors import resolve_prior_layout
+from ssd.weights import resolve_weights
 
 log = logging.getLogger("ssd.train")
 
@@ -58,6 +59,7 @@ class Source:
 
 
 def read_source(key: str, path: str) -> Source:
+    path = resolve_weights(path)  # torchvision:NAME or a URL: the cached checkpoint
     ckpt = load_checkpoint(path)
     trunk_only = key == "model.init_backbone" or ckpt.get("kind") == "backbone"
     return Source(key, path, checkpoint_model_config(ckpt, path), trunk_only)
@@ -251,6 +253,7 @@ def init_weights_from(
     "reinitialised": [...] (shape differs, e.g. a head with another class count, or no class in
     common), "ignored": [...] (not in the model)}``; all are logged.
     """
+    path = resolve_weights(path)
     obj = load_checkpoint(path)
     state = obj["model"]
     own = model.state_dict()
