@@ -20,6 +20,7 @@ WEIGHTS_KIND_HELP = (
     "(raw); default: the ones its logged mAP belongs to (ema when it has them)"
 )
 DEVICE_HELP = "auto (CUDA if present), cpu, cuda, cuda:1, ..."
+THREADS_HELP = "CPU threads for PyTorch and ONNX Runtime (default: PyTorch's, i.e. the cores or OMP_NUM_THREADS)"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -88,7 +89,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("config", help="YAML config whose data.val (or --split train: data.train) is evaluated")
     add_overrides(p, "data.val.root=/data/VOC")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="checkpoint to run on the split")
+    src.add_argument("--weights", help="checkpoint (or exported .onnx, name, URL) to run on the split")
     src.add_argument(
         "--detections", help="existing detections in COCO results format (JSON list) instead of running a model"
     )
@@ -112,18 +113,22 @@ def add_model_commands(sub) -> None:
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, help="images per forward (default: eval.batch_size)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
 
     p = command(sub, "predict", "predict", "detect objects in images, folders and videos; draw them and write JSON")
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) and video files"
     )
-    p.add_argument("--weights", required=True, help="checkpoint (trained here or converted with ssd convert)")
+    p.add_argument(
+        "--weights", required=True, help="checkpoint (trained here or converted), exported .onnx, weights name or URL"
+    )
     p.add_argument("--weights-kind", choices=WEIGHTS_KINDS, help=WEIGHTS_KIND_HELP)
     p.add_argument("--out", help="write annotated images / videos here")
     p.add_argument("--json", help="write the detections (original-image pixels) to this JSON file")
     p.add_argument("--score-thresh", type=float, default=0.3, help="drop detections below this score")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument(
         "--no-fuse", action="store_true", help="keep BatchNorm layers instead of folding them into the convs"
     )
@@ -138,6 +143,14 @@ def add_model_commands(sub) -> None:
     p.add_argument(
         "--no-fuse", action="store_true", help="keep BatchNorm layers instead of folding them into the convs"
     )
+    p.add_argument("--int8", action="store_true", help="int8 model for the CPU (ONNX Runtime static quantization)")
+    p.add_argument(
+        "--calib",
+        help="--int8's calibration images: a config (its data.train) or a folder; "
+        "default: the checkpoint's own training data (last.pt carries it)",
+    )
+    p.add_argument("--calib-images", type=int, default=200, help="calibration images (a fixed sample)")
+    p.add_argument("--reduce-range", action="store_true", help="7-bit int8 weights: for CPUs without VNNI (saturation)")
 
     p = command(
         sub,

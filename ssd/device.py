@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+from pathlib import Path
 
 import torch
 
@@ -68,3 +69,16 @@ def retain_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this CPU has VNNI int8 dot products (AVX512-VNNI or AVX-VNNI), read from ``/proc/cpuinfo``;
+    None where that cannot be told (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_vnni", "avx_vnni"} & set(line.split(":", 1)[1].split()))
+    return None

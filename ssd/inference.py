@@ -16,6 +16,7 @@ Boxes come back in pixels of each original image (the post-processor rescales th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from ssd.data.dataset import read_image
 from ssd.device import resolve_device
 from ssd.fuse import fuse_batchnorm
 from ssd.model import SSD
+from ssd.onnx_model import is_onnx
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import preprocess_images
 from ssd.weights import resolve_weights
@@ -125,8 +127,10 @@ class Detector:
         batch_size: int = 8,
         channels_last: bool | None = None,
         weights_kind: str | None = None,
+        threads: int | None = None,
     ) -> Detector:
-        """Load a checkpoint (trained here or converted with ``ssd convert``) for inference.
+        """Load a checkpoint (trained here or converted with ``ssd convert``) for inference; an exported
+        ``.onnx`` goes to :meth:`from_onnx` (``threads``: its ONNX Runtime threads).
 
         ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``. ``fuse`` folds every
         BatchNorm into its conv (:func:`ssd.fuse.fuse_batchnorm`). ``score_thresh``: detections
@@ -139,8 +143,11 @@ class Detector:
         """
         if not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"score threshold must be in [0, 1), got {score_thresh}")
-        device = resolve_device(device) if isinstance(device, str) else device
         path = resolve_weights(path)  # torchvision:NAME or a URL: the cached checkpoint
+        if is_onnx(path):
+            check_onnx_options(path, device, weights_kind)
+            return cls.from_onnx(path, score_thresh, batch_size, threads)
+        device = resolve_device(device) if isinstance(device, str) else device
         model, ckpt = model_from_checkpoint(path, weights_kind)
         model_cfg = checkpoint_model_config(ckpt, path)
         model.eval()
@@ -150,6 +157,21 @@ class Detector:
         post_cfg.score_threshold = float(score_thresh)
         postprocessor = build_postprocess(post_cfg, model_cfg)
         return cls(model, ckpt["classes"], model_cfg.preprocess, postprocessor, device, batch_size, channels_last)
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | os.PathLike, score_thresh: float = 0.3, batch_size: int = 8, threads: int | None = None
+    ) -> Detector:
+        """An ``.onnx`` written by ``ssd export`` (fp32 or ``--int8``, with or without NMS in the graph), run by
+        ONNX Runtime's CPU provider with ``threads`` (default: PyTorch's); its metadata gives the classes,
+        preprocessing and post-processing, and decoding and NMS outside the graph are a checkpoint's."""
+        from ssd.onnx_model import OnnxSSD, graph_preprocess
+
+        net = OnnxSSD(path, threads)
+        post_cfg = dataclasses.replace(net.postprocess, score_threshold=float(score_thresh))
+        postprocessor = build_postprocess(post_cfg, net.model_cfg)
+        preprocess = graph_preprocess(net.model_cfg.preprocess)  # the graph normalises its input itself
+        return cls(net, net.classes, preprocess, postprocessor, "cpu", batch_size, channels_last=False)  # type: ignore[arg-type]
 
     def names(self, labels: Tensor) -> list[str]:
         return [self.classes[i - 1] if 0 < i <= len(self.classes) else str(i) for i in labels.tolist()]
@@ -185,6 +207,14 @@ class Detector:
             chunk = items[start : start + self.batch_size]
             results += self.predict_batch([as_image(im, start + i) for i, im in enumerate(chunk)])
         return results[0] if single else results
+
+
+def check_onnx_options(path: str | os.PathLike, device: torch.device | str, weights_kind: str | None) -> None:
+    """One line for the options an exported model cannot honour."""
+    if weights_kind is not None:
+        raise ValueError(f"{path}: an exported model has one set of weights; --weights-kind is for checkpoints")
+    if str(device) not in ("auto", "cpu"):
+        raise ValueError(f"{path}: an .onnx runs on ONNX Runtime's CPU provider; --device {device} is for checkpoints")
 
 
 # --- ssd predict --------------------------------------------------------------------------------

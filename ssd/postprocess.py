@@ -41,8 +41,8 @@ class PostProcessor:
     @torch.no_grad()
     def __call__(
         self,
-        outputs: dict[str, Tensor],
-        priors_cxcywh: Tensor,
+        outputs: dict,
+        priors_cxcywh: Tensor | None,
         input_size: tuple[int, int],
         image_sizes: list[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
@@ -51,14 +51,32 @@ class PostProcessor:
         ``input_size`` is the network input ``(h, w)``; boxes are clipped to it, then rescaled to
         ``image_sizes[i] = (h, w)`` of each original image (input pixels when ``None``).
         Boxes are ``xyxy`` pixels, labels int64 in 1..C-1, sorted by decreasing score.
+        ``outputs``: the network's ``loc`` / ``conf``, or an exported graph's decoded ``boxes`` (normalised,
+        clipped) and softmax ``scores`` (:class:`ssd.onnx_model.OnnxSSD`, no priors needed), or the
+        ``detections`` of a graph with NMS in it.
         """
-        loc, conf = outputs["loc"].float(), outputs["conf"].float()
-        bsz, num_priors, num_classes = conf.shape
         in_h, in_w = input_size
-        scale = loc.new_tensor([in_w, in_h, in_w, in_h])
-        boxes = decode(loc, priors_cxcywh.float(), self.variances) * scale  # [B, P, 4] input pixels
-        boxes = torch.minimum(boxes.clamp(min=0), scale)
-        scores = F.softmax(conf, dim=-1)[..., 1:].transpose(1, 2)  # [B, C-1, P]
+        if "detections" in outputs:
+            return self.graph_detections(outputs["detections"], input_size, image_sizes)
+        if "scores" in outputs:
+            scale = outputs["boxes"].new_tensor([in_w, in_h, in_w, in_h])
+            boxes, scores = outputs["boxes"].float() * scale, outputs["scores"].float()[..., 1:].transpose(1, 2)
+        else:
+            assert priors_cxcywh is not None  # the network's raw outputs are relative to its priors
+            loc, conf = outputs["loc"].float(), outputs["conf"].float()
+            scale = loc.new_tensor([in_w, in_h, in_w, in_h])
+            boxes = decode(loc, priors_cxcywh.float(), self.variances) * scale  # [B, P, 4] input pixels
+            boxes = torch.minimum(boxes.clamp(min=0), scale)
+            scores = F.softmax(conf, dim=-1)[..., 1:].transpose(1, 2)  # [B, C-1, P]
+        return self.select(boxes, scores, input_size, image_sizes)
+
+    def select(
+        self, boxes: Tensor, scores: Tensor, input_size: tuple[int, int], image_sizes: list[tuple[int, int]] | None
+    ) -> list[dict[str, Tensor]]:
+        """Candidates, NMS and the best per image from ``boxes [B, P, 4]`` (input pixels) and the foreground
+        ``scores [B, C-1, P]``."""
+        bsz, num_priors = boxes.shape[:2]
+        in_h, in_w = input_size
 
         k = min(self.topk_candidates, num_priors)
         cand_scores, cand_prior = scores.topk(k, dim=-1)  # [B, C-1, k], sorted per class
@@ -89,6 +107,21 @@ class PostProcessor:
                 h, w = image_sizes[i]
                 b = b * b.new_tensor([w / in_w, h / in_h, w / in_w, h / in_h])
             results.append({"boxes": b, "scores": s[keep], "labels": labels[keep]})
+        return results
+
+    def graph_detections(
+        self, detections: list[tuple[Tensor, Tensor, Tensor]], input_size: tuple[int, int],
+        image_sizes: list[tuple[int, int]] | None,
+    ) -> list[dict[str, Tensor]]:  # fmt: skip
+        """Per image ``(boxes`` normalised, ``scores``, ``labels)`` of a graph that ran NMS itself: those above
+        the score threshold, best first, at most ``detections_per_image``, in pixels of each image."""
+        results = []
+        for i, (boxes, scores, labels) in enumerate(detections):
+            h, w = image_sizes[i] if image_sizes is not None else input_size
+            keep = scores > self.score_threshold
+            order = scores[keep].argsort(descending=True, stable=True)[: self.detections_per_image]
+            scaled = boxes[keep][order].float() * boxes.new_tensor([w, h, w, h], dtype=torch.float32)
+            results.append({"boxes": scaled, "scores": scores[keep][order].float(), "labels": labels[keep][order]})
         return results
 
 

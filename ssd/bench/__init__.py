@@ -22,6 +22,7 @@ import torch
 
 from ssd.bench.augment import bench_augment
 from ssd.bench.cuda import bench_train_loop
+from ssd.bench.int8 import bench_predict_int8
 from ssd.bench.loader import bench_loader
 from ssd.bench.model import bench_bn_fold, bench_loss, bench_postprocess, bench_predict
 from ssd.bench.train import bench_train_step, bench_train_step_cuda
@@ -35,6 +36,7 @@ BENCHES: dict[str, dict[str, Callable[[int], dict | list[dict]]]] = {
         "augment": bench_augment,
         "voc_eval": bench_voc_eval,
         "predict": bench_predict,
+        "predict_int8": bench_predict_int8,
         "bn_fold": bench_bn_fold,
         "train_step": bench_train_step,
         "loader": bench_loader,

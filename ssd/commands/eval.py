@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from ssd.config import Config, ConfigError, DatasetConfig, load_config
 from ssd.data.dataset import build_dataset, index_dataset
 from ssd.data.records import DatasetError, Problems, boxes_per_class
@@ -113,8 +115,11 @@ def run(args) -> int:
         detections = evalset.read_results(args.detections)
     else:
         try:
+            threads = getattr(args, "threads", None)
+            if threads is not None:
+                torch.set_num_threads(threads)
             dataset, predictions = predict_checkpoint(
-                cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None), split
+                cfg, args.weights, args.device, batch_size, getattr(args, "weights_kind", None), split, threads
             )
         finally:
             cleanup()

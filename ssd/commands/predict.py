@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ssd.data.dataset import read_image
@@ -218,6 +219,9 @@ def run(args) -> int:
     if not 0.0 <= args.score_thresh < 1.0:
         raise ValueError(f"--score-thresh must be in [0, 1), got {args.score_thresh}")
     items, problems = collect_inputs(args.inputs)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     detector = Detector.from_checkpoint(
         args.weights,
         args.device,
@@ -225,6 +229,7 @@ def run(args) -> int:
         score_thresh=args.score_thresh,
         batch_size=args.batch_size,
         weights_kind=getattr(args, "weights_kind", None),
+        threads=threads,
     )
     images = [it for it in items if it.kind == "image"]
     videos = [it for it in items if it.kind == "video"]

@@ -13,6 +13,7 @@ The annotation file's frame (the one detection files use) is described in :mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,7 +31,9 @@ from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.device import resolve_device, use_channels_last
 from ssd.engine.distributed import gather_objects, init_distributed
 from ssd.engine.evalset import class_label_map, relabel_predictions
+from ssd.inference import check_onnx_options
 from ssd.model import SSD
+from ssd.onnx_model import OnnxSSD, graph_preprocess, is_onnx
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
 from ssd.weights import resolve_weights
@@ -175,10 +178,16 @@ def gather_predictions(local: dict) -> dict | None:
 
 
 def predict_checkpoint(
-    cfg, weights: str, device_name: str, batch_size: int, weights_kind: str | None = None, split: str = "val"
+    cfg,
+    weights: str,
+    device_name: str,
+    batch_size: int,
+    weights_kind: str | None = None,
+    split: str = "val",
+    threads: int | None = None,
 ) -> tuple[DetectionDataset, dict | None]:
-    """Run the checkpoint on ``data.<split>`` (each rank its shard under torchrun); predictions on rank 0,
-    None elsewhere.
+    """Run the checkpoint (or exported ``.onnx``: :class:`ssd.onnx_model.OnnxSSD`, ``threads`` for ONNX
+    Runtime) on ``data.<split>`` (each rank its shard under torchrun); predictions on rank 0, None elsewhere.
     ``weights_kind``: None for the checkpoint's default weights (the EMA ones of a run with ``train.ema``,
     those its logged mAP belongs to), ``"raw"`` or ``"ema"`` (:func:`ssd.checkpoint.checkpoint_weights`).
 
@@ -189,27 +198,28 @@ def predict_checkpoint(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device_type = resolve_device(device_name, world_size=world).type  # checked before joining a process group
     ctx = init_distributed(device_type)
-    device = resolve_device(device_name, ctx.local_rank, world_size=ctx.world_size)
     weights = resolve_weights(weights)  # a name or URL: the cached file, fetched by each machine's first rank
-    model, ckpt = model_from_checkpoint(weights, weights_kind)
-    if ckpt.get("eval_weights") == "ema" and ctx.is_main:
-        default = " (its default; --weights-kind raw for the trained weights)" if weights_kind is None else ""
-        log.info("%s: evaluating its %s weights%s", weights, "raw" if weights_kind == "raw" else "EMA", default)
-    model_cfg = checkpoint_model_config(ckpt, weights)
+    model: nn.Module
+    if is_onnx(weights):
+        check_onnx_options(weights, device_name, weights_kind)
+        onnx_model = OnnxSSD(weights, threads)
+        model, classes, device = onnx_model, onnx_model.classes, torch.device("cpu")
+        preprocess = graph_preprocess(onnx_model.model_cfg.preprocess)  # the graph normalises itself
+        model_cfg, channels_last, dtype = dataclasses.replace(onnx_model.model_cfg, preprocess=preprocess), False, None
+    else:
+        device = resolve_device(device_name, ctx.local_rank, world_size=ctx.world_size)
+        ssd_model, ckpt = model_from_checkpoint(weights, weights_kind)
+        if ckpt.get("eval_weights") == "ema" and ctx.is_main:
+            default = " (its default; --weights-kind raw for the trained weights)" if weights_kind is None else ""
+            log.info("%s: evaluating its %s weights%s", weights, "raw" if weights_kind == "raw" else "EMA", default)
+        model, classes, model_cfg = ssd_model, ckpt["classes"], checkpoint_model_config(ckpt, weights)
+        channels_last, dtype = use_channels_last(cfg.train.channels_last, device), amp_dtype(cfg.train, device)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as training's evaluation
+        model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack to(device, memory_format=)
     dataset = build_eval_set(cfg, model_cfg, split)
-    label_map = class_label_map(ckpt["classes"], dataset.classes, weights)  # by position or by name: docs/evaluation.md
+    label_map = class_label_map(classes, dataset.classes, weights)  # by position or by name: docs/evaluation.md
     num_workers = default_num_workers(cfg.data.num_workers)
     loader = build_eval_loader(dataset, model_cfg, batch_size, num_workers, pin_memory=device.type == "cuda")
-    channels_last = use_channels_last(cfg.train.channels_last, device)  # as training's evaluation
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack to(device, memory_format=)
-    predictions = evaluate_model(
-        model,
-        model_cfg,
-        loader,
-        build_postprocess(cfg.postprocess, model_cfg),
-        device,
-        amp_dtype(cfg.train, device),
-        channels_last,
-    )
+    postprocessor = build_postprocess(cfg.postprocess, model_cfg)
+    predictions = evaluate_model(model, model_cfg, loader, postprocessor, device, dtype, channels_last)
     return dataset, relabel_predictions(predictions, label_map)
