@@ -32,7 +32,7 @@ from ssd.data.dataset import read_image
 from ssd.device import resolve_device
 from ssd.fuse import fuse_batchnorm
 from ssd.model import SSD
-from ssd.onnx_model import is_onnx
+from ssd.onnx_model import check_onnx_options, is_onnx
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import preprocess_images
 from ssd.weights import resolve_weights
@@ -207,14 +207,6 @@ class Detector:
             chunk = items[start : start + self.batch_size]
             results += self.predict_batch([as_image(im, start + i) for i, im in enumerate(chunk)])
         return results[0] if single else results
-
-
-def check_onnx_options(path: str | os.PathLike, device: torch.device | str, weights_kind: str | None) -> None:
-    """One line for the options an exported model cannot honour."""
-    if weights_kind is not None:
-        raise ValueError(f"{path}: an exported model has one set of weights; --weights-kind is for checkpoints")
-    if str(device) not in ("auto", "cpu"):
-        raise ValueError(f"{path}: an .onnx runs on ONNX Runtime's CPU provider; --device {device} is for checkpoints")
 
 
 # --- ssd predict --------------------------------------------------------------------------------

@@ -45,6 +45,14 @@ def require_onnxruntime():
     return onnxruntime
 
 
+def check_onnx_options(path: str | os.PathLike, device: torch.device | str, weights_kind: str | None) -> None:
+    """One line for the options an exported model cannot honour."""
+    if weights_kind is not None:
+        raise ValueError(f"{path}: an exported model has one set of weights; --weights-kind is for checkpoints")
+    if str(device) not in ("auto", "cpu"):
+        raise ValueError(f"{path}: an .onnx runs on ONNX Runtime's CPU provider; --device {device} is for checkpoints")
+
+
 def export_metadata(
     model_cfg: ModelConfig, classes: list[str], post: PostprocessConfig, nms: bool, batch: int | None
 ) -> dict[str, Any]:

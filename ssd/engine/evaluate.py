@@ -31,9 +31,8 @@ from ssd.data.loader import build_dataloader, default_num_workers
 from ssd.device import resolve_device, use_channels_last
 from ssd.engine.distributed import gather_objects, init_distributed
 from ssd.engine.evalset import class_label_map, relabel_predictions
-from ssd.inference import check_onnx_options
 from ssd.model import SSD
-from ssd.onnx_model import OnnxSSD, graph_preprocess, is_onnx
+from ssd.onnx_model import OnnxSSD, check_onnx_options, graph_preprocess, is_onnx
 from ssd.postprocess import PostProcessor, build_postprocess
 from ssd.preprocess import batch_input, collate_originals, eval_transform, resizes_in_loader
 from ssd.weights import resolve_weights
