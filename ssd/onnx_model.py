@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,9 +140,3 @@ def split_detections(outputs: list[np.ndarray], images: int) -> list[tuple[Tenso
     boxes, scores, labels, batch = (torch.from_numpy(a) for a in outputs)
     return [(boxes[batch == i], scores[batch == i], labels[batch == i]) for i in range(images)]
 
-
-def onnx_file(path: str | os.PathLike) -> Path:
-    """``path`` when it is an existing file; one line otherwise."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
-    return Path(path)

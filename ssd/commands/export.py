@@ -4,6 +4,7 @@ installed; ``--int8``: quantized with ONNX Runtime, calibrated on training image
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -126,7 +127,7 @@ def write_int8(args, fp32: Path, calib: list | Path, model_cfg, meta: dict) -> N
     from ssd.onnx_model import write_metadata
     from ssd.quantize import DEFAULT, calibration_batches, calibration_files, quantize_int8
 
-    settings = DEFAULT if not args.reduce_range else type(DEFAULT)(**{**DEFAULT.describe(), "reduce_range": True})
+    settings = dataclasses.replace(DEFAULT, reduce_range=bool(args.reduce_range))
     files = calibration_files(calib, args.calib_images)
     batch = meta["batch"] or 8
     quantize_int8(
