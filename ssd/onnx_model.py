@@ -139,4 +139,3 @@ def split_detections(outputs: list[np.ndarray], images: int) -> list[tuple[Tenso
     """In-graph NMS outputs (``det_boxes``, ``det_scores``, ``det_labels``, ``det_batch``) -> per image."""
     boxes, scores, labels, batch = (torch.from_numpy(a) for a in outputs)
     return [(boxes[batch == i], scores[batch == i], labels[batch == i]) for i in range(images)]
-
