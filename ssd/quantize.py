@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +63,20 @@ def calibration_files(records_or_folder: list | Path, count: int) -> list[tuple[
 
 
 def calibration_batches(
-    files: list[tuple[str, int | None]], preprocess: PreprocessConfig, size: int, batch: int
+    items: Sequence,
+    preprocess: PreprocessConfig,
+    size: int,
+    batch: int,
+    read: Callable = lambda item: read_image(*item),
 ) -> Iterator[np.ndarray]:
-    """The graph's input for ``files``: float32 ``[batch, 3, size, size]`` 0..255 RGB, resized as the
-    checkpoint resizes (the last batch padded by repeating images)."""
+    """The graph's input for ``items`` (``(path, orientation)`` pairs; ``read`` turns one into an RGB image):
+    float32 ``[batch, 3, size, size]`` 0..255 RGB, resized as the checkpoint resizes (the last batch padded
+    by repeating images)."""
     identity = graph_preprocess(preprocess)
-    for start in range(0, len(files), batch):
-        chunk = files[start : start + batch]
+    for start in range(0, len(items), batch):
+        chunk = list(items[start : start + batch])
         chunk = chunk + chunk[: batch - len(chunk)] if len(chunk) < batch else chunk
-        images = [read_image(path, orientation) for path, orientation in chunk]
-        yield preprocess_images(images, identity, size, torch.device("cpu")).numpy()
+        yield preprocess_images([read(item) for item in chunk], identity, size, torch.device("cpu")).numpy()
 
 
 def quantize_int8(

@@ -127,7 +127,8 @@ def weights_table() -> list[dict]:
     rows = []
     for pub in PUBLISHED.values():
         w = pub.weights()  # torchvision's metadata has no licence field: its recipe page is where the terms are
+        cached = pub.converted_path()
         rows.append({"name": PREFIX + pub.name, "converter": pub.converter, "url": w.url, "expects": pub.expects,
-                     "cached": str(pub.converted_path()) if pub.converted_path().is_file() else None,
+                     "cached": str(cached) if cached.is_file() else None,
                      "terms": f"see {w.meta.get('recipe', w.url)}"})  # fmt: skip
     return rows

@@ -26,8 +26,7 @@ def export_both(ckpt: Path, out: Path, batch: int, calib: list[np.ndarray] | Pat
     from ssd.config import PostprocessConfig
     from ssd.export import export_onnx
     from ssd.fuse import fuse_batchnorm
-    from ssd.onnx_model import export_metadata, graph_preprocess, write_metadata
-    from ssd.preprocess import preprocess_images
+    from ssd.onnx_model import export_metadata, write_metadata
     from ssd.quantize import DEFAULT, calibration_batches, calibration_files, quantize_int8
 
     model, ckpt_dict = model_from_checkpoint(ckpt)
@@ -41,10 +40,8 @@ def export_both(ckpt: Path, out: Path, batch: int, calib: list[np.ndarray] | Pat
     size = int(model.input_size)
     if isinstance(calib, Path):
         batches = calibration_batches(calibration_files(calib, 200), cfg.preprocess, size, batch)
-    else:
-        identity = graph_preprocess(cfg.preprocess)
-        batches = iter([preprocess_images(calib[i : i + batch], identity, size, torch.device("cpu")).numpy()
-                        for i in range(0, len(calib) - batch + 1, batch)])  # fmt: skip
+    else:  # decoded images
+        batches = calibration_batches(calib, cfg.preprocess, size, batch, read=lambda image: image)
     quantize_int8(fp32, int8, batches, DEFAULT)
     write_metadata(int8, meta)
     return fp32, int8
